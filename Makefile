@@ -1,0 +1,38 @@
+# Everything a newcomer needs: `make demo` and `make test` install what they use.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup test test-slow demo bench lint clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml tools/install-llama-cpp.sh
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	PYTHON=$(BIN)/python tools/install-llama-cpp.sh
+	$(BIN)/python -m pip install -q -e '.[gguf,dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+# The main job on an embedded default, offline: a synthetic 0.5B build, a short generation,
+# and its timings. Synthetic weights speak gibberish; the speed and memory are real.
+demo: setup
+	$(BIN)/edgeqwen build 0.5b q4 --synthetic
+	$(BIN)/edgeqwen run qwen2-0.5b-q4_k_m-synthetic "Hello! Who are you?" -n 32 -t 0 -v
+	$(BIN)/edgeqwen list
+
+bench: setup
+	$(BIN)/python bench/convert_bench.py
+
+lint: setup
+	$(BIN)/ruff check edgeqwen tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

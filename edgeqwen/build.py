@@ -1,0 +1,258 @@
+"""A build: recipe + source + quant -> one folder with model.gguf and manifest.json.
+
+Everything is written under a temporary name next to the final folder and renamed into place
+only when complete, so an interrupted build leaves nothing that looks finished.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+from .checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint, sha256_file
+from .convert import OUT_TYPES, convert, output_size
+from .errors import BuildError, SourceError, UsageError
+from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
+from .measure import PeakRSS, Timer, human_bytes, max_rss_bytes
+from .recipes import GGUF_QUANTS, Recipe
+
+SCHEMA = 1
+# Config keys that decide the shape; a --source must agree with the recipe on these.
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads")
+# Bits per weight by quant, for the disk preflight (upper bounds; exact size is known only after).
+_BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6, "q5_0": 5.5,
+        "q5_1": 6, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.6, "q4_1": 5, "iq4_nl": 4.6, "iq4_xs": 4.3}
+
+
+@dataclass
+class BuildRequest:
+    recipe: Recipe
+    quant: str
+    source: Path | None = None         # a local Hugging Face folder
+    synthetic: bool = False
+    seed: int = 0
+    tokenizer: Path | None = None      # for --synthetic: a folder with tokenizer.json
+    out: Path | None = None
+    name: str | None = None
+    force: bool = False
+    threads: int | None = None
+    keep_intermediate: bool = False
+    smoke: bool = True
+
+
+def build_name(req: BuildRequest, quant: str) -> str:
+    if req.name:
+        return req.name
+    return f"{req.recipe.name}-{quant}" + ("-synthetic" if req.synthetic else "")
+
+
+def _say(log, msg):
+    if log:
+        log(msg)
+
+
+def build(req: BuildRequest, log: Callable[[str], None] | None = print,
+          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+    """Run a build; returns the build folder. progress(label, total_bytes) -> update(n) for a bar."""
+    quant = req.recipe.resolve_quant(req.quant)
+    if req.synthetic and req.source:
+        raise UsageError("--synthetic and --source exclude each other")
+    name = build_name(req, quant)
+    final = Path(req.out) if req.out else builds_dir() / name
+    source_desc = _describe_source(req)
+    existing = read_manifest(final) if final.exists() else None
+    if final.exists() and not req.force:
+        if existing is None:
+            raise UsageError(f"{final} exists and is not an edgeqwen build; choose another --out")
+        if existing.get("quant") != quant or existing.get("source", {}).get("id") != source_desc["id"]:
+            raise UsageError(f"{final} holds a different build ({existing.get('name')}, from "
+                             f"{existing.get('source', {}).get('id')}); use --force to replace it or --name")
+        _say(log, f"{name}: already built at {final} (use --force to rebuild)")
+        return final
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final.parent)
+    tmp = final.parent / f"{final.name}{TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    manifest = {"schema": SCHEMA, "name": name, "format": "gguf", "quant": quant,
+                "recipe": {"name": req.recipe.name, "size": req.recipe.size, "hub_repo": req.recipe.hub_repo},
+                "synthetic": req.synthetic, "timings_s": {}, "peak_rss_bytes": {}}
+    try:
+        ckpt, source = _resolve_source(req, log)
+        manifest["source"] = {**source_desc, **source}
+        _check_against_recipe(ckpt, req.recipe)
+        manifest["config"] = {k: ckpt.config.get(k) for k in (*SHAPE_KEYS, "vocab_size", "tie_word_embeddings",
+                                                             "max_position_embeddings", "rope_theta")}
+        direct = quant in OUT_TYPES
+        conv_type = quant if direct else "f16"
+        need = output_size(ckpt, conv_type) + (0 if direct else _estimate(ckpt, quant))
+        _check_disk(tmp, need)
+
+        conv_out = tmp / ("model.gguf" if direct else "model-f16.gguf")
+        _say(log, f"converting {ckpt.path} -> {conv_type} GGUF")
+        upd = progress("convert", output_size(ckpt, conv_type)) if progress else None
+        with Timer() as t, PeakRSS() as rss:
+            _disk_guard(lambda: convert(ckpt, conv_out, conv_type, name=name, progress=upd))
+        manifest["timings_s"]["convert"] = round(t.seconds, 2)
+        manifest["peak_rss_bytes"]["convert"] = rss.peak
+        if not direct:
+            from .quantize import quantize
+            _say(log, f"quantizing to {quant} ({req.threads or 'all'} threads)")
+            upd = progress("quantize", _estimate(ckpt, quant)) if progress else None
+            with Timer() as t, PeakRSS() as rss:
+                _disk_guard(lambda: quantize(conv_out, tmp / "model.gguf", quant, req.threads, upd))
+            manifest["timings_s"]["quantize"] = round(t.seconds, 2)
+            manifest["peak_rss_bytes"]["quantize"] = rss.peak
+            if req.keep_intermediate:
+                conv_out.rename(tmp / "model-f16.gguf")
+            else:
+                conv_out.unlink()
+        model = tmp / "model.gguf"
+        manifest.update(file="model.gguf", file_size=model.stat().st_size, sha256=sha256_file(model))
+        manifest["tools"] = tool_versions()
+        manifest["host"] = {"machine": platform.machine(), "system": platform.system()}
+        manifest["peak_rss_bytes"]["process_max"] = max_rss_bytes()
+        if req.smoke:
+            from .runner import smoke_check
+            with Timer() as t:
+                manifest["smoke"] = smoke_check(model, threads=req.threads)
+            manifest["timings_s"]["smoke"] = round(t.seconds, 2)
+            _say(log, f"smoke check: {manifest['smoke']['tokens']} tokens: {manifest['smoke']['text']!r}")
+        manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json_atomic(tmp / MANIFEST, manifest)
+        _install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(log, f"built {name}: {final / 'model.gguf'} ({human_bytes(manifest['file_size'])})")
+    return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place; an old build (--force) goes only after the new one is in."""
+    old = None
+    if final.exists():
+        old = final.parent / f"{final.name}.old{TMP_MARK}{os.getpid()}"
+        final.rename(old)
+    tmp.rename(final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _describe_source(req: BuildRequest) -> dict:
+    if req.synthetic:
+        return {"kind": "synthetic", "id": f"synthetic:{req.recipe.name}:seed{req.seed}", "seed": req.seed}
+    if req.source:
+        return {"kind": "local", "id": str(Path(req.source).resolve())}
+    return {"kind": "hub", "id": f"{req.recipe.hub_repo}@{req.recipe.revision}",
+            "repo": req.recipe.hub_repo, "revision": req.recipe.revision}
+
+
+def _resolve_source(req: BuildRequest, log) -> tuple[Checkpoint, dict]:
+    if req.synthetic:
+        path = synthetic_checkpoint(req.recipe, req.seed, req.tokenizer, log)
+        ckpt = open_checkpoint(path)
+        return ckpt, {"path": str(path), "tokenizer": (read_manifest(path) or {}).get("tokenizer")}
+    if req.source:
+        ckpt = open_checkpoint(Path(req.source))
+        _say(log, f"hashing source files in {ckpt.path}")
+        return ckpt, {"path": str(ckpt.path), "files": ckpt.file_hashes()}
+    _say(log, f"fetching {req.recipe.hub_repo}@{req.recipe.revision} through huggingface_hub")
+    path, commit = fetch_from_hub(req.recipe.hub_repo, req.recipe.revision)
+    return open_checkpoint(path), {"path": str(path), "commit": commit}
+
+
+def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log) -> Path:
+    """The recipe's exact shape with seeded random weights; made once and cached."""
+    from .synthetic import write_synthetic
+    final = checkpoints_dir() / f"{recipe.name}-synthetic-seed{seed}"
+    if read_manifest(final) is not None:
+        return final
+    tok_src = "given"
+    if tokenizer is None:
+        tokenizer = find_tokenizer(recipe.hub_repo, recipe.revision)
+        tok_src = "hub" if tokenizer else "generated"
+    elif not (Path(tokenizer) / "tokenizer.json").exists():
+        raise UsageError(f"--tokenizer {tokenizer}: no tokenizer.json there")
+    if tok_src == "generated":
+        _say(log, "real tokenizer not available: generating one with Qwen2's size and special tokens")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final.parent)
+    tmp = final.parent / f"{final.name}{TMP_MARK}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = recipe.hf_config()
+    _check_disk(tmp.parent, sum(_numel(s) for s in _shapes(config)) * 2)
+    _say(log, f"writing synthetic {recipe.name} checkpoint (seed {seed}) to {final}")
+    try:
+        _disk_guard(lambda: write_synthetic(tmp, config, seed=seed, tokenizer=Path(tokenizer) if tokenizer else None))
+        write_json_atomic(tmp / MANIFEST, {"synthetic": True, "recipe": recipe.name, "seed": seed,
+                                           "tokenizer": tok_src})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _shapes(config):
+    from .arch import arch_for_config
+    from .checkpoint import expected_tensors
+    return expected_tensors(config, arch_for_config(config)).values()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_against_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
+    diff = [f"{k} {ckpt.config.get(k)} (recipe {recipe.config[k]})" for k in SHAPE_KEYS
+            if k in recipe.config and ckpt.config.get(k) != recipe.config[k]]
+    if diff:
+        raise SourceError(f"{ckpt.path} is not a {recipe.name} checkpoint: {'; '.join(diff)}")
+
+
+def _estimate(ckpt: Checkpoint, quant: str) -> int:
+    n = sum(t.n_elements for t in ckpt.tensors.values())
+    return int(n * _BPW.get(quant, 8.5) / 8) + (16 << 20)
+
+
+def _check_disk(path: Path, need: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("EDGEQWEN_SKIP_DISK_CHECK"):  # for filesystems that misreport free space
+        return
+    free = shutil.disk_usage(path).free
+    if free < need * 1.05:
+        raise BuildError(f"not enough disk space at {path}: need {human_bytes(need)}, {human_bytes(free)} free")
+
+
+def _disk_guard(fn):
+    try:
+        return fn()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise BuildError(f"disk full while writing ({e.strerror}); the partial build was removed") from None
+        raise
+
+
+def tool_versions() -> dict:
+    import importlib.metadata as md
+    out = {"edgeqwen": __version__, "python": platform.python_version()}
+    for pkg in ("gguf", "llama_cpp_python", "numpy", "huggingface_hub"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,210 @@
+"""The `edgeqwen` command. Each command's docstring is its --help; heavy imports stay inside commands."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgeqwenError
+
+
+class Group(click.Group):
+    """Turns domain errors into one line on stderr and a non-zero exit, in one place."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeqwenError as e:
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=Group)
+@click.version_option(__version__, prog_name="edgeqwen")
+def cli():
+    """Build, run and measure Qwen2 models on the CPU you have.
+
+    \b
+      edgeqwen build 0.5b q4 --synthetic     # random weights, real shape
+      edgeqwen run qwen2-0.5b-q4_k_m-synthetic "Hello"
+      edgeqwen list
+    """
+
+
+def _progress_factory():
+    """progress(label, total) -> update(n): a one-line bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def factory(label, total):
+        state = {"done": 0}
+
+        def update(n):
+            state["done"] += n
+            pct = min(100, 100 * state["done"] / max(total, 1))
+            click.echo(f"\r{label}: {pct:5.1f}% of ~{total / 2**30:.2f} GiB", err=True, nl=pct >= 100)
+        return update
+    return factory
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("quant", default="q4")
+@click.option("--source", type=click.Path(path_type=Path), help="A local Hugging Face folder instead of the hub.")
+@click.option("--synthetic", is_flag=True, help="Random weights of the recipe's exact shape (for speed and RAM).")
+@click.option("--seed", default=0, show_default=True, help="Seed for --synthetic weights.")
+@click.option("--tokenizer", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder with tokenizer.json for --synthetic (default: the hub's, else a generated one).")
+@click.option("--out", type=click.Path(path_type=Path), help="Put this build in DIR instead of the cache.")
+@click.option("--name", help="Build name (default: RECIPE-QUANT[-synthetic]).")
+@click.option("--force", is_flag=True, help="Rebuild even if the build exists.")
+@click.option("--threads", type=int, help="Quantization threads (default: physical cores).")
+@click.option("--keep-intermediate", is_flag=True, help="Keep the f16 GGUF next to the quantized one.")
+@click.option("--no-smoke", is_flag=True, help="Skip the load-and-generate check after building.")
+def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, threads, keep_intermediate, no_smoke):
+    """Build MODEL (a size such as 1.5b, or a recipe name) as QUANT.
+
+    QUANT is any llama.cpp file type by its lower-case name (q4_k_m, q8_0, q6_k, q2_k,
+    iq4_nl, f16, bf16, ...); q4 means q4_k_m and q8 means q8_0.
+
+    \b
+      edgeqwen build 1.5b q4                       # Qwen/Qwen2-1.5B-Instruct from the hub
+      edgeqwen build 0.5b q8 --source ./my-qwen2   # a local checkpoint
+      edgeqwen build 7b q4 --synthetic             # the 7B shape, random weights
+    """
+    from .build import BuildRequest, build as run_build
+    from .recipes import get_recipe
+    req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
+                       tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,
+                       keep_intermediate=keep_intermediate, smoke=not no_smoke)
+    folder = run_build(req, log=lambda m: click.echo(m, err=True), progress=_progress_factory())
+    click.echo(str(folder))
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(as_json):
+    """List builds on disk, the recipes, and the quant names.
+
+    \b
+      edgeqwen list
+    """
+    from .home import builds_dir, list_builds
+    from .measure import human_bytes
+    from .recipes import GGUF_QUANTS, load_recipes
+    builds = list_builds()
+    recipes = load_recipes()
+    if as_json:
+        click.echo(json.dumps({"builds": [{"path": str(p), **m} for p, m in builds],
+                               "recipes": {n: {"size": r.size, "hub_repo": r.hub_repo} for n, r in recipes.items()},
+                               "quants": sorted(GGUF_QUANTS)}, indent=2))
+        return
+    click.echo(f"Builds in {builds_dir()}:")
+    if not builds:
+        click.echo("  (none yet: edgeqwen build 0.5b q4 --synthetic)")
+    for p, m in builds:
+        flag = " [synthetic]" if m.get("synthetic") else ""
+        click.echo(f"  {p.name:40s} {m.get('format', '?'):5s} {m.get('quant', '?'):8s} "
+                   f"{human_bytes(m.get('file_size', 0)):>10s}{flag}")
+    click.echo("Recipes:")
+    for n, r in sorted(recipes.items()):
+        aliases = ", ".join(f"{a}={t}" for a, t in sorted(r.aliases.items()))
+        click.echo(f"  {r.size:6s} {n:14s} {r.hub_repo:28s} tied={str(r.tied_embeddings).lower():5s} {aliases}")
+    click.echo("GGUF quants: " + ", ".join(sorted(GGUF_QUANTS)))
+
+
+def _sampling(max_tokens, temperature, top_p, seed):
+    from .runner import Sampling
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@cli.command()
+@click.argument("build")
+@click.argument("prompt", required=False)
+@click.option("--max-tokens", "-n", default=256, show_default=True)
+@click.option("--temperature", "-t", default=0.7, show_default=True, help="0 is greedy and reproducible.")
+@click.option("--top-p", default=0.8, show_default=True)
+@click.option("--seed", type=int, help="Sampling seed (default: random).")
+@click.option("--system", help="System prompt.")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print text, token counts and timings as JSON.")
+@click.option("--threads", type=int, help="Default: physical cores.")
+@click.option("--ctx", type=int, help="Context length (default: 4096, capped by the model).")
+@click.option("--verbose", "-v", is_flag=True, help="Timing line on stderr.")
+def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_json, threads, ctx, verbose):
+    """Generate one answer to PROMPT (or stdin) with BUILD; only the answer goes to stdout.
+
+    BUILD is a build name (see `edgeqwen list`), a build folder or a .gguf file.
+
+    \b
+      edgeqwen run qwen2-1.5b-q4_k_m "Why is the sky blue?"
+      echo "Translate to French: cheese" | edgeqwen run qwen2-0.5b-q8_0 --temperature 0
+    """
+    from .errors import UsageError
+    from .runner import generate_text, load_runner
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no prompt: give one as an argument or on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    runner = load_runner(build, threads=threads, n_ctx=ctx)
+    text, last = [], None
+    for last in generate_text(runner, prompt, _sampling(max_tokens, temperature, top_p, seed), raw=raw,
+                              system=system):
+        text.append(last.text)
+        if not as_json:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    if as_json:
+        click.echo(json.dumps({"text": "".join(text), "build": build, "backend": runner.backend,
+                               "load_s": round(runner.load_s, 4), **last.stats()}))
+    else:
+        sys.stdout.write("\n")
+    if verbose:
+        click.echo(_stats_line(last), err=True)
+    runner.close()
+
+
+def _stats_line(r) -> str:
+    return (f"{r.generation_tps:.1f} tok/s · TTFT {r.ttft_s * 1000:.0f} ms · "
+            f"{r.generation_tokens} tokens · RSS {r.peak_rss / 2**20:.0f} MiB")
+
+
+@cli.command()
+@click.argument("build")
+@click.option("--system", help="System prompt.")
+@click.option("--max-tokens", "-n", default=1024, show_default=True)
+@click.option("--temperature", "-t", default=0.7, show_default=True)
+@click.option("--top-p", default=0.8, show_default=True)
+@click.option("--seed", type=int)
+@click.option("--threads", type=int, help="Default: physical cores.")
+@click.option("--ctx", type=int, help="Context length (default: 4096, capped by the model).")
+def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
+    """Chat with BUILD in the terminal.
+
+    /reset clears the history, /stats shows the last reply's speed, /quit or Ctrl-D leaves;
+    Ctrl-C stops a reply.
+
+    \b
+      edgeqwen chat qwen2-1.5b-q4_k_m --system "Answer briefly."
+    """
+    from .chat import repl
+    from .runner import load_runner
+    runner = load_runner(build, threads=threads, n_ctx=ctx)
+    repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system)
+    runner.close()
+
+
+def main():
+    cli(prog_name="edgeqwen")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Small measurement helpers shared by build, runner and bench."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+import time
+
+import psutil
+
+
+def max_rss_bytes() -> int:
+    """The OS's own high-water mark for this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; .peak is the highest seen since start (or reset)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self._proc = psutil.Process(os.getpid())
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        rss = self._proc.memory_info().rss
+        self.peak = max(self.peak, rss)
+        return rss
+
+    def reset(self) -> None:
+        self.peak = self._proc.memory_info().rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "PeakRSS":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.sample()
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -1,0 +1,157 @@
+"""Recipes: TOML files in recipes/ that say what a model size is and where it comes from.
+
+Parsed strictly: an unknown key, size or quant fails with the valid choices in the message.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from .arch import ARCHS, Arch
+from .errors import RecipeError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PACKAGED_RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+# Every llama.cpp file type by its lower-case name, taken from gguf's own enum.
+GGUF_QUANTS: dict[str, gguf.LlamaFileType] = {
+    t.name.removeprefix("MOSTLY_").removeprefix("ALL_").lower(): t
+    for t in gguf.LlamaFileType if t is not gguf.LlamaFileType.GUESSED
+}
+# Written directly by the converter, no quantize pass.
+CONVERTER_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+                   "bf16": gguf.GGMLQuantizationType.BF16}
+# libllama refuses these without an importance matrix, which edgeqwen does not compute.
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
+# Meaningless for a dense model.
+NOT_FOR_DENSE = {"mxfp4_moe"}
+ONNX_QUANTS = ("int4", "int8", "fp32")
+
+_TOP_KEYS = {"name", "size", "arch", "hub_repo", "revision", "context_length", "tied_embeddings",
+             "description", "aliases", "config"}
+_REQUIRED = {"name", "size", "arch", "hub_repo", "revision", "context_length", "tied_embeddings", "config"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    size: str
+    arch: Arch
+    hub_repo: str
+    revision: str
+    context_length: int
+    tied_embeddings: bool
+    config: dict
+    aliases: dict = field(default_factory=dict)
+    description: str = ""
+    path: Path | None = None
+
+    def quant_names(self) -> list[str]:
+        return sorted(self.aliases) + sorted(GGUF_QUANTS)
+
+    def resolve_quant(self, quant: str) -> str:
+        """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type."""
+        q = quant.lower()
+        q = self.aliases.get(q, q)
+        if q in ONNX_QUANTS:
+            raise UsageError(f"{quant!r} is an ONNX build; ONNX builds are not available in this version "
+                             f"(GGUF quants: {', '.join(self.quant_names())})")
+        if q not in GGUF_QUANTS:
+            raise UsageError(f"unknown quant {quant!r}; choose one of: {', '.join(self.quant_names())}")
+        if q in NEEDS_IMATRIX:
+            raise UsageError(f"{q} needs an importance matrix, which edgeqwen does not compute; "
+                             "use q3_k_s, q2_k or a larger type")
+        if q in NOT_FOR_DENSE:
+            raise UsageError(f"{q} is for mixture-of-experts models; {self.name} is dense")
+        return q
+
+    def hf_config(self) -> dict:
+        """The full config.json this recipe describes (what --synthetic writes)."""
+        cfg = dict(self.arch.synthetic_defaults)
+        cfg.update(self.config)
+        cfg["tie_word_embeddings"] = self.tied_embeddings
+        cfg.setdefault("max_position_embeddings", self.context_length)
+        return cfg
+
+
+def _fail(path: Path, msg: str) -> RecipeError:
+    return RecipeError(f"recipe {path.name}: {msg}")
+
+
+def parse_recipe(path: Path) -> Recipe:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise _fail(path, f"cannot read: {e}") from None
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _fail(path, f"unknown key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(sorted(_TOP_KEYS))}")
+    missing = _REQUIRED - set(data)
+    if missing:
+        raise _fail(path, f"missing key(s) {', '.join(sorted(missing))}")
+    if data["arch"] not in ARCHS:
+        raise _fail(path, f"unknown arch {data['arch']!r}; known: {', '.join(ARCHS)}")
+    arch = ARCHS[data["arch"]]
+    config = dict(data["config"])
+    absent = [k for k in arch.required_config if k not in config]
+    if absent:
+        raise _fail(path, f"[config] lacks {', '.join(absent)}")
+    aliases = {k.lower(): v.lower() for k, v in data.get("aliases", {}).items()}
+    for alias, target in aliases.items():
+        if target not in GGUF_QUANTS and target not in ONNX_QUANTS:
+            raise _fail(path, f"alias {alias} -> {target!r} is not a quant type; choose from {', '.join(GGUF_QUANTS)}")
+    for key, typ in (("context_length", int), ("tied_embeddings", bool), ("revision", str), ("hub_repo", str)):
+        if not isinstance(data[key], typ):
+            raise _fail(path, f"{key} must be a {typ.__name__}")
+    return Recipe(name=data["name"], size=str(data["size"]).lower(), arch=arch, hub_repo=data["hub_repo"],
+                  revision=data["revision"], context_length=data["context_length"],
+                  tied_embeddings=data["tied_embeddings"], config=config, aliases=aliases,
+                  description=data.get("description", ""), path=path)
+
+
+def recipe_dirs() -> list[Path]:
+    """Recipes ship inside the package; a checkout's recipes/ folder and EDGEQWEN_RECIPES add to them."""
+    import os
+    dirs = [Path(p) for p in os.environ.get("EDGEQWEN_RECIPES", "").split(os.pathsep) if p]
+    return dirs + [d for d in (RECIPE_DIR, PACKAGED_RECIPE_DIR) if d.is_dir()]
+
+
+def load_recipes() -> dict[str, Recipe]:
+    """All recipes, keyed by size ('1.5b') and by name ('qwen2-1.5b'); first directory wins."""
+    out: dict[str, Recipe] = {}
+    for d in recipe_dirs():
+        for path in sorted(d.glob("*.toml")):
+            r = parse_recipe(path)
+            out.setdefault(r.name, r)
+    return out
+
+
+def get_recipe(key: str) -> Recipe:
+    recipes = load_recipes()
+    k = key.lower()
+    if k in recipes:
+        return recipes[k]
+    by_size = [r for r in recipes.values() if r.size == k]
+    if len(by_size) == 1:
+        return by_size[0]
+    if len(by_size) > 1:
+        names = ", ".join(sorted(r.name for r in by_size))
+        raise UsageError(f"size {key!r} matches several recipes ({names}); name one")
+    sizes = sorted({r.size for r in recipes.values()}, key=_size_key)
+    raise UsageError(f"unknown model {key!r}; choose a size ({', '.join(sizes)}) or a recipe name "
+                     f"({', '.join(sorted(recipes))})")
+
+
+def _size_key(s: str) -> float:
+    try:
+        return float(s.rstrip("bm"))
+    except ValueError:
+        return 0.0

@@ -1,0 +1,309 @@
+"""One runner protocol for every backend: load a build, stream tokens with measurements.
+
+chat, run and bench all consume `Runner.stream(...)`; none of them times anything itself.
+Each yielded Response carries the new text plus the measurements so far (TTFT, prefill and
+decode tok/s, peak RSS); the last one has finish_reason set and the backend's own counters.
+"""
+from __future__ import annotations
+
+import codecs
+import importlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import psutil
+
+from .errors import BuildError, RunnerError
+from .home import read_manifest, resolve_build
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class Response:
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft_s: float
+    peak_rss: int
+    finish_reason: str | None = None   # "stop" | "length" | "interrupted"
+    counters: dict = field(default_factory=dict)
+
+    def stats(self) -> dict:
+        d = asdict(self)
+        for k in ("text", "token"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    min_p: float = 0.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class Runner(Protocol):
+    backend: str
+    n_ctx: int
+    load_s: float
+    chat_template: str | None
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict]) -> str: ...
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]: ...
+    def close(self) -> None: ...
+
+
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+# Backends by build format: (module, class, the package it needs, how to install it).
+BACKENDS = {
+    "gguf": ("edgeqwen.runner", "LlamaRunner", "llama_cpp", "pip install -e '.[gguf]' (or make setup)"),
+    "onnx": ("edgeqwen.onnx_runner", "OnnxRunner", "onnxruntime_genai", "pip install -e '.[onnx]'"),
+}
+
+
+def build_format(path: Path, manifest: dict | None) -> str:
+    if manifest and manifest.get("format"):
+        return manifest["format"]
+    if path.suffix == ".gguf":
+        return "gguf"
+    if path.suffix == ".onnx" or (path.is_dir() and (path / "genai_config.json").exists()):
+        return "onnx"
+    raise RunnerError(f"{path}: not a model file edgeqwen can run (.gguf, or a build folder)")
+
+
+def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None) -> Runner:
+    """BUILD (folder, model file or build name) -> a loaded runner of the right backend."""
+    path, manifest = resolve_build(str(build))
+    fmt = build_format(path, manifest)
+    if fmt not in BACKENDS:
+        raise RunnerError(f"{path}: unknown build format {fmt!r}")
+    module, cls, needs, how = BACKENDS[fmt]
+    try:
+        importlib.import_module(needs)
+    except ImportError:
+        raise RunnerError(f"{path} is a {fmt} build and needs {needs}, which is not installed: {how}") from None
+    try:
+        backend = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise RunnerError(f"{fmt} builds cannot be run by this version of edgeqwen") from None
+    model = path / manifest["file"] if path.is_dir() else path
+    return backend(model, threads=threads, n_ctx=n_ctx, manifest=manifest)
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **special) -> str:
+    """Render a model's chat template the way transformers does, in a sandbox."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise RunnerError(f"chat template: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **special)
+
+
+class LlamaRunner:
+    """llama.cpp through llama-cpp-python."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
+                 manifest: dict | None = None, n_batch: int = 512):
+        import llama_cpp
+        self._lc = llama_cpp
+        self.path = Path(model)
+        if not self.path.exists():
+            raise RunnerError(f"{self.path}: no such model file")
+        _check_gguf(self.path)
+        self.threads = threads or physical_cores()
+        # Metal on Apple Silicon when this llama-cpp-python has it; CPU everywhere else.
+        gpu = -1 if (sys.platform == "darwin" and platform.machine() == "arm64"
+                     and llama_cpp.llama_supports_gpu_offload()) else 0
+        t0 = time.perf_counter()
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx or DEFAULT_CTX, n_batch=n_batch,
+                                       n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True,
+                                       n_gpu_layers=gpu, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise RunnerError(f"{self.path}: llama.cpp cannot load this model; the file is corrupt, truncated or of an "
+                              f"unsupported architecture ({e})") from None
+        self.load_s = time.perf_counter() - t0
+        train_ctx = self.llm._model.n_ctx_train()
+        if n_ctx is None and train_ctx < DEFAULT_CTX:  # context from the build, capped by the model
+            self.llm.close()
+            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=train_ctx, n_batch=n_batch,
+                                       n_threads=self.threads, n_threads_batch=self.threads,
+                                       n_gpu_layers=gpu, verbose=False)
+        self.n_ctx = self.llm.n_ctx()
+        self.gpu_layers = gpu
+        meta = self.llm.metadata
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.eos_token = self._piece(self.llm.token_eos())
+        self.proc = psutil.Process(os.getpid())
+
+    def _piece(self, tok: int) -> str:
+        return self.llm._model.token_to_piece(tok, special=True).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise RunnerError(f"{self.path} has no chat template; use --raw")
+        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
+
+    def _sampler(self, s: Sampling):
+        from llama_cpp import _internals as internals
+        smp = internals.LlamaSampler()
+        if s.temperature <= 0:
+            smp.add_greedy()
+        else:
+            smp.add_top_k(s.top_k)
+            smp.add_top_p(s.top_p, 1)
+            if s.min_p > 0:
+                smp.add_min_p(s.min_p, 1)
+            smp.add_temp(s.temperature)
+            smp.add_dist(s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        return smp
+
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
+        lc, llm = self._lc, self.llm
+        if not tokens:
+            raise RunnerError("empty prompt")
+        if len(tokens) >= self.n_ctx:
+            raise RunnerError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        max_new = min(sampling.max_tokens, self.n_ctx - len(tokens))
+        # Reuse the KV cache for the prefix this prompt shares with the last one (chat turns).
+        prefix = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens):
+            if a != b:
+                break
+            prefix += 1
+        prefix = min(prefix, len(tokens) - 1)
+        llm.n_tokens = prefix
+        smp = self._sampler(sampling)
+        vocab = llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        lc.llama_perf_context_reset(llm.ctx)
+        peak = self.proc.memory_info().rss
+        t0 = time.perf_counter()
+        n_gen, ttft, t_first, finish = 0, 0.0, 0.0, None
+        try:
+            llm.eval(tokens[prefix:])
+            while True:
+                tok = smp.sample(llm._ctx, -1)
+                now = time.perf_counter()
+                if n_gen == 0:
+                    ttft, t_first = now - t0, now
+                n_gen += 1
+                peak = max(peak, self.proc.memory_info().rss)
+                eog = lc.llama_vocab_is_eog(vocab, tok) and not sampling.ignore_eos
+                if eog:
+                    finish = "stop"
+                elif n_gen >= max_new:
+                    finish = "length"
+                text = "" if eog else decoder.decode(llm._model.token_to_piece(tok, special=False))
+                if finish:
+                    text += decoder.decode(b"", final=True)
+                yield self._response(text, tok, len(tokens), n_gen, ttft, t_first, now, peak, finish)
+                if finish:
+                    return
+                llm.eval([tok])
+        except KeyboardInterrupt:
+            now = time.perf_counter()
+            yield self._response(decoder.decode(b"", final=True), None, len(tokens), n_gen, ttft, t_first,
+                                 now, peak, "interrupted")
+        finally:
+            smp.close()
+
+    def _response(self, text, tok, n_prompt, n_gen, ttft, t_first, now, peak, finish) -> Response:
+        dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
+        counters = {}
+        if finish:
+            p = self._lc.llama_perf_context(self.llm.ctx)
+            counters = {"t_prompt_ms": p.t_p_eval_ms, "n_prompt": p.n_p_eval, "t_eval_ms": p.t_eval_ms,
+                        "n_eval": p.n_eval, "load_ms": p.t_load_ms}
+        return Response(text, tok, n_prompt, n_prompt / ttft if ttft else 0.0, n_gen, dec, ttft, peak, finish,
+                        counters)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse files llama.cpp would choke on, with a clear line instead of a C error."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise RunnerError(f"{path}: cannot read ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise RunnerError(f"{path}: not a GGUF file")
+    # Truncation and bad tensor data are caught by llama.cpp's loader (see LlamaRunner.__init__).
+
+
+def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = False,
+                  system: str | None = None) -> Iterator[Response]:
+    """Prompt text -> response stream, with the model's chat template unless raw."""
+    if raw:
+        tokens = runner.tokenize(prompt, special=True)
+    else:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        tokens = runner.tokenize(runner.apply_chat_template(msgs), special=True)
+    return runner.stream(tokens, sampling)
+
+
+# --- the build's smoke check, in a child process so a crash in ggml becomes a clear error -------
+
+def smoke_check(model: Path, threads: int | None = None, tokens: int = 8) -> dict:
+    cmd = [sys.executable, "-m", "edgeqwen.runner", "smoke", str(model), str(threads or 0), str(tokens)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode < 0:
+        sig = signal.Signals(-p.returncode).name
+        raise BuildError(f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
+                         "reinstall llama-cpp-python with 'make setup'")
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"smoke check failed for {model}: {last}")
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    if result["tokens"] < 1:
+        raise BuildError(f"smoke check: {model} generated no tokens")
+    return result
+
+
+def _smoke_main(model: str, threads: str, n: str) -> None:
+    r = LlamaRunner(Path(model), threads=int(threads) or None, n_ctx=512)
+    last = None
+    text = ""
+    for last in generate_text(r, "Say hello.", Sampling(max_tokens=int(n), temperature=0, ignore_eos=True)):
+        text += last.text
+    print(json.dumps({"tokens": last.generation_tokens, "text": text, "decode_tps": round(last.generation_tps, 2)}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["smoke"]:
+        _smoke_main(*sys.argv[2:5])

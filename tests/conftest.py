@@ -1,0 +1,118 @@
+"""Shared fixtures: a tiny random Qwen2 built once per session through the synthetic path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+REAL_TOKENIZER = SHARED / "fixtures" / "qwen2-tokenizer"
+
+# Small, but with K-quant-friendly widths (multiples of 256) so quantized kernels, AMX included,
+# take their real paths.
+TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+TINY_RECIPE = """
+name = "tiny-qwen2"
+size = "tiny"
+arch = "qwen2"
+hub_repo = "edgeqwen-test/tiny-qwen2"
+revision = "main"
+context_length = 32768
+tied_embeddings = true
+
+[aliases]
+q4 = "q4_k_m"
+q8 = "q8_0"
+
+[config]
+hidden_size = 256
+intermediate_size = 512
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+vocab_size = 151936
+max_position_embeddings = 32768
+rope_theta = 1000000.0
+rms_norm_eps = 1e-06
+bos_token_id = 151643
+eos_token_id = 151645
+"""
+
+
+def tiny_config(**over) -> dict:
+    from edgeqwen.recipes import get_recipe
+    cfg = get_recipe("0.5b").hf_config()
+    cfg.update(TINY)
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """Every test runs with its own cache, offline, whatever the developer's machine has."""
+    root = tmp_path_factory.mktemp("env")
+    recipes = root / "recipes"
+    recipes.mkdir()
+    (recipes / "tiny-qwen2.toml").write_text(TINY_RECIPE)
+    env = {"EDGEQWEN_HOME": str(root / "home"), "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1",
+           "EDGEQWEN_RECIPES": str(recipes), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _tokenizer_dir():
+    return REAL_TOKENIZER if REAL_TOKENIZER.exists() else None
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny tied Qwen2 checkpoint (real tokenizer when ../shared has it, else the generated one)."""
+    from edgeqwen.synthetic import write_synthetic
+    out = tmp_path_factory.mktemp("tiny") / "tiny-qwen2"
+    write_synthetic(out, tiny_config(), seed=1, tokenizer=_tokenizer_dir())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_ckpt(tmp_path_factory) -> Path:
+    from edgeqwen.synthetic import write_synthetic
+    out = tmp_path_factory.mktemp("tiny") / "tiny-untied"
+    write_synthetic(out, tiny_config(tie_word_embeddings=False, vocab_size=151936), seed=2,
+                    tokenizer=_tokenizer_dir())
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(tiny_ckpt) -> dict[str, Path]:
+    """f16 and quantized GGUF builds of the tiny model, built once through the real build path."""
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    recipe = get_recipe("tiny-qwen2")
+    out = {}
+    for q in ("f16", "q8_0", "q4_k_m", "q4_0"):
+        out[q] = build(BuildRequest(recipe=recipe, quant=q, source=tiny_ckpt, threads=2), log=None)
+    return out
+
+
+def run_cli(*args, input=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """The real command in a child process (so crashes and exit codes are real)."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edgeqwen.cli", *map(str, args)], input=input,
+                          capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def needs_real_tokenizer():
+    return pytest.mark.skipif(not REAL_TOKENIZER.exists(), reason="../shared/fixtures/qwen2-tokenizer is absent")
