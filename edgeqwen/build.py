@@ -171,17 +171,21 @@ def _resolve_source(req: BuildRequest, log) -> tuple[Checkpoint, dict]:
 
 
 def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log) -> Path:
-    """The recipe's exact shape with seeded random weights; made once and cached."""
+    """The recipe's exact shape with seeded random weights; made once and cached.
+
+    The tokenizer is the given one, else the hub's (cache or a small download), else a generated
+    one with Qwen2's size and special tokens; generated-tokenizer checkpoints are cached apart.
+    """
     from .synthetic import write_synthetic
-    final = checkpoints_dir() / f"{recipe.name}-synthetic-seed{seed}"
-    if read_manifest(final) is not None:
-        return final
     tok_src = "given"
     if tokenizer is None:
         tokenizer = find_tokenizer(recipe.hub_repo, recipe.revision)
         tok_src = "hub" if tokenizer else "generated"
     elif not (Path(tokenizer) / "tokenizer.json").exists():
         raise UsageError(f"--tokenizer {tokenizer}: no tokenizer.json there")
+    final = checkpoints_dir() / (f"{recipe.name}-synthetic-seed{seed}" + ("-gentok" if tok_src == "generated" else ""))
+    if read_manifest(final) is not None:
+        return final
     if tok_src == "generated":
         _say(log, "real tokenizer not available: generating one with Qwen2's size and special tokens")
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -55,32 +55,39 @@ def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None
             click.echo(f"unknown command {cmd}; {HELP}", file=out)
             continue
         history.append({"role": "user", "content": line})
-        tokens, dropped = fit_history(runner, system, history, reserve)
-        if dropped:
-            click.echo(click.style(f"(context full: dropped the {dropped} oldest turn(s))", dim=True), file=out)
-        if len(tokens) >= runner.n_ctx:
-            history.pop()
-            click.echo(f"that message is {len(tokens)} tokens; the context holds {runner.n_ctx}", file=out)
-            continue
-        reply = []
-        stream = runner.stream(tokens, sampling)
+        reply, interrupted = [], False
         try:
-            for r in stream:
-                reply.append(r.text)
-                out.write(r.text)
-                out.flush()
-                last = r
+            tokens, dropped = fit_history(runner, system, history, reserve)
+            if dropped:
+                click.echo(click.style(f"(context full: dropped the {dropped} oldest turn(s))", dim=True), file=out)
+            if len(tokens) >= runner.n_ctx:
+                history.pop()
+                click.echo(f"that message is {len(tokens)} tokens; the context holds {runner.n_ctx}", file=out)
+                continue
+            stream = runner.stream(tokens, sampling)
+            try:
+                for r in stream:
+                    reply.append(r.text)
+                    out.write(r.text)
+                    out.flush()
+                    last = r
+            finally:
+                stream.close()
         except KeyboardInterrupt:
-            stream.close()
-            if last is not None:
-                last.finish_reason = "interrupted"
+            interrupted = True
         except RunnerError as e:
             history.pop()
             click.echo(f"\nError: {e}", file=out)
             continue
-        history.append({"role": "assistant", "content": "".join(reply)})
         click.echo("", file=out)
+        if interrupted and not reply:
+            history.pop()  # stopped before the model said anything: forget the question
+            click.echo(click.style("(interrupted)", dim=True), file=out)
+            continue
+        history.append({"role": "assistant", "content": "".join(reply)})
         if last is not None:
+            if interrupted:
+                last.finish_reason = "interrupted"
             note = " · interrupted" if last.finish_reason == "interrupted" else ""
             click.echo(click.style(stats_line(last) + note, dim=True), file=out)
 

@@ -168,13 +168,9 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     else:
         sys.stdout.write("\n")
     if verbose:
-        click.echo(_stats_line(last), err=True)
+        from .chat import stats_line
+        click.echo(f"{last.generation_tokens} tokens · " + stats_line(last), err=True)
     runner.close()
-
-
-def _stats_line(r) -> str:
-    return (f"{r.generation_tps:.1f} tok/s · TTFT {r.ttft_s * 1000:.0f} ms · "
-            f"{r.generation_tokens} tokens · RSS {r.peak_rss / 2**20:.0f} MiB")
 
 
 @cli.command()

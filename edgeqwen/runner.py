@@ -7,6 +7,7 @@ decode tok/s, peak RSS); the last one has finish_reason set and the backend's ow
 from __future__ import annotations
 
 import codecs
+import ctypes
 import importlib
 import json
 import os
@@ -157,13 +158,23 @@ class LlamaRunner:
                                        n_gpu_layers=gpu, verbose=False)
         self.n_ctx = self.llm.n_ctx()
         self.gpu_layers = gpu
+        self._pieces: dict[tuple[int, bool], bytes] = {}
         meta = self.llm.metadata
         self.chat_template = meta.get("tokenizer.chat_template")
         self.eos_token = self._piece(self.llm.token_eos())
         self.proc = psutil.Process(os.getpid())
 
     def _piece(self, tok: int) -> str:
-        return self.llm._model.token_to_piece(tok, special=True).decode("utf-8", "replace")
+        return self._piece_bytes(tok, special=True).decode("utf-8", "replace")
+
+    def _piece_bytes(self, tok: int, special: bool = False) -> bytes:
+        # llama-cpp-python's own token_to_piece returns its whole 32-byte buffer, NULs included.
+        key = (tok, special)
+        if key not in self._pieces:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lc.llama_token_to_piece(self.llm._model.vocab, tok, buf, len(buf), 0, special)
+            self._pieces[key] = buf.raw[:max(n, 0)]
+        return self._pieces[key]
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
@@ -226,7 +237,7 @@ class LlamaRunner:
                     finish = "stop"
                 elif n_gen >= max_new:
                     finish = "length"
-                text = "" if eog else decoder.decode(llm._model.token_to_piece(tok, special=False))
+                text = "" if eog else decoder.decode(self._piece_bytes(tok))
                 if finish:
                     text += decoder.decode(b"", final=True)
                 yield self._response(text, tok, len(tokens), n_gen, ttft, t_first, now, peak, finish)

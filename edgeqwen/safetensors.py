@@ -18,7 +18,7 @@ from .errors import SourceError
 
 # safetensors dtype -> (numpy storage dtype, bytes per element); bf16 is carried as raw uint16.
 DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)

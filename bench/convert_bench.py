@@ -1,0 +1,93 @@
+"""Conversion benchmark: wall time and peak RSS of HF -> GGUF f16 for synthetic 0.5B, 1.5B and 7B.
+
+Each conversion runs in a fresh child process; its peak RSS is the kernel's own high-water mark
+(ru_maxrss of that child) and a 20 ms psutil sampler. With --reference PYTHON, llama.cpp's
+convert_hf_to_gguf.py (from the llama-cpp-python sdist) is measured on the same checkpoints.
+
+    python bench/convert_bench.py                       # 0.5b 1.5b 7b
+    python bench/convert_bench.py 0.5b --reference /path/to/venv/bin/python --ref-script convert_hf_to_gguf.py
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgeqwen.build import synthetic_checkpoint  # noqa: E402
+from edgeqwen.measure import human_bytes  # noqa: E402
+from edgeqwen.recipes import get_recipe  # noqa: E402
+
+
+def measure(cmd: list[str]) -> tuple[float, int, int]:
+    """(wall seconds, sampled peak RSS, kernel max RSS) of one child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, peak = psutil.Process(p.pid), 0
+    while p.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr.read()[-2000:]}")
+    kmax = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the max over all of them: only trust it when it grew
+    return wall, peak, kmax * 1024 if kmax > before else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sizes", nargs="*", default=["0.5b", "1.5b", "7b"])
+    ap.add_argument("--outtype", default="f16")
+    ap.add_argument("--reference", help="python with torch+transformers to run llama.cpp's converter")
+    ap.add_argument("--ref-script", help="path to convert_hf_to_gguf.py")
+    ap.add_argument("--workdir", help="where the GGUFs go (removed after each run)")
+    ap.add_argument("--tokenizer", type=Path, help="tokenizer folder for the synthetic checkpoints "
+                    "(llama.cpp's converter only accepts tokenizers it recognises)")
+    args = ap.parse_args()
+    rows = []
+    for size in args.sizes:
+        recipe = get_recipe(size)
+        ckpt = synthetic_checkpoint(recipe, seed=0, tokenizer=args.tokenizer, log=lambda m: print(m, file=sys.stderr))
+        src_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+        work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="convbench-"))
+        try:
+            tools = [("edgeqwen", [sys.executable, "-c",
+                                   "import sys; from pathlib import Path; from edgeqwen.checkpoint import open_checkpoint;"
+                                   "from edgeqwen.convert import convert;"
+                                   "convert(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])",
+                                   str(ckpt), str(work / "ours.gguf"), args.outtype])]
+            if args.reference and args.ref_script:
+                tools.append(("llama.cpp convert_hf_to_gguf", [args.reference, args.ref_script, str(ckpt), "--outtype",
+                                                               args.outtype, "--outfile", str(work / "ref.gguf")]))
+            for tool, cmd in tools:
+                wall, peak, kmax = measure(cmd)
+                rows.append((size, tool, human_bytes(src_bytes), f"{wall:.1f}", human_bytes(peak),
+                             human_bytes(kmax) if kmax else "-"))
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                for f in work.glob("*.gguf"):
+                    f.unlink()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nHF -> GGUF {args.outtype} on {os.cpu_count()} CPUs, {human_bytes(psutil.virtual_memory().total)} RAM")
+    print("| size | converter | checkpoint | wall s | peak RSS (sampled) | max RSS (kernel) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The chat REPL through a real pseudo-terminal."""
+import os
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def _spawn(build, *args):
+    return pexpect.spawn(sys.executable, ["-m", "edgeqwen.cli", "chat", str(build), *args],
+                         env=dict(os.environ, TERM="dumb"), encoding="utf-8", timeout=120)
+
+
+def test_chat_question_stats_reset_and_eof(tiny_builds):
+    child = _spawn(tiny_builds["q4_0"], "--ctx", "1024", "-n", "24", "-t", "0", "--system", "Be brief.")
+    try:
+        child.expect(">>> ")
+        child.sendline("Hello, who are you?")
+        child.expect(r"tok/s · TTFT \d+ ms · RSS \d+ MiB")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"reply:\s+\d+ tokens")
+        child.expect("peak RSS")
+        child.expect(">>> ")
+        child.sendline("/reset")
+        child.expect("history cleared")
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_long_reply_and_returns_to_the_prompt(tiny_builds):
+    child = _spawn(tiny_builds["q4_0"], "--ctx", "4096", "-n", "4000", "-t", "1.0", "--seed", "1")
+    try:
+        child.expect(">>> ")
+        child.sendline("Write a very long essay.")
+        child.expect("essay\\.\r\n")  # our line echoed
+        child.expect(r"\S{3,}")  # streaming has started
+        child.sendintr()
+        child.expect("interrupted")
+        child.expect(">>> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
