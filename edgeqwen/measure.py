@@ -11,7 +11,18 @@ import psutil
 
 
 def max_rss_bytes() -> int:
-    """The OS's own high-water mark for this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """The OS's own high-water mark for this process.
+
+    On Linux VmHWM, because ru_maxrss survives execve and so can report the parent's size;
+    elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 

@@ -34,6 +34,8 @@ NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
 # Meaningless for a dense model.
 NOT_FOR_DENSE = {"mxfp4_moe"}
 ONNX_QUANTS = ("int4", "int8", "fp32")
+# The short names every recipe ships with; a recipe's [aliases] may add more.
+DEFAULT_ALIASES = {"q4": "q4_k_m", "q8": "q8_0"}
 
 _TOP_KEYS = {"name", "size", "arch", "hub_repo", "revision", "context_length", "tied_embeddings",
              "description", "aliases", "config"}
@@ -60,7 +62,7 @@ class Recipe:
     def resolve_quant(self, quant: str) -> str:
         """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type."""
         q = quant.lower()
-        q = self.aliases.get(q, q)
+        q = self.aliases.get(q, DEFAULT_ALIASES.get(q, q))
         if q in ONNX_QUANTS:
             raise UsageError(f"{quant!r} is an ONNX build; ONNX builds are not available in this version "
                              f"(GGUF quants: {', '.join(self.quant_names())})")

@@ -274,7 +274,13 @@ def _check_gguf(path: Path) -> None:
         raise RunnerError(f"{path}: cannot read ({e.strerror})") from None
     if magic != b"GGUF":
         raise RunnerError(f"{path}: not a GGUF file")
-    # Truncation and bad tensor data are caught by llama.cpp's loader (see LlamaRunner.__init__).
+    from .gguf_info import read_gguf_info
+    try:
+        info = read_gguf_info(path)
+    except (ValueError, OSError) as e:
+        raise RunnerError(f"{path}: corrupt GGUF header ({e})") from None
+    if not info.complete:
+        raise RunnerError(f"{path}: truncated GGUF ({info.file_size} bytes; its tensors need more)")
 
 
 def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = False,

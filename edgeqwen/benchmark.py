@@ -1,0 +1,188 @@
+"""`edgeqwen bench`: load time, prefill and decode tok/s, TTFT and peak RSS per build and thread count.
+
+Each (build, threads) runs in a fresh child process so its peak RSS is its own. The child only
+consumes the runner's response stream: the numbers are the ones the runner reports.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+from .home import resolve_build
+
+SCHEMA = 1
+CHAT_PROMPT = [{"role": "user", "content": "Hi! Can you suggest three names for a small bakery?"}]
+
+
+@dataclass
+class BenchConfig:
+    prompt_tokens: int = 512
+    gen_tokens: int = 128
+    repeats: int = 3
+    n_ctx: int = 4096
+    seed: int = 0
+
+
+def mean_sd(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs]
+    return {"mean": statistics.fmean(xs) if xs else 0.0,
+            "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs), "values": xs}
+
+
+# --- the child process -------------------------------------------------------------------------
+
+def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
+    """Runs in the child: load the build, then measure it."""
+    from .measure import PeakRSS, max_rss_bytes
+    from .runner import load_runner
+    with PeakRSS() as rss:
+        runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx)
+        out = measure(runner, cfg)
+        runner.close()
+    out["peak_rss_sampled"] = rss.peak
+    out["max_rss"] = max_rss_bytes()
+    return out
+
+
+def measure(runner, cfg: BenchConfig) -> dict:
+    """Warm up, then `repeats` x (random prompt -> gen tokens greedy, EOS off; chat-prompt TTFT).
+
+    Every number is read off the runner's response stream.
+    """
+    import random
+
+    from .runner import Sampling
+    rng = random.Random(cfg.seed)
+    vocab = 151643  # regular Qwen2 tokens: no special ids in random prompts
+    greedy = Sampling(max_tokens=cfg.gen_tokens, temperature=0, ignore_eos=True)
+    chat_tokens = runner.tokenize(runner.apply_chat_template(CHAT_PROMPT)) if runner.chat_template else None
+    list(runner.stream([rng.randrange(vocab) for _ in range(32)],
+                       Sampling(max_tokens=8, temperature=0, ignore_eos=True)))  # warm-up
+    pp, tg, pp_c, tg_c, ttft = [], [], [], [], []
+    last = None
+    for _ in range(cfg.repeats):
+        prompt = [rng.randrange(vocab) for _ in range(cfg.prompt_tokens)]
+        last = list(runner.stream(prompt, greedy))[-1]
+        pp.append(last.prompt_tps)
+        tg.append(last.generation_tps)
+        c = last.counters
+        if c.get("t_prompt_ms"):
+            pp_c.append(c["n_prompt"] / c["t_prompt_ms"] * 1000)
+        if c.get("t_eval_ms"):
+            tg_c.append(c["n_eval"] / c["t_eval_ms"] * 1000)
+        if chat_tokens:  # differs from the random prompt at token 0: no KV reuse
+            first = next(iter(runner.stream(chat_tokens, Sampling(max_tokens=1, temperature=0))))
+            ttft.append(first.ttft_s)
+    return {"backend": runner.backend, "load_s": runner.load_s, "n_ctx": runner.n_ctx,
+            "pp": mean_sd(pp), "tg": mean_sd(tg), "ttft_s": mean_sd(ttft),
+            "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss}
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+def weight_bytes_per_token(model: Path) -> tuple[int, int, dict]:
+    """Bytes of weights one decode step reads, and the file's tensor bytes; plus shape facts for the KV cache.
+
+    token_embd is read one row per token unless it doubles as the output (tied embeddings).
+    """
+    import gguf
+
+    from .gguf_info import read_gguf_info
+    info = read_gguf_info(model)
+    names = {t.name: t.n_bytes for t in info.tensors}
+    total = sum(names.values())
+    per_token = total - (names.get("token_embd.weight", 0) if "output.weight" in names else 0)
+    shape = {"n_layer": info.get(gguf.Keys.LLM.BLOCK_COUNT), "n_head": info.get(gguf.Keys.Attention.HEAD_COUNT),
+             "n_head_kv": info.get(gguf.Keys.Attention.HEAD_COUNT_KV),
+             "n_embd": info.get(gguf.Keys.LLM.EMBEDDING_LENGTH)}
+    return per_token, total, shape
+
+
+def kv_bytes_per_position(shape: dict, bytes_per_elem: int = 2) -> int:
+    head_dim = shape["n_embd"] // shape["n_head"]
+    return 2 * shape["n_layer"] * shape["n_head_kv"] * head_dim * bytes_per_elem  # K and V, f16
+
+
+def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, "-m", "edgeqwen.benchmark", build, str(threads), json.dumps(cfg.__dict__)]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
+    if p.returncode == 0:
+        return {"status": "ok", **json.loads(p.stdout.strip().splitlines()[-1]), "wall_s": time.time() - t0}
+    if p.returncode == -9:
+        return {"status": "oom", "error": "killed (SIGKILL: out of memory?)"}
+    last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+    return {"status": "failed", "error": last[:300]}
+
+
+def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict) -> dict:
+    path, manifest = resolve_build(build)
+    manifest = manifest or {}
+    model = path / manifest["file"] if path.is_dir() else path
+    row = {
+        "schema": SCHEMA, "kind": "bench", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "device": fp,
+        "build": {"name": manifest.get("name", model.stem), "format": manifest.get("format", "gguf"),
+                  "quant": manifest.get("quant"), "recipe": (manifest.get("recipe") or {}).get("name"),
+                  "size": (manifest.get("recipe") or {}).get("size"), "synthetic": bool(manifest.get("synthetic")),
+                  "file_size": model.stat().st_size if model.exists() else None, "sha256": manifest.get("sha256"),
+                  "config": manifest.get("config")},
+        "threads": threads, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens,
+        "repeats": cfg.repeats, **result,
+    }
+    if result.get("status") == "ok" and model.suffix == ".gguf":
+        per_token, total, shape = weight_bytes_per_token(model)
+        kv = kv_bytes_per_position(shape) * (cfg.prompt_tokens + cfg.gen_tokens / 2)
+        row["bytes_per_token"] = int(per_token + kv)
+        bw = fp.get("bandwidth_gbs")
+        if bw:
+            row["roofline_tps"] = bw * 1e9 / row["bytes_per_token"]
+            row["roofline_frac"] = row["tg"]["mean"] / row["roofline_tps"]
+    key = f"{fp.get('device_id')}|{row['build']['sha256'] or row['build']['name']}|{threads}|{row['time']}"
+    row["id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return row
+
+
+def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out: Path | None = None,
+          progress=None) -> list[dict]:
+    for b in builds:
+        resolve_build(b)  # fail on a bad name before measuring anything
+    rows = []
+    for b in builds:
+        for t in threads:
+            result = run_one(b, t, cfg)
+            row = make_row(b, t, cfg, fp, result)
+            rows.append(row)
+            if out:
+                with open(out, "a") as f:  # append: earlier results are never overwritten
+                    f.write(json.dumps(row) + "\n")
+            if progress:
+                progress(row)
+    return rows
+
+
+def parse_threads(spec: str | None) -> list[int]:
+    if not spec:
+        from .runner import physical_cores
+        return [physical_cores()]
+    try:
+        ts = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--threads {spec!r}: give numbers separated by commas, e.g. 1,2,4") from None
+    if not ts or min(ts) < 1:
+        raise UsageError(f"--threads {spec!r}: thread counts must be positive")
+    return ts
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]), BenchConfig(**json.loads(sys.argv[3])))))

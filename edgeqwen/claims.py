@@ -1,0 +1,98 @@
+"""Claims as data (bench/claims.toml), judged against measured rows: PASS, FAIL or UNTESTED."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .errors import UsageError
+
+KEYS = {"id", "text", "model", "quant", "device", "min_decode_tps", "max_peak_rss_gib", "ctx", "source"}
+
+
+def load_claims(path: Path) -> list[dict]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: cannot read claims ({e})") from None
+    claims = data.get("claim", [])
+    for c in claims:
+        unknown = set(c) - KEYS
+        if unknown or not {"id", "model", "quant", "device"} <= set(c):
+            raise UsageError(f"{path}: claim {c.get('id', '?')}: needs id, model, quant, device; "
+                             f"unknown keys {sorted(unknown)}")
+    return claims
+
+
+def row_matches_device(row: dict, profile: dict) -> bool:
+    fp, m = row["device"], profile.get("match", {})
+    if not m:
+        return False
+    for key in ("device", "cpu"):
+        if key in m and not re.search(m[key], fp.get(key, "")):
+            return False
+    if "ram_gib" in m and abs(fp["ram_total"] / 2**30 - m["ram_gib"]) > 0.1 * m["ram_gib"]:
+        return False
+    return True
+
+
+def peak_rss(row: dict) -> int:
+    return max(row.get("peak_rss_sampled") or 0, row.get("max_rss") or 0)
+
+
+def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
+    """The verdict and the row that decides it (the best matching row), or UNTESTED with a prediction."""
+    from .plan import plan, verdict
+    profile = devices.get(claim["device"])
+    if profile is None:
+        raise UsageError(f"claim {claim['id']}: unknown device {claim['device']!r}; see bench/devices.toml")
+    from .recipes import DEFAULT_ALIASES
+    quant = DEFAULT_ALIASES.get(claim["quant"], claim["quant"])
+    ctx = claim.get("ctx", 4096)
+    matching = [r for r in rows if r.get("kind") == "bench" and r["build"].get("size") == claim["model"]
+                and r["build"].get("quant") == quant and (r.get("n_ctx") or 4096) >= ctx
+                and row_matches_device(r, profile)]
+    min_tps, max_rss = claim.get("min_decode_tps"), claim.get("max_peak_rss_gib")
+
+    def ok(r):
+        return (r.get("status") == "ok" and (min_tps is None or r["tg"]["mean"] >= min_tps)
+                and (max_rss is None or peak_rss(r) <= max_rss * 2**30))
+    out = {"claim": claim}
+    if matching:
+        passing = [r for r in matching if ok(r)]
+        best = max(passing or matching, key=lambda r: r["tg"]["mean"] if r.get("status") == "ok" else -1)
+        out.update(verdict="PASS" if passing else "FAIL", row=best)
+    else:
+        out["verdict"] = "UNTESTED"
+    try:
+        p = plan(claim["model"], quant, ctx=ctx)
+        v = verdict(p, profile)
+        fits = p.peak_ram <= (max_rss * 2**30 if max_rss else v["budget"])
+        fast = min_tps is None or v["expected_tps"] >= min_tps
+        out["prediction"] = {"verdict": "PASS" if fits and fast else "FAIL", "peak_ram": p.peak_ram,
+                             "expected_tps": v["expected_tps"], "ceiling_tps": v["ceiling_tps"]}
+    except UsageError:
+        pass
+    return out
+
+
+def render_claims(results: list[dict]) -> str:
+    lines = ["| claim | verdict | deciding row | plan predicts |", "|---|---|---|---|"]
+    for r in results:
+        c = r["claim"]
+        row = r.get("row")
+        if row:
+            tg = f"{row['tg']['mean']:.1f} tok/s" if row.get("status") == "ok" else row.get("status")
+            dec = (f"{row['build']['name']}, {row['threads']} threads: {tg}, "
+                   f"{peak_rss(row) / 2**30:.2f} GiB ({row['device']['cpu']})")
+        else:
+            dec = "no measurement on this device"
+        p = r.get("prediction")
+        pred = (f"{p['verdict']}: {p['peak_ram'] / 2**30:.1f} GiB, ~{p['expected_tps']:.1f} tok/s "
+                f"(ceiling {p['ceiling_tps']:.1f})") if p else "-"
+        lines.append(f"| {c.get('text', c['id'])} | **{r['verdict']}** | {dec} | {pred} |")
+    return "\n".join(lines) + "\n"

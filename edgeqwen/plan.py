@@ -1,0 +1,232 @@
+"""`edgeqwen plan`: predict file size, peak RAM and the decode ceiling of a build before making it.
+
+File size follows llama.cpp's per-tensor type choices (llama-quant.cpp) for the common file
+types; RAM = mmapped weights + CPU repack copies + KV cache at the context + the part of the
+compute buffer a prompt touches + the runtime. Decode ceiling = bandwidth / bytes read per token.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from .errors import UsageError
+
+T = gguf.GGMLQuantizationType
+# Models beyond the recipes, by arithmetic (their published config.json shapes).
+EXTRA_MODELS = {
+    "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+    "57b-a14b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, vocab_size=151936, tie_word_embeddings=False,
+                     num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
+                     shared_expert_intermediate_size=20480),
+}
+BASE_TYPE = {
+    "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0,
+    "q5_1": T.Q5_1, "q2_k": T.Q2_K, "q3_k_s": T.Q3_K, "q3_k_m": T.Q3_K, "q3_k_l": T.Q3_K, "q4_k_s": T.Q4_K,
+    "q4_k_m": T.Q4_K, "q5_k_s": T.Q5_K, "q5_k_m": T.Q5_K, "q6_k": T.Q6_K, "iq4_nl": T.IQ4_NL, "iq4_xs": T.IQ4_XS,
+    "iq3_xxs": T.IQ3_XXS, "iq3_s": T.IQ3_S, "iq3_m": T.IQ3_S, "iq3_xs": T.IQ3_S,
+}
+# K-quants need rows that are a multiple of 256; llama.cpp falls back to these otherwise.
+FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1,
+            T.Q6_K: T.Q8_0, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
+RUNTIME_BYTES = 150 << 20        # Python, llama.cpp libraries, tokenizer and vocab tables
+N_BATCH = 512
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_types(cfg: dict, quant: str) -> list[tuple[str, int, int, T]]:
+    """(name, ne0, n_elements, type) for every tensor llama.cpp would write for this config and quant."""
+    if quant not in BASE_TYPE:
+        raise UsageError(f"plan knows {', '.join(sorted(BASE_TYPE))}; not {quant}")
+    base = BASE_TYPE[quant]
+    h, ff, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * hd
+    q = cfg["num_attention_heads"] * hd
+    v = cfg["vocab_size"]
+    tied = cfg.get("tie_word_embeddings", False)
+    quantized = base not in (T.F32, T.F16, T.BF16)
+
+    def pick(name, ne0, i=None):
+        t = base
+        if not quantized:
+            return t
+        if name == "output" or (tied and name == "token_embd"):
+            t = T.Q6_K if base != T.Q8_0 else T.Q8_0
+        elif name == "attn_v" and quant in ("q4_k_m", "q5_k_m") and _more_bits(i, n):
+            t = T.Q6_K
+        elif name == "attn_v" and quant == "q3_k_m":
+            t = T.Q5_K if i < 2 else T.Q4_K
+        elif name == "attn_v" and quant in ("q2_k", "q3_k_l"):
+            t = T.Q4_K if quant == "q2_k" else T.Q5_K
+        elif name == "ffn_down" and quant in ("q4_k_m", "q5_k_m") and _more_bits(i, n):
+            t = T.Q6_K
+        elif name == "ffn_down" and quant in ("q2_k", "q3_k_m"):
+            t = T.Q4_K if quant == "q3_k_m" and i < n // 16 else T.Q3_K
+        block = gguf.GGML_QUANT_SIZES[t][0]
+        if ne0 % block:
+            t = FALLBACK.get(t, T.F16)
+        return t
+
+    out = [("token_embd", h, v * h, pick("token_embd", h)), ("output_norm", h, h, T.F32)]
+    if not tied:
+        out.append(("output", h, v * h, pick("output", h)))
+    experts = cfg.get("num_experts", 0)
+    for i in range(n):
+        out += [("attn_norm", h, h, T.F32), ("ffn_norm", h, h, T.F32),
+                ("attn_q", h, h * q, pick("attn_q", h, i)), ("attn_k", h, h * kv, pick("attn_k", h, i)),
+                ("attn_v", h, h * kv, pick("attn_v", h, i)), ("attn_output", q, q * h, pick("attn_output", q, i)),
+                ("attn_q_bias", q, q, T.F32), ("attn_k_bias", kv, kv, T.F32), ("attn_v_bias", kv, kv, T.F32)]
+        if experts:
+            mff, sff = cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
+            out += [("ffn_gate_exps", h, experts * h * mff, pick("ffn_gate", h, i)),
+                    ("ffn_up_exps", h, experts * h * mff, pick("ffn_up", h, i)),
+                    ("ffn_down_exps", mff, experts * h * mff, pick("ffn_down", mff, i)),
+                    ("ffn_gate_shexp", h, h * sff, pick("ffn_gate", h, i)),
+                    ("ffn_up_shexp", h, h * sff, pick("ffn_up", h, i)),
+                    ("ffn_down_shexp", sff, h * sff, pick("ffn_down", sff, i)),
+                    ("ffn_gate_inp", h, h * experts, T.F32)]
+        else:
+            out += [("ffn_gate", h, h * ff, pick("ffn_gate", h, i)), ("ffn_up", h, h * ff, pick("ffn_up", h, i)),
+                    ("ffn_down", ff, h * ff, pick("ffn_down", ff, i))]
+    return out
+
+
+def nbytes(n_elements: int, t: T) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    return n_elements // block * size
+
+
+@dataclass
+class Plan:
+    size: str
+    quant: str
+    ctx: int
+    file_bytes: int
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    runtime_bytes: int
+    bytes_per_token: int
+    params: int
+
+    @property
+    def peak_ram(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+
+
+METADATA_BYTES = 6 << 20  # vocabulary, merges and chat template in the GGUF header
+
+
+def model_config(size: str) -> dict:
+    from .recipes import get_recipe
+    key = size.lower()
+    if key in EXTRA_MODELS:
+        return dict(EXTRA_MODELS[key])
+    return get_recipe(key).hf_config()
+
+
+def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None) -> Plan:
+    """Predict a build of `size` (a recipe size or one of EXTRA_MODELS) as `quant`.
+
+    config overrides the recipe's shape (a build's manifest records its checkpoint's own).
+    """
+    from .recipes import get_recipe
+    cfg = model_config(size)
+    if config:
+        cfg.update({k: v for k, v in config.items() if v is not None})
+    if size.lower() not in EXTRA_MODELS:
+        quant = get_recipe(size).resolve_quant(quant)
+    else:
+        from .recipes import DEFAULT_ALIASES
+        quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
+    tensors = tensor_types(cfg, quant)
+    weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
+    h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+    hd = h // cfg["num_attention_heads"]
+    kv_pos = 2 * n * cfg["num_key_value_heads"] * hd * 2  # K and V, f16
+    ctx = min(ctx, 32768)
+    # Touched compute buffer for a prompt batch: activations of one layer, attention scores over
+    # the used context, and the logits row. (Calibrated against bench rows; see bench/RESULTS.md.)
+    ff = cfg.get("shared_expert_intermediate_size") or cfg["intermediate_size"]
+    batch = min(N_BATCH, prompt_tokens)
+    compute = 4 * batch * (3 * ff + 6 * h + cfg["num_attention_heads"] * min(ctx, prompt_tokens)) + 4 * cfg["vocab_size"]
+    per_token = weights - (nbytes(cfg["vocab_size"] * h, tensors[0][3]) if not cfg.get("tie_word_embeddings") else 0)
+    if cfg.get("num_experts"):  # only the active experts are read per token
+        exp = sum(nbytes(ne, t) for name, _, ne, t in tensors if name.endswith("_exps"))
+        per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
+    params = sum(ne for _, _, ne, _ in tensors)
+    return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, ctx * kv_pos, compute, RUNTIME_BYTES,
+                per_token + kv_pos * prompt_tokens, params)
+
+
+# --- device profiles ---------------------------------------------------------------------------
+
+def devices_file() -> Path:
+    return Path(__file__).resolve().parent.parent / "bench" / "devices.toml"
+
+
+def load_devices(path: Path | None = None) -> dict[str, dict]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    path = path or devices_file()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: cannot read device profiles ({e})") from None
+    for name, d in data.items():
+        for key in ("ram_gib", "bandwidth_gbs", "source"):
+            if key not in d:
+                raise UsageError(f"{path}: device {name} lacks {key}")
+    return data
+
+
+def verdict(p: Plan, device: dict) -> dict:
+    """Does it fit, and how fast can it decode at best, on this device profile."""
+    budget = device["ram_gib"] * 2**30 * device.get("usable_fraction", 0.8)
+    ceiling = device["bandwidth_gbs"] * 1e9 / p.bytes_per_token
+    return {"fits": p.peak_ram <= budget, "budget": budget, "ceiling_tps": ceiling,
+            "expected_tps": ceiling * device.get("efficiency", 0.6)}
+
+
+def fmt_gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
+    lines = [f"{p.size} {p.quant} at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
+             f"  file size        {fmt_gib(p.file_bytes)}",
+             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + "
+             f"runtime {fmt_gib(p.runtime_bytes)}",
+             f"  read per token   {fmt_gib(p.bytes_per_token)}"]
+    if device:
+        v = verdict(p, device)
+        fits = "fits" if v["fits"] else "does NOT fit"
+        lines += [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s — {device['source']}):",
+                  f"    {fits} (budget {fmt_gib(v['budget'])}); decode ceiling {v['ceiling_tps']:.1f} tok/s, "
+                  f"expect ~{v['expected_tps']:.1f}"]
+    return "\n".join(lines)
+
+
+def predicted_rss_for_row(row: dict) -> int | None:
+    """Plan's RAM for a bench row's build (None for sizes it does not know)."""
+    b = row.get("build", {})
+    size, quant = b.get("size"), b.get("quant")
+    if not size or not quant or row.get("backend") != "llama.cpp":
+        return None
+    try:
+        return plan(size, quant, ctx=row.get("n_ctx") or 4096, prompt_tokens=row.get("prompt_tokens", 512),
+                    config=b.get("config")).peak_ram
+    except Exception:
+        return None
+
+

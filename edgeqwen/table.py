@@ -1,0 +1,142 @@
+"""Results table: merge bench (and eval) rows from many machines, render md/csv/html, judge claims."""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def load_rows(files: list[Path]) -> list[dict]:
+    """Rows from JSONL files, deduplicated by id (the same row merged twice counts once)."""
+    seen, rows = set(), []
+    for f in files:
+        try:
+            lines = Path(f).read_text().splitlines()
+        except OSError as e:
+            raise UsageError(f"{f}: cannot read ({e.strerror})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"{f}:{n}: not a JSON line") from None
+            if row.get("schema") != 1:
+                raise UsageError(f"{f}:{n}: unknown schema {row.get('schema')!r}")
+            rid = row.get("id") or json.dumps(row, sort_keys=True)
+            if rid not in seen:
+                seen.add(rid)
+                rows.append(row)
+    return rows
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f}" if b else "-"
+
+
+def _ms(x) -> str:
+    return f"{x * 1000:.0f}" if x else "-"
+
+
+def _ts(d) -> str:
+    return f"{d['mean']:.2f} ± {d['sd']:.2f}" if d and d.get("n") else "-"
+
+
+COLUMNS = ["model", "quant", "backend", "file GiB", "threads", "pp t/s", "tg t/s", "TTFT ms", "load s",
+           "peak RSS GiB", "plan RSS GiB", "roofline %", "status"]
+
+
+def bench_cells(row: dict, plan_rss=None) -> list[str]:
+    b = row["build"]
+    model = (b.get("recipe") or b["name"]) + (" (synthetic)" if b.get("synthetic") else "")
+    ok = row.get("status") == "ok"
+    peak = max(row.get("peak_rss_sampled") or 0, row.get("max_rss") or 0) if ok else None
+    return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
+            _ts(row.get("pp")) if ok else "-", _ts(row.get("tg")) if ok else "-",
+            _ms((row.get("ttft_s") or {}).get("mean")) if ok else "-",
+            f"{row['load_s']:.2f}" if ok else "-", _gib(peak) if ok else "-",
+            _gib(plan_rss) if plan_rss else "-",
+            f"{100 * row['roofline_frac']:.0f}" if ok and row.get("roofline_frac") else "-",
+            row.get("status", "?") if ok else f"{row.get('status')}: {row.get('error', '')}"]
+
+
+def _sort_key(row):
+    b = row["build"]
+    return (b.get("recipe") or "", b.get("quant") or "", row.get("backend", ""), row["threads"])
+
+
+def group_by_device(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("kind") == "bench":
+            out.setdefault(r["device"]["device_id"], []).append(r)
+    return out
+
+
+def device_title(fp: dict) -> str:
+    from .hw import device_label
+    isa = " ".join(fp.get("isa") or []) or "-"
+    bw = f", {fp['bandwidth_gbs']} GB/s measured copy bandwidth" if fp.get("bandwidth_gbs") else ""
+    return f"{device_label(fp)} ({fp.get('arch')}; {isa}{bw})"
+
+
+def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
+    """The table for these rows, grouped by device; plan_fn(row) -> predicted RSS bytes or None."""
+    groups = group_by_device(rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["device"] + COLUMNS)
+        for dev, rs in groups.items():
+            label = device_title(rs[0]["device"])
+            for r in sorted(rs, key=_sort_key):
+                w.writerow([label] + bench_cells(r, plan_fn(r) if plan_fn else None))
+        return buf.getvalue()
+    parts = []
+    for dev, rs in groups.items():
+        cells = [bench_cells(r, plan_fn(r) if plan_fn else None) for r in sorted(rs, key=_sort_key)]
+        title = device_title(rs[0]["device"])
+        if fmt == "html":
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+            parts.append(f"<h3>{html.escape(title)}</h3>\n<table><tr>{head}</tr>{body}</table>")
+        elif fmt == "md":
+            lines = [f"### {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+            lines += ["| " + " | ".join(c) + " |" for c in cells]
+            parts.append("\n".join(lines))
+        else:
+            raise UsageError(f"unknown format {fmt!r}; choose md, csv or html")
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """Decode tok/s against peak RSS, one point per build and thread count."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for dev, rs in group_by_device(rows).items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        xs = [max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) / 2**30 for r in ok]
+        ys = [r["tg"]["mean"] for r in ok]
+        ax.scatter(xs, ys, label=rs[0]["device"]["cpu"][:40])
+        for x, y, r in zip(xs, ys, ok):
+            b = r["build"]
+            ax.annotate(f"{b.get('size') or b['name']} {b.get('quant')} t{r['threads']}", (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("peak RSS (GiB)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title("edgeqwen: decode speed vs memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(out)

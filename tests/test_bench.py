@@ -1,0 +1,170 @@
+"""bench, table, claims and plan: the logic on a fake runner, plus one real tiny bench run."""
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from edgeqwen.benchmark import BenchConfig, make_row, measure
+from edgeqwen.claims import judge, load_claims
+from edgeqwen.gguf_info import read_gguf_info
+from edgeqwen.plan import load_devices, plan
+from edgeqwen.runner import Response
+from edgeqwen.table import load_rows, render_rows
+
+
+class FakeRunner:
+    """Implements the runner protocol with fixed speeds, so bench arithmetic can be checked exactly."""
+
+    backend, n_ctx, load_s, chat_template = "fake", 4096, 0.5, "{{ messages[0]['content'] }}"
+
+    def __init__(self, pp=100.0, tg=10.0):
+        self.pp, self.tg, self.calls = pp, tg, []
+
+    def tokenize(self, text, special=True):
+        return list(range(len(text.split())))
+
+    def apply_chat_template(self, messages):
+        return messages[-1]["content"]
+
+    def stream(self, tokens, sampling):
+        self.calls.append((len(tokens), sampling.max_tokens))
+        ttft = len(tokens) / self.pp
+        for i in range(1, sampling.max_tokens + 1):
+            yield Response("x", i, len(tokens), self.pp, i, self.tg if i > 1 else 0.0, ttft, 123 << 20,
+                           "length" if i == sampling.max_tokens else None)
+
+    def close(self):
+        pass
+
+
+FP = {"cpu": "Test CPU", "arch": "x86_64", "isa": ["avx2"], "device": "generic x86", "physical_cores": 4,
+      "logical_cores": 8, "ram_total": 16 * 2**30, "ram_available": 12 * 2**30, "os": "Linux 6", "versions": {},
+      "bandwidth_gbs": 50.0, "device_id": "dev-a"}
+
+
+def test_measure_reads_everything_off_the_stream():
+    fake = FakeRunner(pp=200.0, tg=20.0)
+    out = measure(fake, BenchConfig(prompt_tokens=64, gen_tokens=16, repeats=3))
+    assert out["pp"]["mean"] == 200.0 and out["tg"]["mean"] == 20.0 and out["tg"]["n"] == 3
+    assert out["ttft_s"]["n"] == 3 and out["stream_peak_rss"] == 123 << 20
+    # warm-up, then per repeat: the random prompt of the asked length and a 1-token chat TTFT run
+    assert fake.calls[0] == (32, 8) and fake.calls[1] == (64, 16) and fake.calls[2][1] == 1
+    assert len(fake.calls) == 1 + 2 * 3
+
+
+@pytest.fixture
+def rows(tiny_builds, tmp_path):
+    """Rows as bench writes them, from the fake runner, on two devices."""
+    cfg = BenchConfig(prompt_tokens=64, gen_tokens=16, repeats=2)
+    out = []
+    for dev, tg in (("dev-a", 20.0), ("dev-b", 5.0)):
+        fp = dict(FP, device_id=dev, cpu="Test CPU" if dev == "dev-a" else "Other CPU")
+        for q in ("q8_0", "q4_k_m"):
+            result = {"status": "ok", **measure(FakeRunner(tg=tg), cfg), "peak_rss_sampled": 300 << 20,
+                      "max_rss": 310 << 20}
+            out.append(make_row(str(tiny_builds[q]), 2, cfg, fp, result))
+    out.append(make_row(str(tiny_builds["q4_0"]), 2, cfg, FP, {"status": "oom", "error": "killed"}))
+    return out
+
+
+def test_rows_carry_roofline_and_merge_without_duplicates(rows, tmp_path):
+    r = rows[0]
+    assert r["schema"] == 1 and r["bytes_per_token"] > 0
+    assert r["roofline_tps"] == pytest.approx(50e9 / r["bytes_per_token"])
+    assert r["roofline_frac"] == pytest.approx(20.0 / r["roofline_tps"])
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(x) + "\n" for x in rows[:3]))
+    b.write_text("".join(json.dumps(x) + "\n" for x in rows[2:]))  # rows[2] is in both files
+    merged = load_rows([a, b])
+    assert len(merged) == len(rows)
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "html"])
+def test_table_groups_by_device(rows, fmt):
+    text = render_rows(rows, fmt)
+    assert text.count("Test CPU") >= 1 and text.count("Other CPU") >= 1
+    assert "oom" in text and "20.00 ± 0.00" in text and "q4_k_m" in text
+
+
+def test_claims_pass_fail_untested(rows, tmp_path):
+    devices = tmp_path / "devices.toml"
+    devices.write_text("""
+[fast-box]
+ram_gib = 16
+bandwidth_gbs = 50
+source = "test"
+match = { cpu = "^Test CPU$", ram_gib = 16 }
+[slow-box]
+ram_gib = 16
+bandwidth_gbs = 50
+source = "test"
+match = { cpu = "^Other CPU$", ram_gib = 16 }
+[nobody]
+ram_gib = 8
+bandwidth_gbs = 17
+source = "test"
+match = { device = "Raspberry Pi 5" }
+""")
+    claims = tmp_path / "claims.toml"
+    claims.write_text("".join(f"""
+[[claim]]
+id = "{i}"
+model = "tiny"
+quant = "q4"
+device = "{d}"
+min_decode_tps = 10
+max_peak_rss_gib = 1
+""" for i, d in (("a", "fast-box"), ("b", "slow-box"), ("c", "nobody"))))
+    devs = load_devices(devices)
+    verdicts = {c["id"]: judge(c, rows, devs) for c in load_claims(claims)}
+    assert verdicts["a"]["verdict"] == "PASS" and verdicts["a"]["row"]["device"]["device_id"] == "dev-a"
+    assert verdicts["b"]["verdict"] == "FAIL"
+    assert verdicts["c"]["verdict"] == "UNTESTED" and "row" not in verdicts["c"]
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_k_m", "q4_0"])
+def test_plan_predicts_the_exact_tensor_bytes(tiny_builds, quant):
+    m = json.loads((tiny_builds[quant] / "manifest.json").read_text())
+    info = read_gguf_info(tiny_builds[quant] / "model.gguf")
+    p = plan("tiny", quant, config=m["config"])
+    assert p.weights_bytes == sum(t.n_bytes for t in info.tensors)
+
+
+def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
+    """Qwen2-0.5B's 896-wide rows cannot hold K-quant blocks: llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    from edgeqwen.plan import tensor_types
+    from edgeqwen.recipes import get_recipe
+    import collections
+    cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
+    counts = collections.Counter(t.name for *_, t in tensor_types(cfg, "q4_k_m"))
+    # what llama.cpp wrote for the real (untied) 0.5B checkpoint
+    assert counts == {"Q5_0": 133, "F32": 121, "Q8_0": 13, "Q6_K": 12, "Q4_K": 12}
+
+
+def test_plan_and_claims_cli(tmp_path):
+    r = run_cli("plan", "72b", "q4", "--device", "consumer-gpu-24gb")
+    assert r.returncode == 0 and "does NOT fit" in r.stdout
+    r = run_cli("plan", "7b", "q4", "--ctx", "32768", "--device", "nope")
+    assert r.returncode == 2 and "raspberry-pi-5-8gb" in r.stderr
+
+
+def test_real_tiny_bench_run_with_a_failure_row(tiny_builds, tmp_path):
+    bad = tmp_path / "broken"
+    shutil.copytree(tiny_builds["q8_0"], bad)
+    with open(bad / "model.gguf", "r+b") as f:
+        f.truncate(1 << 20)
+    out = tmp_path / "r.jsonl"
+    r = run_cli("bench", tiny_builds["q4_0"], bad, "--threads", "1", "--repeats", "1", "--prompt-tokens", "32",
+                "--gen-tokens", "8", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["status"] for x in rows] == ["ok", "failed"] and "corrupt GGUF" in rows[1]["error"]
+    ok = rows[0]
+    assert ok["tg"]["mean"] > 0 and ok["pp"]["mean"] > 0 and ok["load_s"] > 0 and ok["max_rss"] > 0
+    assert ok["counters"]["tg"]["mean"] > 0 and ok["device"]["physical_cores"] >= 1
+    # merges with itself without duplicates, renders, plots
+    png = tmp_path / "p.png"
+    t = run_cli("table", out, out, "--plot", png, "--claims", "bench/claims.toml")
+    assert t.returncode == 0 and t.stdout.count("| tiny-qwen2") == 2 and png.stat().st_size > 1000
+    assert "UNTESTED" in t.stdout
