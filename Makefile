@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup test test-slow demo bench lint clean
+.PHONY: setup test test-slow demo bench results lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -21,15 +21,23 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# The main job on an embedded default, offline: a synthetic 0.5B build, a short generation,
-# and its timings. Synthetic weights speak gibberish; the speed and memory are real.
+# The main job on an embedded default, offline: a synthetic 0.5B build, a short generation and
+# a benchmark row. Synthetic weights speak gibberish; the speed and memory are real.
+DEMO_OUT ?= demo-results.jsonl
 demo: setup
 	$(BIN)/edgeqwen build 0.5b q4 --synthetic
 	$(BIN)/edgeqwen run qwen2-0.5b-q4_k_m-synthetic "Hello! Who are you?" -n 32 -t 0 -v
-	$(BIN)/edgeqwen list
+	$(BIN)/edgeqwen bench qwen2-0.5b-q4_k_m-synthetic --repeats 1 --prompt-tokens 128 --gen-tokens 32 --out $(DEMO_OUT)
+	$(BIN)/edgeqwen plan 0.5b q4 --device raspberry-pi-5-8gb
 
+# Measures this machine (conversion, then the results matrix) and regenerates bench/RESULTS.md.
 bench: setup
 	$(BIN)/python bench/convert_bench.py
+	bench/run_matrix.sh
+
+# Only regenerate bench/RESULTS.md and bench/results.png from the committed rows.
+results: setup
+	$(BIN)/python bench/make_results.py
 
 lint: setup
 	$(BIN)/ruff check edgeqwen tests bench

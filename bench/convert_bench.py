@@ -23,9 +23,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeqwen.build import synthetic_checkpoint  # noqa: E402
-from edgeqwen.measure import human_bytes  # noqa: E402
-from edgeqwen.recipes import get_recipe  # noqa: E402
+from edgeqwen.build import synthetic_checkpoint
+from edgeqwen.measure import human_bytes
+from edgeqwen.recipes import get_recipe
 
 
 def measure(cmd: list[str]) -> tuple[float, int, int]:
@@ -65,11 +65,10 @@ def main():
         src_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="convbench-"))
         try:
-            tools = [("edgeqwen", [sys.executable, "-c",
-                                   "import sys; from pathlib import Path; from edgeqwen.checkpoint import open_checkpoint;"
-                                   "from edgeqwen.convert import convert;"
-                                   "convert(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])",
-                                   str(ckpt), str(work / "ours.gguf"), args.outtype])]
+            code = ("import sys; from pathlib import Path; from edgeqwen.checkpoint import open_checkpoint;"
+                    "from edgeqwen.convert import convert;"
+                    "convert(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])")
+            tools = [("edgeqwen", [sys.executable, "-c", code, str(ckpt), str(work / "ours.gguf"), args.outtype])]
             if args.reference and args.ref_script:
                 tools.append(("llama.cpp convert_hf_to_gguf", [args.reference, args.ref_script, str(ckpt), "--outtype",
                                                                args.outtype, "--outfile", str(work / "ref.gguf")]))

@@ -11,8 +11,6 @@ sys.path.insert(0, str(HERE.parent))
 from edgeqwen.claims import judge, load_claims, peak_rss, render_claims  # noqa: E402
 from edgeqwen.plan import load_devices, predicted_rss_for_row  # noqa: E402
 from edgeqwen.table import load_rows, plot, render_rows  # noqa: E402
-
-
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]
     within = total = 0

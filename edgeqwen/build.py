@@ -10,9 +10,9 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint, sha256_file
@@ -20,7 +20,7 @@ from .convert import OUT_TYPES, convert, output_size
 from .errors import BuildError, SourceError, UsageError
 from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
 from .measure import PeakRSS, Timer, human_bytes, max_rss_bytes
-from .recipes import GGUF_QUANTS, Recipe
+from .recipes import Recipe
 
 SCHEMA = 1
 # Config keys that decide the shape; a --source must agree with the recipe on these.

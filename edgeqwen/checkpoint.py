@@ -152,8 +152,12 @@ def fetch_from_hub(repo_id: str, revision: str, patterns: list[str] | None = Non
     Goes through huggingface_hub, so its cache, resume, progress bars and HF_HUB_OFFLINE apply.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
     try:
         folder = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns or HUB_PATTERNS)
     except LocalEntryNotFoundError:

@@ -78,7 +78,8 @@ def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, th
       edgeqwen build 0.5b q8 --source ./my-qwen2   # a local checkpoint
       edgeqwen build 7b q4 --synthetic             # the 7B shape, random weights
     """
-    from .build import BuildRequest, build as run_build
+    from .build import BuildRequest
+    from .build import build as run_build
     from .recipes import get_recipe
     req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
                        tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,
@@ -275,7 +276,8 @@ def table(files, fmt, plot, claims, devices):
       edgeqwen table bench/results/*.jsonl --claims bench/claims.toml --plot results.png
     """
     from .plan import predicted_rss_for_row
-    from .table import load_rows, plot as draw, render_rows
+    from .table import load_rows, render_rows
+    from .table import plot as draw
     rows = load_rows(list(files))
     if not rows:
         from .errors import UsageError

@@ -7,9 +7,9 @@ TensorNameMap and metadata keys from its writer, as llama.cpp's own converter do
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np

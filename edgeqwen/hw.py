@@ -46,9 +46,9 @@ def cpu_info() -> dict:
         device = model if model.startswith("Apple") else f"Mac {machine}"
     else:
         cpuinfo = _read("/proc/cpuinfo")
-        m = re.search(r"^(model name|Hardware|Model)\s*:\s*(.+)$", cpuinfo, re.M)
+        m = re.search(r"^(model name|Hardware|Model)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
         model = m.group(2).strip() if m else platform.processor()
-        fm = re.search(r"^(flags|Features)\s*:\s*(.+)$", cpuinfo, re.M)
+        fm = re.search(r"^(flags|Features)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
         raw = set(fm.group(2).split()) if fm else set()
         table = X86_FLAGS if machine in ("x86_64", "amd64", "i686") else ARM_FLAGS
         flags = {name for key, name in table.items() if key in raw}
@@ -60,7 +60,9 @@ def cpu_info() -> dict:
             if not m:
                 model = dt
         else:
-            device = f"generic {'x86' if 'x86' in machine or 'amd64' in machine else 'ARM' if 'arm' in machine or 'aarch' in machine else machine}"
+            kind = "x86" if ("x86" in machine or "amd64" in machine) else \
+                "ARM" if ("arm" in machine or "aarch" in machine) else machine
+            device = f"generic {kind}"
     return {"cpu": model or "unknown", "arch": machine, "isa": sorted(flags), "device": device}
 
 
@@ -74,7 +76,7 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, repeats: int = 
     for _ in range(repeats):
         barrier = threading.Barrier(threads + 1)
 
-        def work(a, b):
+        def work(a, b, barrier=barrier):
             barrier.wait()
             np.copyto(b, a)  # releases the GIL: the threads really run in parallel
 
@@ -92,6 +94,7 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, repeats: int = 
 
 def versions() -> dict:
     import importlib.metadata as md
+
     from . import __version__
     out = {"edgeqwen": __version__, "python": platform.python_version()}
     for pkg in ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "gguf", "numpy"):

@@ -49,7 +49,7 @@ class PeakRSS:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -63,7 +63,7 @@ class PeakRSS:
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         self.seconds = 0.0
         return self

@@ -157,8 +157,10 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     # the used context, and the logits row. (Calibrated against bench rows; see bench/RESULTS.md.)
     ff = cfg.get("shared_expert_intermediate_size") or cfg["intermediate_size"]
     batch = min(N_BATCH, prompt_tokens)
-    compute = 4 * batch * (3 * ff + 6 * h + cfg["num_attention_heads"] * min(ctx, prompt_tokens)) + 4 * cfg["vocab_size"]
-    per_token = weights - (nbytes(cfg["vocab_size"] * h, tensors[0][3]) if not cfg.get("tie_word_embeddings") else 0)
+    heads = cfg["num_attention_heads"]
+    compute = 4 * batch * (3 * ff + 6 * h + heads * min(ctx, prompt_tokens)) + 4 * cfg["vocab_size"]
+    embd = nbytes(cfg["vocab_size"] * h, tensors[0][3])
+    per_token = weights - (embd if not cfg.get("tie_word_embeddings") else 0)  # one row of an untied embd
     if cfg.get("num_experts"):  # only the active experts are read per token
         exp = sum(nbytes(ne, t) for name, _, ne, t in tensors if name.endswith("_exps"))
         per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
@@ -205,13 +207,13 @@ def fmt_gib(b: float) -> str:
 def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
     lines = [f"{p.size} {p.quant} at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
              f"  file size        {fmt_gib(p.file_bytes)}",
-             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + "
-             f"runtime {fmt_gib(p.runtime_bytes)}",
+             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + "
+             f"KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + runtime {fmt_gib(p.runtime_bytes)}",
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
     if device:
         v = verdict(p, device)
         fits = "fits" if v["fits"] else "does NOT fit"
-        lines += [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s — {device['source']}):",
+        lines += [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s; {device['source']}):",
                   f"    {fits} (budget {fmt_gib(v['budget'])}); decode ceiling {v['ceiling_tps']:.1f} tok/s, "
                   f"expect ~{v['expected_tps']:.1f}"]
     return "\n".join(lines)

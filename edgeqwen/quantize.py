@@ -4,9 +4,8 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .errors import BuildError
 from .recipes import GGUF_QUANTS

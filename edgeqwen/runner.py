@@ -16,14 +16,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import psutil
 
 from .errors import BuildError, RunnerError
-from .home import read_manifest, resolve_build
+from .home import resolve_build
 
 DEFAULT_CTX = 4096
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -155,7 +155,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, dtype, shape in specs:
+        for name, _dtype, shape in specs:
             want = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             got = 0
             for chunk in fill(name, shape):

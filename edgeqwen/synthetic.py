@@ -73,7 +73,7 @@ def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | No
     if tokenizer is not None:
         for f in TOKENIZER_FILES:
             if (tokenizer / f).exists():
-                shutil.copy(tokenizer / f, out / f)
+                shutil.copyfile(tokenizer / f, out / f)
     else:
         write_generated_tokenizer(out)
 

@@ -91,13 +91,13 @@ def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["device"] + COLUMNS)
-        for dev, rs in groups.items():
+        for rs in groups.values():
             label = device_title(rs[0]["device"])
             for r in sorted(rs, key=_sort_key):
                 w.writerow([label] + bench_cells(r, plan_fn(r) if plan_fn else None))
         return buf.getvalue()
     parts = []
-    for dev, rs in groups.items():
+    for rs in groups.values():
         cells = [bench_cells(r, plan_fn(r) if plan_fn else None) for r in sorted(rs, key=_sort_key)]
         title = device_title(rs[0]["device"])
         if fmt == "html":
@@ -122,7 +122,7 @@ def plot(rows: list[dict], out: Path) -> None:
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(8, 5))
-    for dev, rs in group_by_device(rows).items():
+    for rs in group_by_device(rows).values():
         ok = [r for r in rs if r.get("status") == "ok"]
         xs = [max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) / 2**30 for r in ok]
         ys = [r["tg"]["mean"] for r in ok]

@@ -3,8 +3,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_cli
+
 from edgeqwen.benchmark import BenchConfig, make_row, measure
 from edgeqwen.claims import judge, load_claims
 from edgeqwen.gguf_info import read_gguf_info
@@ -133,9 +133,10 @@ def test_plan_predicts_the_exact_tensor_bytes(tiny_builds, quant):
 
 def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
     """Qwen2-0.5B's 896-wide rows cannot hold K-quant blocks: llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
+    import collections
+
     from edgeqwen.plan import tensor_types
     from edgeqwen.recipes import get_recipe
-    import collections
     cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
     counts = collections.Counter(t.name for *_, t in tensor_types(cfg, "q4_k_m"))
     # what llama.cpp wrote for the real (untied) 0.5B checkpoint

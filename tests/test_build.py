@@ -6,19 +6,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from edgeqwen.checkpoint import sha256_file
-from edgeqwen.home import builds_dir
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q4_0"])
 def test_quantized_builds_load_and_generate(tiny_builds, quant):
     """Fails if a quantized model crashes llama.cpp (the gcc/AMX miscompile) or yields no tokens."""
-    from edgeqwen.runner import smoke_check
     folder = tiny_builds[quant]
     m = json.loads((folder / "manifest.json").read_text())
     assert m["quant"] == quant and m["format"] == "gguf" and not m["synthetic"]

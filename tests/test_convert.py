@@ -4,8 +4,8 @@ import json
 import gguf
 import numpy as np
 import pytest
-
 from conftest import REAL_TOKENIZER, tiny_config
+
 from edgeqwen.checkpoint import open_checkpoint
 from edgeqwen.convert import convert
 from edgeqwen.safetensors import bf16_to_f32

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED, run_cli
 
 pytestmark = pytest.mark.slow

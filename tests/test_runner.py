@@ -1,10 +1,9 @@
 """The runner protocol, `edgeqwen run` and its failure modes, on real llama.cpp with the tiny build."""
 import json
-import shutil
 
 import pytest
-
 from conftest import run_cli
+
 from edgeqwen.errors import RunnerError
 from edgeqwen.runner import Sampling, load_runner
 
