@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -29,23 +28,22 @@ from edgeqwen.recipes import get_recipe
 
 
 def measure(cmd: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, sampled peak RSS, kernel max RSS) of one child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(wall seconds, sampled peak RSS, the kernel's VmHWM) of one child process."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc, peak = psutil.Process(p.pid), 0
+    proc, peak, hwm = psutil.Process(p.pid), 0, 0
     while p.poll() is None:
         try:
             peak = max(peak, proc.memory_info().rss)
-        except psutil.Error:
+            with open(f"/proc/{p.pid}/status") as f:
+                hwm = max(hwm, next((int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")), 0))
+        except (psutil.Error, OSError):
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr.read()[-2000:]}")
-    kmax = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all of them: only trust it when it grew
-    return wall, peak, kmax * 1024 if kmax > before else 0
+    return wall, peak, hwm
 
 
 def main():

@@ -98,6 +98,8 @@ def stats_line(r: Response) -> str:
 
 
 def stats_text(r: Response) -> str:
-    return (f"prompt: {r.prompt_tokens} tokens at {r.prompt_tps:.1f} tok/s · TTFT {r.ttft_s * 1000:.0f} ms\n"
+    cached = f" ({r.cached_tokens} reused from the last turn)" if r.cached_tokens else ""
+    return (f"prompt: {r.prompt_tokens} tokens{cached}, prefill {r.prompt_tps:.1f} tok/s · "
+            f"TTFT {r.ttft_s * 1000:.0f} ms\n"
             f"reply:  {r.generation_tokens} tokens at {r.generation_tps:.1f} tok/s ({r.finish_reason})\n"
             f"peak RSS {r.peak_rss / 2**20:.0f} MiB")

@@ -320,6 +320,51 @@ def plan_cmd(size, quant, ctx, device, devices):
     click.echo(describe(p, device, devs.get(device)))
 
 
+@cli.command("eval")
+@click.argument("build")
+@click.option("--reference", help="Reference build or Hugging Face folder (default: the f16 build of the same "
+              "source, built if missing).")
+@click.option("--text", "texts", multiple=True, default=["en", "zh"], show_default=True,
+              help="en, zh (bundled texts) or a file; repeat for several.")
+@click.option("--ctx", default=512, show_default=True, help="Window length; the second half of each is scored.")
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON lines.")
+@click.option("--out", type=click.Path(path_type=Path), help="Append the rows to FILE.jsonl (for `edgeqwen table`).")
+def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
+    """Measure what quantization costs: perplexity, KL and top-1 agreement against a reference.
+
+    \b
+      edgeqwen eval qwen2-0.5b-q4_k_m --text en --text zh --out results.jsonl
+    """
+    from .evaluate import LogitModel, evaluate, load_text
+    from .evalrows import eval_row, resolve_reference
+    from .home import resolve_build
+    path, manifest = resolve_build(build)
+    model_file = path / manifest["file"] if path.is_dir() else path
+    ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
+    model = LogitModel(model_file, ctx, threads)
+    ref = LogitModel(ref_file, ctx, threads) if ref_file and ref_file != model_file else None
+    for spec in texts:
+        label, text = load_text(spec)
+        def progress(i, n, label=label):
+            click.echo(f"\reval {label}: window {i}/{n}", err=True, nl=i == n)
+        res = evaluate(model, text, ctx, reference=ref if ref else (model if ref_file == model_file else None),
+                       progress=progress)
+        row = eval_row(build, manifest, model_file, ref_file, label, res)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if as_json:
+            click.echo(json.dumps(row))
+        else:
+            kl = f" · KL {res['kl_mean']:.5f} · top-1 {100 * res['top1']:.1f}% · ref PPL {res['ref_ppl']:.3f}" \
+                if "kl_mean" in res else ""
+            click.echo(f"{label}: PPL {res['ppl']:.3f}{kl} ({res['tokens_scored']} tokens, {res['seconds']:.1f} s)")
+    model.close()
+    if ref:
+        ref.close()
+
+
 def main():
     cli(prog_name="edgeqwen")
 

@@ -41,6 +41,7 @@ class Response:
     peak_rss: int
     finish_reason: str | None = None   # "stop" | "length" | "interrupted"
     counters: dict = field(default_factory=dict)
+    cached_tokens: int = 0             # prompt tokens whose KV was reused from the last call
 
     def stats(self) -> dict:
         d = asdict(self)
@@ -241,26 +242,26 @@ class LlamaRunner:
                 text = "" if eog else decoder.decode(self._piece_bytes(tok))
                 if finish:
                     text += decoder.decode(b"", final=True)
-                yield self._response(text, tok, len(tokens), n_gen, ttft, t_first, now, peak, finish)
+                yield self._response(text, tok, len(tokens), prefix, n_gen, ttft, t_first, now, peak, finish)
                 if finish:
                     return
                 llm.eval([tok])
         except KeyboardInterrupt:
             now = time.perf_counter()
-            yield self._response(decoder.decode(b"", final=True), None, len(tokens), n_gen, ttft, t_first,
+            yield self._response(decoder.decode(b"", final=True), None, len(tokens), prefix, n_gen, ttft, t_first,
                                  now, peak, "interrupted")
         finally:
             smp.close()
 
-    def _response(self, text, tok, n_prompt, n_gen, ttft, t_first, now, peak, finish) -> Response:
+    def _response(self, text, tok, n_prompt, cached, n_gen, ttft, t_first, now, peak, finish) -> Response:
         dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
         counters = {}
         if finish:
             p = self._lc.llama_perf_context(self.llm.ctx)
             counters = {"t_prompt_ms": p.t_p_eval_ms, "n_prompt": p.n_p_eval, "t_eval_ms": p.t_eval_ms,
                         "n_eval": p.n_eval, "load_ms": p.t_load_ms}
-        return Response(text, tok, n_prompt, n_prompt / ttft if ttft else 0.0, n_gen, dec, ttft, peak, finish,
-                        counters)
+        return Response(text, tok, n_prompt, (n_prompt - cached) / ttft if ttft else 0.0, n_gen, dec, ttft, peak,
+                        finish, counters, cached)
 
     def close(self) -> None:
         self.llm.close()

@@ -50,6 +50,27 @@ COLUMNS = ["model", "quant", "backend", "file GiB", "threads", "pp t/s", "tg t/s
            "peak RSS GiB", "plan RSS GiB", "roofline %", "status"]
 
 
+QUALITY = ["PPL en", "PPL zh", "KL en / zh", "top-1 en / zh"]
+
+
+def quality_index(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """Latest eval row per build name and text."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["time"]):
+        out.setdefault(r["build"]["name"], {})[r["text"]] = r
+    return out
+
+
+def quality_cells(q: dict[str, dict]) -> list[str]:
+    en, zh = q.get("en", {}), q.get("zh", {})
+
+    def pair(key, fmt):
+        vals = [fmt(d[key]) if key in d else "-" for d in (en, zh)]
+        return " / ".join(vals)
+    return [f"{en['ppl']:.3f}" if en else "-", f"{zh['ppl']:.3f}" if zh else "-",
+            pair("kl_mean", lambda x: f"{x:.4f}"), pair("top1", lambda x: f"{100 * x:.1f}%")]
+
+
 def bench_cells(row: dict, plan_rss=None) -> list[str]:
     b = row["build"]
     model = (b.get("recipe") or b["name"]) + (" (synthetic)" if b.get("synthetic") else "")
@@ -85,32 +106,61 @@ def device_title(fp: dict) -> str:
 
 
 def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
-    """The table for these rows, grouped by device; plan_fn(row) -> predicted RSS bytes or None."""
+    """The table for these rows, grouped by device; plan_fn(row) -> predicted RSS bytes or None.
+
+    Quality columns appear when eval rows exist, joined on the build name.
+    """
     groups = group_by_device(rows)
+    quality = quality_index(rows)
+    columns = COLUMNS + (QUALITY if quality else [])
+
+    def cells_of(r):
+        c = bench_cells(r, plan_fn(r) if plan_fn else None)
+        return c + quality_cells(quality.get(r["build"]["name"], {})) if quality else c
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["device"] + COLUMNS)
+        w.writerow(["device"] + columns)
         for rs in groups.values():
             label = device_title(rs[0]["device"])
             for r in sorted(rs, key=_sort_key):
-                w.writerow([label] + bench_cells(r, plan_fn(r) if plan_fn else None))
+                w.writerow([label] + cells_of(r))
         return buf.getvalue()
     parts = []
     for rs in groups.values():
-        cells = [bench_cells(r, plan_fn(r) if plan_fn else None) for r in sorted(rs, key=_sort_key)]
+        cells = [cells_of(r) for r in sorted(rs, key=_sort_key)]
         title = device_title(rs[0]["device"])
         if fmt == "html":
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
             parts.append(f"<h3>{html.escape(title)}</h3>\n<table><tr>{head}</tr>{body}</table>")
         elif fmt == "md":
-            lines = [f"### {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+            lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             lines += ["| " + " | ".join(c) + " |" for c in cells]
             parts.append("\n".join(lines))
         else:
             raise UsageError(f"unknown format {fmt!r}; choose md, csv or html")
+    if quality:
+        parts.append(render_quality(rows, fmt))
     return "\n\n".join(parts) + "\n"
+
+
+def render_quality(rows: list[dict], fmt: str = "md") -> str:
+    """Every build's latest eval per text, bench rows or not."""
+    head = ["build", "text", "tokens", "PPL", "reference PPL", "KL mean", "KL p99", "top-1"]
+    body = []
+    for name, texts in sorted(quality_index(rows).items()):
+        for text, r in sorted(texts.items()):
+            body.append([name + (" (synthetic)" if r["build"].get("synthetic") else ""), text,
+                         str(r["tokens_scored"]), f"{r['ppl']:.3f}", f"{r.get('ref_ppl', 0):.3f}",
+                         f"{r.get('kl_mean', 0):.5f}", f"{r.get('kl_p99', 0):.4f}", f"{100 * r.get('top1', 0):.1f}%"])
+    if fmt == "csv":
+        return "\n".join(",".join(x) for x in [head] + body)
+    if fmt == "html":
+        return "<h3>Quality</h3><table>" + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in [head] + body) + "</table>"
+    return "\n".join(["### Quality (eval rows)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in body])
 
 
 def plot(rows: list[dict], out: Path) -> None:

@@ -1,0 +1,55 @@
+"""Eval bookkeeping: find or build the reference, and shape result rows for the results JSONL."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from .errors import UsageError
+from .home import list_builds, resolve_build
+
+SCHEMA = 1
+
+
+def resolve_reference(path: Path, manifest: dict | None, reference: str | None, log=None) -> Path | None:
+    """The reference model file: given, else the f16 build of the same source (built if missing)."""
+    from .build import BuildRequest, build
+    from .recipes import get_recipe
+    if reference:
+        ref = Path(reference)
+        if ref.is_dir() and (ref / "config.json").exists():  # a Hugging Face folder: its f16 GGUF
+            if not manifest:
+                raise UsageError("a Hugging Face reference needs a build with a manifest")
+            folder = build(BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant="f16", source=ref,
+                                        name=f"{manifest['recipe']['name']}-f16-ref-{ref.name}"), log=log)
+            return folder / "model.gguf"
+        rpath, rman = resolve_build(reference)
+        return rpath / rman["file"] if rpath.is_dir() else rpath
+    if not manifest:
+        raise UsageError("no manifest next to this model: pass --reference")
+    if manifest.get("quant") == "f16":
+        return path / manifest["file"]
+    src = manifest.get("source", {})
+    for p, m in list_builds():
+        if m.get("quant") == "f16" and m.get("source", {}).get("id") == src.get("id"):
+            return p / m["file"]
+    if log:
+        log(f"no f16 build of {src.get('id')} yet: building one as the reference")
+    recipe = get_recipe(manifest["recipe"]["name"])
+    req = BuildRequest(recipe=recipe, quant="f16", synthetic=src.get("kind") == "synthetic",
+                       seed=src.get("seed", 0), source=Path(src["path"]) if src.get("kind") == "local" else None,
+                       name=f"{manifest['name'].rsplit('-' + manifest['quant'], 1)[0]}-f16")
+    return build(req, log=log) / "model.gguf"
+
+
+def eval_row(build: str, manifest: dict | None, model: Path, ref: Path | None, text: str, res: dict) -> dict:
+    from .hw import fingerprint
+    m = manifest or {}
+    row = {"schema": SCHEMA, "kind": "eval", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "device": fingerprint(bandwidth=False),
+           "build": {"name": m.get("name", model.stem), "quant": m.get("quant"), "format": m.get("format", "gguf"),
+                     "recipe": (m.get("recipe") or {}).get("name"), "size": (m.get("recipe") or {}).get("size"),
+                     "synthetic": bool(m.get("synthetic")), "sha256": m.get("sha256")},
+           "reference": str(ref) if ref else None, "text": text, **res}
+    row["id"] = hashlib.sha256(f"{row['build']['sha256']}|{text}|{res['ctx']}|{row['time']}".encode()).hexdigest()[:16]
+    return row

@@ -1,0 +1,116 @@
+"""`edgeqwen eval`: what quantization costs, per language.
+
+Perplexity of a build on a text, and against a reference build (the f16 GGUF of the same
+source by default) the mean KL divergence KL(ref || build) of the next-token distributions and
+how often their top-1 tokens agree, on the same tokens. Like llama.cpp's perplexity tool, the
+text is cut into windows of --ctx tokens evaluated from scratch, and only the second half of
+each window is scored, so every scored token has at least ctx/2 tokens of context.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import UsageError
+
+DATA = Path(__file__).resolve().parent / "data"
+TEXTS = {"en": DATA / "eval-en.txt", "zh": DATA / "eval-zh.txt"}
+
+
+def load_text(spec: str) -> tuple[str, str]:
+    """'en', 'zh' or a file path -> (label, text)."""
+    if spec in TEXTS:
+        return spec, TEXTS[spec].read_text(encoding="utf-8")
+    p = Path(spec)
+    if not p.is_file():
+        raise UsageError(f"--text {spec!r}: not 'en', 'zh' or a readable file")
+    return p.name, p.read_text(encoding="utf-8", errors="replace")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64, copy=False)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class ChunkStats:
+    """Sums over scored positions, so chunks add up."""
+    n: int = 0
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl: float = 0.0
+    top1: int = 0
+    kl_values: list | None = None
+
+    def add(self, logits: np.ndarray, ref_logits: np.ndarray | None, targets: np.ndarray) -> None:
+        lp = log_softmax(logits)
+        idx = np.arange(len(targets))
+        self.n += len(targets)
+        self.nll -= float(lp[idx, targets].sum())
+        if ref_logits is not None:
+            rlp = log_softmax(ref_logits)
+            self.ref_nll -= float(rlp[idx, targets].sum())
+            kl = (np.exp(rlp) * (rlp - lp)).sum(axis=-1)
+            self.kl += float(kl.sum())
+            self.kl_values = (self.kl_values or []) + kl.tolist()
+            self.top1 += int((rlp.argmax(-1) == lp.argmax(-1)).sum())
+
+    def result(self) -> dict:
+        out = {"tokens_scored": self.n, "ppl": float(np.exp(self.nll / self.n))}
+        if self.kl_values is not None:
+            out.update(ref_ppl=float(np.exp(self.ref_nll / self.n)), kl_mean=self.kl / self.n,
+                       kl_p99=float(np.percentile(self.kl_values, 99)), top1=self.top1 / self.n)
+        return out
+
+
+class LogitModel:
+    """All-position logits from a GGUF build through llama.cpp."""
+
+    def __init__(self, model: Path, ctx: int, threads: int | None = None):
+        import llama_cpp
+
+        from .runner import physical_cores
+        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
+                                   n_threads=threads or physical_cores(), verbose=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def windows(tokens: list[int], ctx: int) -> Iterator[list[int]]:
+    for i in range(0, len(tokens) - ctx + 1, ctx):
+        yield tokens[i:i + ctx]
+
+
+def evaluate(model: LogitModel, text: str, ctx: int = 512, reference: LogitModel | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    tokens = model.tokenize(text)
+    if reference is not None and reference.tokenize(text) != tokens:
+        raise UsageError("the build and its reference tokenize the text differently; not comparable")
+    chunks = list(windows(tokens, ctx))
+    if not chunks:
+        raise UsageError(f"the text is {len(tokens)} tokens; --ctx {ctx} needs at least that many")
+    stats = ChunkStats()
+    first = ctx // 2
+    t0 = time.perf_counter()
+    for i, chunk in enumerate(chunks):
+        logits = model.logits(chunk)[first:-1]
+        ref = reference.logits(chunk)[first:-1] if reference is not None else None
+        stats.add(logits, ref, np.array(chunk[first + 1:]))
+        if progress:
+            progress(i + 1, len(chunks))
+    return {**stats.result(), "ctx": ctx, "text_tokens": len(tokens), "chunks": len(chunks),
+            "seconds": time.perf_counter() - t0}
