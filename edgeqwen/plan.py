@@ -33,6 +33,10 @@ BASE_TYPE = {
 # K-quants need rows that are a multiple of 256; llama.cpp falls back to these otherwise.
 FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1,
             T.Q6_K: T.Q8_0, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
+# Types llama.cpp's CPU backend copies into an interleaved layout at load time; the mmapped
+# original stays resident too, so these weights count twice (seen in bench rows: q4_0 vs q8_0).
+# token_embd is only gathered from, never repacked.
+REPACKED = {T.Q4_0, T.Q4_K, T.IQ4_NL}
 RUNTIME_BYTES = 150 << 20        # Python, llama.cpp libraries, tokenizer and vocab tables
 N_BATCH = 512
 
@@ -111,6 +115,7 @@ class Plan:
     ctx: int
     file_bytes: int
     weights_bytes: int
+    repack_bytes: int
     kv_bytes: int
     compute_bytes: int
     runtime_bytes: int
@@ -119,7 +124,7 @@ class Plan:
 
     @property
     def peak_ram(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+        return self.weights_bytes + self.repack_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
 
 METADATA_BYTES = 6 << 20  # vocabulary, merges and chat template in the GGUF header
@@ -149,6 +154,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
     tensors = tensor_types(cfg, quant)
     weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
+    repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if t in REPACKED and name != "token_embd")
     h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
     hd = h // cfg["num_attention_heads"]
     kv_pos = 2 * n * cfg["num_key_value_heads"] * hd * 2  # K and V, f16
@@ -165,7 +171,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         exp = sum(nbytes(ne, t) for name, _, ne, t in tensors if name.endswith("_exps"))
         per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
     params = sum(ne for _, _, ne, _ in tensors)
-    return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, ctx * kv_pos, compute, RUNTIME_BYTES,
+    return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, repack, ctx * kv_pos, compute, RUNTIME_BYTES,
                 per_token + kv_pos * prompt_tokens, params)
 
 
@@ -207,8 +213,9 @@ def fmt_gib(b: float) -> str:
 def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
     lines = [f"{p.size} {p.quant} at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
              f"  file size        {fmt_gib(p.file_bytes)}",
-             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + "
-             f"KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + runtime {fmt_gib(p.runtime_bytes)}",
+             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + repacked copies "
+             f"{fmt_gib(p.repack_bytes)} + KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + "
+             f"runtime {fmt_gib(p.runtime_bytes)}",
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
     if device:
         v = verdict(p, device)
