@@ -169,3 +169,12 @@ def test_real_tiny_bench_run_with_a_failure_row(tiny_builds, tmp_path):
     t = run_cli("table", out, out, "--plot", png, "--claims", "bench/claims.toml")
     assert t.returncode == 0 and t.stdout.count("| tiny-qwen2") == 2 and png.stat().st_size > 1000
     assert "UNTESTED" in t.stdout
+
+
+def test_hw_fingerprint_cli():
+    r = run_cli("hw", "--json", "--no-bandwidth")
+    assert r.returncode == 0
+    fp = json.loads(r.stdout)
+    assert {"cpu", "arch", "isa", "device", "physical_cores", "logical_cores", "ram_total", "os", "versions",
+            "device_id"} <= set(fp)
+    assert fp["physical_cores"] >= 1 and fp["ram_total"] > 2**30 and fp["versions"]["edgeqwen"]

@@ -26,7 +26,7 @@ cmake_args=${CMAKE_ARGS:--DGGML_NATIVE=ON}
 # A native build is only good for this CPU: its model and flags are part of the cache key.
 cpu_id=$( (grep -m1 -E '^(model name|flags|Features)' /proc/cpuinfo; grep -m1 -E '^(flags|Features)' /proc/cpuinfo) 2>/dev/null \
           || sysctl -n machdep.cpu.brand_string 2>/dev/null || uname -m)
-key=$(printf '%s|%s|%s|%s|%s|%s' "$VERSION" "$arch" "$cc_id" "$flags" "$cmake_args" "$cpu_id" | sha256sum | cut -c1-16)
+key=$(printf '%s|%s|%s|%s|%s|%s' "$VERSION" "$arch" "$cc_id" "$flags" "$cmake_args" "$cpu_id" | { sha256sum 2>/dev/null || shasum -a 256; } | cut -c1-16)
 dir="$CACHE/llama_cpp_python-$VERSION-$key"
 
 installed=$($PY -c "import importlib.metadata as m; print(m.version('llama_cpp_python'))" 2>/dev/null || true)
