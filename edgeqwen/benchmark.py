@@ -173,7 +173,7 @@ def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out
 
 def parse_threads(spec: str | None) -> list[int]:
     if not spec:
-        from .runner import physical_cores
+        from .measure import physical_cores
         return [physical_cores()]
     try:
         ts = [int(x) for x in spec.split(",") if x.strip()]

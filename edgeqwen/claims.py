@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from .errors import UsageError
@@ -11,14 +10,8 @@ KEYS = {"id", "text", "model", "quant", "device", "min_decode_tps", "max_peak_rs
 
 
 def load_claims(path: Path) -> list[dict]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"{path}: cannot read claims ({e})") from None
+    from .recipes import load_toml
+    data = load_toml(path, "claims")
     claims = data.get("claim", [])
     for c in claims:
         unknown = set(c) - KEYS

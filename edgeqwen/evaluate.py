@@ -74,7 +74,7 @@ class LogitModel:
     def __init__(self, model: Path, ctx: int, threads: int | None = None):
         import llama_cpp
 
-        from .runner import physical_cores
+        from .measure import physical_cores
         self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
                                    n_threads=threads or physical_cores(), verbose=False)
 

@@ -10,6 +10,11 @@ import time
 import psutil
 
 
+def physical_cores() -> int:
+    """Default thread count: physical cores (hyper-threads do not help memory-bound decode)."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
 def max_rss_bytes() -> int:
     """The OS's own high-water mark for this process.
 

@@ -6,7 +6,6 @@ compute buffer a prompt touches + the runtime. Decode ceiling = bandwidth / byte
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,15 +181,9 @@ def devices_file() -> Path:
 
 
 def load_devices(path: Path | None = None) -> dict[str, dict]:
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
+    from .recipes import load_toml
     path = path or devices_file()
-    try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"{path}: cannot read device profiles ({e})") from None
+    data = load_toml(path, "device profiles")
     for name, d in data.items():
         for key in ("ram_gib", "bandwidth_gbs", "source"):
             if key not in d:

@@ -2,18 +2,13 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import BuildError
+from .measure import physical_cores
 from .recipes import GGUF_QUANTS
-
-
-def physical_cores() -> int:
-    import psutil
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,

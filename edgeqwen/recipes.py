@@ -84,6 +84,14 @@ class Recipe:
         return cfg
 
 
+def load_toml(path: Path, what: str = "file") -> dict:
+    """Parse a TOML file; a missing or malformed one is one clear UsageError."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: cannot read {what} ({e})") from None
+
+
 def _fail(path: Path, msg: str) -> RecipeError:
     return RecipeError(f"recipe {path.name}: {msg}")
 

@@ -25,6 +25,7 @@ import psutil
 
 from .errors import BuildError, RunnerError
 from .home import resolve_build
+from .measure import physical_cores
 
 DEFAULT_CTX = 4096
 
@@ -71,10 +72,6 @@ class Runner(Protocol):
     def apply_chat_template(self, messages: list[dict]) -> str: ...
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]: ...
     def close(self) -> None: ...
-
-
-def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 # Backends by build format: (module, class, the package it needs, how to install it).
