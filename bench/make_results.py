@@ -14,9 +14,8 @@ from edgeqwen.table import load_rows, plot, render_rows  # noqa: E402
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]
     within = total = 0
-    for r in sorted(rows, key=lambda r: (r["build"]["name"], r["threads"])):
-        if r.get("kind") != "bench" or r.get("status") != "ok":
-            continue
+    bench = [r for r in rows if r.get("kind") == "bench" and r.get("status") == "ok"]
+    for r in sorted(bench, key=lambda r: (r["build"]["name"], r["threads"])):
         pred, meas = predicted_rss_for_row(r), peak_rss(r)
         if not pred:
             continue

@@ -236,7 +236,8 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out):
                 click.echo(f"\n{row['build']['name']} ({row['threads']} threads): {row['status']}: {row['error']}",
                            err=True)
         rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress)
-    click.echo(render_rows(rows, "md"))
+    from .plan import predicted_rss_for_row
+    click.echo(render_rows(rows, "md", plan_fn=predicted_rss_for_row))
 
 
 @cli.command()
