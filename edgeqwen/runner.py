@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import psutil
 
 from .errors import BuildError, RunnerError
@@ -156,6 +157,7 @@ class LlamaRunner:
                                        n_threads=self.threads, n_threads_batch=self.threads,
                                        n_gpu_layers=gpu, verbose=False)
         self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
         self.gpu_layers = gpu
         self._pieces: dict[tuple[int, bool], bytes] = {}
         meta = self.llm.metadata
@@ -186,6 +188,12 @@ class LlamaRunner:
             raise RunnerError(f"{self.path} has no chat template; use --raw")
         return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
 
+    def _argmax(self) -> int:
+        # Greedy straight off the logits: libllama's sampler copies all ~152k candidates per token,
+        # which costs several percent of decode speed on small models.
+        ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
     def _sampler(self, s: Sampling):
         from llama_cpp import _internals as internals
         smp = internals.LlamaSampler()
@@ -215,6 +223,7 @@ class LlamaRunner:
             prefix += 1
         prefix = min(prefix, len(tokens) - 1)
         llm.n_tokens = prefix
+        greedy = sampling.temperature <= 0
         smp = self._sampler(sampling)
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -225,17 +234,20 @@ class LlamaRunner:
         try:
             llm.eval(tokens[prefix:])
             while True:
-                tok = smp.sample(llm._ctx, -1)
+                tok = self._argmax() if greedy else smp.sample(llm._ctx, -1)
                 now = time.perf_counter()
                 if n_gen == 0:
                     ttft, t_first = now - t0, now
                 n_gen += 1
-                peak = max(peak, self.proc.memory_info().rss)
+                if n_gen % 16 == 1:  # RSS moves slowly; reading it every token costs decode speed
+                    peak = max(peak, self.proc.memory_info().rss)
                 eog = lc.llama_vocab_is_eog(vocab, tok) and not sampling.ignore_eos
                 if eog:
                     finish = "stop"
                 elif n_gen >= max_new:
                     finish = "length"
+                if finish:
+                    peak = max(peak, self.proc.memory_info().rss)
                 text = "" if eog else decoder.decode(self._piece_bytes(tok))
                 if finish:
                     text += decoder.decode(b"", final=True)
