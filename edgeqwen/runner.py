@@ -141,6 +141,9 @@ class LlamaRunner:
         # Metal on Apple Silicon when this llama-cpp-python has it; CPU everywhere else.
         gpu = -1 if (sys.platform == "darwin" and platform.machine() == "arm64"
                      and llama_cpp.llama_supports_gpu_offload()) else 0
+        # llama.cpp rounds the context up to a multiple of 256, but llama-cpp-python sizes its token
+        # buffer by the number asked for: ask for the rounded size so the two agree.
+        n_ctx = -(-n_ctx // 256) * 256 if n_ctx else None
         t0 = time.perf_counter()
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx or DEFAULT_CTX, n_batch=n_batch,
@@ -156,7 +159,7 @@ class LlamaRunner:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=train_ctx, n_batch=n_batch,
                                        n_threads=self.threads, n_threads_batch=self.threads,
                                        n_gpu_layers=gpu, verbose=False)
-        self.n_ctx = self.llm.n_ctx()
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_vocab = self.llm.n_vocab()
         self.gpu_layers = gpu
         self._pieces: dict[tuple[int, bool], bytes] = {}
