@@ -344,13 +344,13 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
     model_file = path / manifest["file"] if path.is_dir() else path
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
     model = LogitModel(model_file, ctx, threads)
-    ref = LogitModel(ref_file, ctx, threads) if ref_file and ref_file != model_file else None
+    # a build evaluated against itself reuses the loaded model (KL 0 by construction, a sanity check)
+    ref = model if ref_file == model_file else LogitModel(ref_file, ctx, threads)
     for spec in texts:
         label, text = load_text(spec)
         def progress(i, n, label=label):
             click.echo(f"\reval {label}: window {i}/{n}", err=True, nl=i == n)
-        res = evaluate(model, text, ctx, reference=ref if ref else (model if ref_file == model_file else None),
-                       progress=progress)
+        res = evaluate(model, text, ctx, reference=ref, progress=progress)
         row = eval_row(build, manifest, model_file, ref_file, label, res)
         if out:
             with open(out, "a") as f:
@@ -362,7 +362,7 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
                 if "kl_mean" in res else ""
             click.echo(f"{label}: PPL {res['ppl']:.3f}{kl} ({res['tokens_scored']} tokens, {res['seconds']:.1f} s)")
     model.close()
-    if ref:
+    if ref is not model:
         ref.close()
 
 

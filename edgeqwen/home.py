@@ -59,19 +59,15 @@ def resolve_build(arg: str) -> tuple[Path, dict | None]:
         if m is None:
             raise UsageError(f"{p} has no {MANIFEST}; not an edgeqwen build folder")
         return p, m
-    if p.is_file():
-        return p, read_manifest(p.parent) if (p.parent / MANIFEST).exists() and _manifest_names(p) else None
+    if p.is_file():  # a model file: its folder's manifest only if it describes this file
+        m = read_manifest(p.parent)
+        return p, m if m and m.get("file") == p.name else None
     cand = builds_dir() / arg
     if TMP_MARK not in arg and (m := read_manifest(cand)) is not None:
         return cand, m
     names = [b.name for b, _ in list_builds()]
     listing = ", ".join(names) if names else "none yet; run 'edgeqwen build SIZE QUANT'"
     raise UsageError(f"no build named {arg!r}; builds: {listing}")
-
-
-def _manifest_names(p: Path) -> bool:
-    m = read_manifest(p.parent) or {}
-    return m.get("file") == p.name
 
 
 def write_json_atomic(path: Path, data) -> None:

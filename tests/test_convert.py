@@ -63,7 +63,7 @@ def test_tensors_match_the_checkpoint(tiny_ckpt, tiny_f16):
         t = tensors[name]
         want_type = gguf.GGMLQuantizationType.F32 if src.ndim == 1 else gguf.GGMLQuantizationType.F16
         assert t.tensor_type == want_type
-        assert tuple(int(d) for d in reversed(t.shape)) == src.shape if src.ndim > 1 else True
+        assert tuple(int(d) for d in reversed(t.shape)) == src.shape
         np.testing.assert_array_equal(np.asarray(t.data, dtype=np.float32).reshape(src.shape),
                                       src.astype(np.float16).astype(np.float32))
     reader.close()
