@@ -1,0 +1,392 @@
+"""Hugging Face safetensors -> ONNX decoder for onnxruntime-genai, streamed weight by weight.
+
+The graph is the one onnxruntime-genai's model builder writes for Qwen2 on the CPU (fused QKV
+MatMul + bias, GroupQueryAttention with rotary embedding, Skip/SimplifiedLayerNormalization,
+int4/int8 MatMulNBits with accuracy level 4, a tied int4 embedding shared with lm_head through
+GatherBlockQuantized). Unlike the builder it never holds the model: each weight is read from
+memory-mapped safetensors in row blocks, quantized block by block with onnxruntime's own
+kernels and appended to the external-data file, so peak RSS is a few hundred MB at any size
+(fp32, which transposes whole matrices, is the exception and is only a reference).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint
+from .errors import BuildError
+from .safetensors import Reader, to_f32
+
+PRECISIONS = {"int4": 4, "int8": 8, "fp32": None}
+BLOCK = 32
+# MatMulNBits with int8 activations; lower levels decode many times slower on CPU.
+ACCURACY_LEVEL = 4
+DATA_FILE = "model.onnx.data"
+ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can map them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "generation_config.json", "config.json")
+MS = "com.microsoft"
+
+
+def output_size(ckpt: Checkpoint, precision: str) -> int:
+    """Bytes the model files will take (exact up to alignment padding)."""
+    c = ckpt.config
+    h, v = int(c["hidden_size"]), int(c["vocab_size"])
+    bits = PRECISIONS[precision]
+    total = 0
+    for name, info in ckpt.tensors.items():
+        if len(info.shape) == 1:
+            total += info.n_elements * 4
+        elif name == "model.embed_tokens.weight":
+            if not (ckpt.tied and bits == 4):
+                total += v * h * 4
+            if ckpt.tied:
+                total += _matrix_bytes(v, h, bits)
+        else:
+            total += _matrix_bytes(info.shape[0], info.shape[1], bits)
+    head = h // int(c["num_attention_heads"])
+    total += 2 * int(c["max_position_embeddings"]) * head // 2 * 4
+    return total + ALIGN * 8 * (ckpt.n_layers + 4)
+
+
+def _matrix_bytes(n: int, k: int, bits: int | None) -> int:
+    if bits is None:
+        return n * k * 4
+    blocks = -(-k // BLOCK)
+    return n * blocks * (BLOCK * bits // 8) + n * blocks * 4
+
+
+def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
+    """Rough peak RSS of export(): a base plus what the largest weight needs in flight."""
+    c = ckpt.config
+    h, v = int(c["hidden_size"]), int(c["vocab_size"])
+    base = 400 << 20
+    if PRECISIONS[precision] is None:  # whole fp32 matrices are transposed in memory
+        biggest = max(info.n_elements for info in ckpt.tensors.values())
+        return base + 3 * biggest * 4
+    return base + v * (h // BLOCK) * 4  # the lm_head scales are gathered before they are written
+
+
+class _DataFile:
+    """Appends tensors to the external-data file and hands back TensorProtos that point into it."""
+
+    def __init__(self, path: Path, on_bytes: Callable[[int], None] | None = None):
+        self.path = path
+        self.f = open(path, "wb")
+        self.on_bytes = on_bytes
+
+    def add(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]):
+        from onnx import TensorProto, helper
+        pos = self.f.tell()
+        if pos % ALIGN:
+            self.f.write(b"\0" * (ALIGN - pos % ALIGN))
+        off = self.f.tell()
+        for c in chunks:
+            c = np.ascontiguousarray(c, dtype=dtype)
+            self.f.write(memoryview(c).cast("B"))
+            if self.on_bytes:
+                self.on_bytes(c.nbytes)
+        length = self.f.tell() - off
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if length != want:
+            raise BuildError(f"ONNX export: {name} wrote {length} bytes, its shape {shape} needs {want}")
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        t.dims.extend(shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, val in (("location", self.path.name), ("offset", str(off)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, val
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
+@dataclass
+class _Weights:
+    """Source tensors as fp32 row blocks ([rows, K], HF layout: out_features x in_features)."""
+    reader: Reader
+
+    def rows(self, name: str) -> Iterator[np.ndarray]:
+        dtype = self.reader.tensors[name].dtype
+        for chunk in self.reader.chunks(name):
+            yield to_f32(chunk, dtype)
+
+    def full(self, name: str) -> np.ndarray:
+        return np.concatenate(list(self.rows(name)), axis=0)
+
+
+def _quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, K] fp32 -> MatMulNBits blobs [n, K/32, 32*bits/8] and scales [n, K/32], symmetric RTN."""
+    from onnxruntime.capi import _pybind_state as ort_c
+    n, k = w.shape
+    blocks = -(-k // BLOCK)
+    wt = np.ascontiguousarray(w.T)  # the kernels take the MatMul's [K, N] layout
+    if blocks * BLOCK != k:
+        wt = np.pad(wt, ((0, blocks * BLOCK - k), (0, 0)))
+    packed = np.zeros((n, blocks, BLOCK * bits // 8), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zp = np.zeros((n, (blocks + 8 // bits - 1) // (8 // bits)), dtype=np.uint8)
+    fn = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+    fn(packed, wt, scales, zp, BLOCK, n, k, True)
+    return packed, scales
+
+
+class _Graph:
+    def __init__(self, data: _DataFile):
+        self.nodes, self.inits, self.data = [], [], data
+        self.consts: dict[str, str] = {}
+
+    def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "",
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        from onnx import helper
+        outs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def const(self, value) -> str:
+        from onnx import numpy_helper
+        arr = np.array(value, dtype=np.int64)
+        key = f"/constants/INT64/{arr.tolist()}"
+        if key not in self.consts:
+            self.inits.append(numpy_helper.from_array(arr, key))
+            self.consts[key] = key
+        return key
+
+    def tensor(self, name: str, dtype, shape, chunks) -> str:
+        self.inits.append(self.data.add(name, dtype, tuple(shape), chunks))
+        return name
+
+    def matmul(self, x: str, name: str, sources: list[str], k: int, bits: int | None, w: _Weights,
+               out: str | None = None) -> str:
+        """x @ concat(sources).T, as MatMulNBits (blobs streamed, scales after) or a plain fp32 MatMul."""
+        n = sum(w.reader.tensors[s].shape[0] for s in sources)
+        if bits is None:
+            mat = np.concatenate([w.full(s) for s in sources], axis=0).T
+            wname = self.tensor(f"{name}.MatMul.weight", np.float32, (k, n), [mat])
+            del mat
+            return self.node("MatMul", [x, wname], f"/{name}/MatMul", outputs=[out] if out else None)[0]
+        blocks = -(-k // BLOCK)
+        scales: list[np.ndarray] = []
+
+        def blobs():
+            for s in sources:
+                for rows in w.rows(s):
+                    packed, sc = _quantize_rows(rows, bits)
+                    scales.append(sc)
+                    yield packed
+        q = self.tensor(f"{name}.MatMul.weight_Q{bits}", np.uint8, (n, blocks, BLOCK * bits // 8), blobs())
+        s = self.tensor(f"{name}.MatMul.weight_scales", np.float32, (n, blocks), scales)
+        return self.node("MatMulNBits", [x, q, s], f"/{name}/MatMul_Q{bits}", domain=MS, K=k, N=n, bits=bits,
+                         block_size=BLOCK, accuracy_level=ACCURACY_LEVEL, outputs=[out] if out else None)[0]
+
+
+def _rope_cache(config: dict, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head/2] computed in fp32 as transformers does."""
+    theta = float(config["rope_theta"])
+    inv = (1.0 / (theta ** (np.arange(0, head, 2, dtype=np.int64).astype(np.float32) / head))).astype(np.float32)
+    t = np.arange(int(config["max_position_embeddings"]), dtype=np.float32)
+    freqs = np.outer(t, inv).astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _check_supported(ckpt: Checkpoint) -> None:
+    c = ckpt.config
+    rope = c.get("rope_scaling") or {}
+    if rope and rope.get("type", rope.get("rope_type")) not in (None, "default"):
+        raise BuildError(f"ONNX export does not support rope_scaling {rope}; build a GGUF instead")
+    if c.get("use_sliding_window"):
+        raise BuildError("ONNX export does not support sliding-window attention; build a GGUF instead")
+
+
+def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[int], None] | None = None) -> dict:
+    """Write model.onnx, model.onnx.data, genai_config.json and the tokenizer into out_dir."""
+    import onnx
+    from onnx import TensorProto, helper
+    if precision not in PRECISIONS:
+        raise BuildError(f"ONNX precisions are {', '.join(PRECISIONS)}, not {precision}")
+    _check_supported(ckpt)
+    bits = PRECISIONS[precision]
+    c = ckpt.config
+    hidden, vocab, n_layers = int(c["hidden_size"]), int(c["vocab_size"]), ckpt.n_layers
+    n_heads, n_kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
+    head = hidden // n_heads
+    eps = float(c["rms_norm_eps"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _DataFile(out_dir / DATA_FILE, progress)
+    reader = ckpt.reader()
+    w = _Weights(reader)
+    g = _Graph(data)
+    try:
+        # Attention-mask bookkeeping GroupQueryAttention wants: per-row lengths - 1, and the total length.
+        msum = g.node("ReduceSum", ["attention_mask", g.const([1])], "/mask/ReduceSum", keepdims=0)[0]
+        seqlens = g.node("Cast", [g.node("Sub", [msum, g.const(1)], "/mask/Sub")[0]], "/mask/seqlens_k",
+                         to=TensorProto.INT32)[0]
+        total = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"], "/mask/Shape")[0], g.const(1)],
+                                       "/mask/Gather", axis=0)[0]], "/mask/total_len", to=TensorProto.INT32)[0]
+        cos, sin = _rope_cache(c, head)
+        g.tensor("cos_cache", np.float32, cos.shape, [cos])
+        g.tensor("sin_cache", np.float32, sin.shape, [sin])
+        del cos, sin
+
+        lm_src = "model.embed_tokens.weight" if ckpt.tied else "lm_head.weight"
+        shared = ckpt.tied and bits == 4
+        if shared:
+            # lm_head's int4 blobs double as the embedding table (as the builder does for tied models).
+            lm_q = None
+        else:
+            emb = g.tensor("model.embed_tokens.weight", np.float32, (vocab, hidden),
+                           w.rows("model.embed_tokens.weight"))
+            x = g.node("Gather", [emb, "input_ids"], "/model/embed_tokens/Gather")[0]
+
+        def norm_w(name):
+            return g.tensor(name, np.float32, ckpt.tensors[name].shape, w.rows(name))
+
+        if shared:
+            # The embedding needs the lm_head blobs, so lm_head is written first.
+            lm_q = _tied_int4_head(g, w, lm_src, hidden, vocab)
+            resh = g.node("Reshape", [lm_q[0], g.const([vocab, -(-hidden // BLOCK) * BLOCK // 2])],
+                          "/model/embed_tokens/Reshape")[0]
+            x = g.node("GatherBlockQuantized", [resh, "input_ids", lm_q[1]], "/model/embed_tokens/GatherBlockQuantized",
+                       domain=MS, bits=4, block_size=BLOCK, gather_axis=0, quantize_axis=1)[0]
+
+        residual, pending = x, None
+        inputs, outputs = [], []
+        for i in range(n_layers):
+            p = f"model.layers.{i}"
+            w_in = norm_w(f"{p}.input_layernorm.weight")
+            if pending is None:
+                h = g.node("SimplifiedLayerNormalization", [residual, w_in], f"/{p}/input_layernorm", axis=-1,
+                           epsilon=eps, stash_type=1)[0]
+            else:
+                o = g.node("SkipSimplifiedLayerNormalization", [residual, pending, w_in], f"/{p}/input_layernorm",
+                           n_out=4, domain=MS, epsilon=eps)
+                h, residual = o[0], o[3]
+            a = f"{p}.self_attn"
+            qkv = g.matmul(h, f"{p}.attn.qkv_proj", [f"{a}.{t}_proj.weight" for t in "qkv"], hidden, bits, w)
+            bias = g.tensor(f"{p}.attn.qkv_proj.Add.bias", np.float32, ((n_heads + 2 * n_kv) * head,),
+                            (np.concatenate([w.full(f"{a}.{t}_proj.bias").ravel() for t in "qkv"]),))
+            qkv = g.node("Add", [qkv, bias], f"/{p}/attn/qkv_proj/Add")[0]
+            pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+            inputs += [pk, pv]
+            outputs += [f"present.{i}.key", f"present.{i}.value"]
+            ctx = g.node("GroupQueryAttention", [qkv, "", "", pk, pv, seqlens, total, "cos_cache", "sin_cache"],
+                         f"/{p}/attn/GroupQueryAttention", domain=MS,
+                         outputs=[f"/{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+                         num_heads=n_heads, kv_num_heads=n_kv, scale=1.0 / math.sqrt(head), local_window_size=-1,
+                         softcap=0.0, do_rotary=1, rotary_interleaved=0)[0]
+            attn = g.matmul(ctx, f"{p}.attn.o_proj", [f"{a}.o_proj.weight"], n_heads * head, bits, w)
+            w_post = norm_w(f"{p}.post_attention_layernorm.weight")
+            o = g.node("SkipSimplifiedLayerNormalization", [residual, attn, w_post], f"/{p}/post_attention_layernorm",
+                       n_out=4, domain=MS, epsilon=eps)
+            h, residual = o[0], o[3]
+            m = f"{p}.mlp"
+            gate = g.matmul(h, f"{m}.gate_proj", [f"{m}.gate_proj.weight"], hidden, bits, w)
+            up = g.matmul(h, f"{m}.up_proj", [f"{m}.up_proj.weight"], hidden, bits, w)
+            act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{m}/act/Sigmoid")[0]], f"/{m}/act/Mul")[0]
+            prod = g.node("Mul", [act, up], f"/{m}/Mul")[0]
+            inter = ckpt.tensors[f"{m}.down_proj.weight"].shape[1]
+            pending = g.matmul(prod, f"{m}.down_proj", [f"{m}.down_proj.weight"], inter, bits, w)
+
+        o = g.node("SkipSimplifiedLayerNormalization", [residual, pending, norm_w("model.norm.weight")],
+                   "/model/norm", n_out=4, domain=MS, epsilon=eps)
+        if shared:
+            g.node("MatMulNBits", [o[0], lm_q[0], lm_q[1]], "/lm_head/MatMul_Q4", domain=MS, outputs=["logits"],
+                   K=hidden, N=vocab, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+        elif bits is None and ckpt.tied:
+            wt = g.node("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])[0]
+            g.node("MatMul", [o[0], wt], "/lm_head/MatMul", outputs=["logits"])
+        else:
+            g.matmul(o[0], "lm_head", [lm_src], hidden, bits, w, out="logits")
+    finally:
+        reader.close()
+        data.close()
+
+    f32 = TensorProto.FLOAT
+    kv_shape = ["batch_size", n_kv, "past_sequence_length", head]
+    graph = helper.make_graph(
+        g.nodes, "qwen2",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        + [helper.make_tensor_value_info(n, f32, kv_shape) for n in inputs],
+        [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])]
+        + [helper.make_tensor_value_info(n, f32, ["batch_size", n_kv, "total_sequence_length", head]) for n in outputs],
+        initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+                              producer_name="edgeqwen", ir_version=10)
+    onnx.save_model(model, out_dir / "model.onnx")
+    write_genai_config(ckpt, out_dir)
+    copy_tokenizer(ckpt.path, out_dir)
+    return {"nodes": len(g.nodes), "initializers": len(g.inits),
+            "bytes": (out_dir / "model.onnx").stat().st_size + (out_dir / DATA_FILE).stat().st_size}
+
+
+def _tied_int4_head(g: _Graph, w: _Weights, src: str, hidden: int, vocab: int) -> tuple[str, str]:
+    blocks = -(-hidden // BLOCK)
+    scales: list[np.ndarray] = []
+
+    def blobs():
+        for rows in w.rows(src):
+            packed, sc = _quantize_rows(rows, 4)
+            scales.append(sc)
+            yield packed
+    q = g.tensor("lm_head.MatMul.weight_Q4", np.uint8, (vocab, blocks, BLOCK // 2), blobs())
+    s = g.tensor("lm_head.MatMul.weight_scales", np.float32, (vocab, blocks), scales)
+    return q, s
+
+
+def write_genai_config(ckpt: Checkpoint, out_dir: Path) -> None:
+    c = ckpt.config
+    gen = {}
+    if (ckpt.path / "generation_config.json").exists():
+        gen = json.loads((ckpt.path / "generation_config.json").read_text())
+    eos = gen.get("eos_token_id", c.get("eos_token_id"))
+    n_heads = int(c["num_attention_heads"])
+    ctx = int(c["max_position_embeddings"])
+    cfg = {
+        "model": {
+            "bos_token_id": gen.get("bos_token_id", c.get("bos_token_id")),
+            "eos_token_id": eos,
+            "pad_token_id": gen.get("pad_token_id", c.get("pad_token_id", eos[-1] if isinstance(eos, list) else eos)),
+            "context_length": ctx,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx",
+                "head_size": int(c["hidden_size"]) // n_heads,
+                "hidden_size": int(c["hidden_size"]),
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": n_heads,
+                "num_hidden_layers": ckpt.n_layers,
+                "num_key_value_heads": int(c["num_key_value_heads"]),
+            },
+            "type": ckpt.arch.name,
+            "vocab_size": int(c["vocab_size"]),
+        },
+        "search": {
+            "do_sample": bool(gen.get("do_sample", False)), "num_beams": 1, "num_return_sequences": 1,
+            "max_length": ctx, "min_length": 0, "past_present_share_buffer": True,
+            "temperature": float(gen.get("temperature", 1.0)), "top_k": int(gen.get("top_k", 50)),
+            "top_p": float(gen.get("top_p", 1.0)), "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
+            "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+        },
+    }
+    (out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n")
+
+
+def copy_tokenizer(src: Path, out_dir: Path) -> None:
+    if not (src / "tokenizer.json").exists():
+        raise BuildError(f"{src}: no tokenizer.json; a build needs the tokenizer")
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copyfile(src / name, out_dir / name)
