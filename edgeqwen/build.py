@@ -1,4 +1,7 @@
-"""A build: recipe + source + quant -> one folder with model.gguf and manifest.json.
+"""A build: recipe + source + quant -> one folder with the model and manifest.json.
+
+GGUF builds hold model.gguf; ONNX builds (int4/int8/fp32) hold model.onnx, its external data,
+genai_config.json and the tokenizer.
 
 Everything is written under a temporary name next to the final folder and renamed into place
 only when complete, so an interrupted build leaves nothing that looks finished.
@@ -20,7 +23,7 @@ from .convert import OUT_TYPES, convert, output_size
 from .errors import BuildError, SourceError, UsageError
 from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
 from .measure import PeakRSS, Timer, human_bytes, max_rss_bytes
-from .recipes import Recipe
+from .recipes import Recipe, quant_format
 
 SCHEMA = 1
 # Config keys that decide the shape; a --source must agree with the recipe on these.
@@ -45,6 +48,7 @@ class BuildRequest:
     threads: int | None = None
     keep_intermediate: bool = False
     smoke: bool = True
+    format: str | None = None          # 'gguf' | 'onnx'; by default the quant name decides
 
 
 def build_name(req: BuildRequest, quant: str) -> str:
@@ -61,7 +65,8 @@ def _say(log, msg):
 def build(req: BuildRequest, log: Callable[[str], None] | None = print,
           progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     """Run a build; returns the build folder. progress(label, total_bytes) -> update(n) for a bar."""
-    quant = req.recipe.resolve_quant(req.quant)
+    quant = req.recipe.resolve_quant(req.quant, req.format)
+    fmt = quant_format(quant)
     if req.synthetic and req.source:
         raise UsageError("--synthetic and --source exclude each other")
     name = build_name(req, quant)
@@ -82,7 +87,7 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = print,
     tmp = final.parent / f"{final.name}{TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    manifest = {"schema": SCHEMA, "name": name, "format": "gguf", "quant": quant,
+    manifest = {"schema": SCHEMA, "name": name, "format": fmt, "quant": quant,
                 "recipe": {"name": req.recipe.name, "size": req.recipe.size, "hub_repo": req.recipe.hub_repo},
                 "synthetic": req.synthetic, "timings_s": {}, "peak_rss_bytes": {}}
     try:
@@ -91,39 +96,17 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = print,
         _check_against_recipe(ckpt, req.recipe)
         manifest["config"] = {k: ckpt.config.get(k) for k in (*SHAPE_KEYS, "vocab_size", "tie_word_embeddings",
                                                              "max_position_embeddings", "rope_theta")}
-        direct = quant in OUT_TYPES
-        conv_type = quant if direct else "f16"
-        need = output_size(ckpt, conv_type) + (0 if direct else _estimate(ckpt, quant))
-        _check_disk(tmp, need)
-
-        conv_out = tmp / ("model.gguf" if direct else "model-f16.gguf")
-        _say(log, f"converting {ckpt.path} -> {conv_type} GGUF")
-        upd = progress("convert", output_size(ckpt, conv_type)) if progress else None
-        with Timer() as t, PeakRSS() as rss:
-            _disk_guard(lambda: convert(ckpt, conv_out, conv_type, name=name, progress=upd))
-        manifest["timings_s"]["convert"] = round(t.seconds, 2)
-        manifest["peak_rss_bytes"]["convert"] = rss.peak
-        if not direct:
-            from .quantize import quantize
-            _say(log, f"quantizing to {quant} ({req.threads or 'all'} threads)")
-            upd = progress("quantize", _estimate(ckpt, quant)) if progress else None
-            with Timer() as t, PeakRSS() as rss:
-                _disk_guard(lambda: quantize(conv_out, tmp / "model.gguf", quant, req.threads, upd))
-            manifest["timings_s"]["quantize"] = round(t.seconds, 2)
-            manifest["peak_rss_bytes"]["quantize"] = rss.peak
-            if req.keep_intermediate:
-                conv_out.rename(tmp / "model-f16.gguf")
-            else:
-                conv_out.unlink()
-        model = tmp / "model.gguf"
-        manifest.update(file="model.gguf", file_size=model.stat().st_size, sha256=sha256_file(model))
+        if fmt == "onnx":
+            model = _build_onnx(req, ckpt, quant, tmp, manifest, log, progress)
+        else:
+            model = _build_gguf(req, ckpt, quant, name, tmp, manifest, log, progress)
         manifest["tools"] = tool_versions()
         manifest["host"] = {"machine": platform.machine(), "system": platform.system()}
         manifest["peak_rss_bytes"]["process_max"] = max_rss_bytes()
         if req.smoke:
             from .runner import smoke_check
             with Timer() as t:
-                manifest["smoke"] = smoke_check(model, threads=req.threads)
+                manifest["smoke"] = smoke_check(model, threads=req.threads, fmt=fmt)
             manifest["timings_s"]["smoke"] = round(t.seconds, 2)
             _say(log, f"smoke check: {manifest['smoke']['tokens']} tokens: {manifest['smoke']['text']!r}")
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -132,8 +115,93 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = print,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _say(log, f"built {name}: {final / 'model.gguf'} ({human_bytes(manifest['file_size'])})")
+    _say(log, f"built {name}: {final / manifest['file']} ({human_bytes(manifest['file_size'])})")
     return final
+
+
+def _build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log,
+                progress) -> Path:
+    direct = quant in OUT_TYPES
+    conv_type = quant if direct else "f16"
+    need = output_size(ckpt, conv_type) + (0 if direct else _estimate(ckpt, quant))
+    _check_disk(tmp, need)
+
+    conv_out = tmp / ("model.gguf" if direct else "model-f16.gguf")
+    _say(log, f"converting {ckpt.path} -> {conv_type} GGUF")
+    upd = progress("convert", output_size(ckpt, conv_type)) if progress else None
+    with Timer() as t, PeakRSS() as rss:
+        _disk_guard(lambda: convert(ckpt, conv_out, conv_type, name=name, progress=upd))
+    manifest["timings_s"]["convert"] = round(t.seconds, 2)
+    manifest["peak_rss_bytes"]["convert"] = rss.peak
+    if not direct:
+        from .quantize import quantize
+        _say(log, f"quantizing to {quant} ({req.threads or 'all'} threads)")
+        upd = progress("quantize", _estimate(ckpt, quant)) if progress else None
+        with Timer() as t, PeakRSS() as rss:
+            _disk_guard(lambda: quantize(conv_out, tmp / "model.gguf", quant, req.threads, upd))
+        manifest["timings_s"]["quantize"] = round(t.seconds, 2)
+        manifest["peak_rss_bytes"]["quantize"] = rss.peak
+        if req.keep_intermediate:
+            conv_out.rename(tmp / "model-f16.gguf")
+        else:
+            conv_out.unlink()
+    model = tmp / "model.gguf"
+    manifest.update(file="model.gguf", file_size=model.stat().st_size, sha256=sha256_file(model))
+    return model
+
+
+def _build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, tmp: Path, manifest: dict, log,
+                progress) -> Path:
+    try:
+        from . import onnx_export
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise BuildError(f"ONNX builds need {e.name}, which is not installed: pip install -e '.[onnx]'") from None
+    check_ram(onnx_export.peak_estimate(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")
+    size = onnx_export.output_size(ckpt, quant)
+    _check_disk(tmp, size)
+    _say(log, f"writing {quant} ONNX decoder from {ckpt.path}")
+    upd = progress("export", size) if progress else None
+    with Timer() as t, PeakRSS() as rss:
+        info = _disk_guard(lambda: onnx_export.export(ckpt, tmp, quant, progress=upd))
+    manifest["timings_s"]["export"] = round(t.seconds, 2)
+    manifest["peak_rss_bytes"]["export"] = rss.peak
+    model = tmp / "model.onnx"
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest.update(file="model.onnx", files=files, file_size=info["bytes"],
+                    sha256=_sha256_files([model, tmp / onnx_export.DATA_FILE]),
+                    onnx={"block_size": onnx_export.BLOCK, "accuracy_level": onnx_export.ACCURACY_LEVEL,
+                          "symmetric": True, "nodes": info["nodes"]})
+    return model
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def available_ram() -> int:
+    """Memory a build may use: EDGEQWEN_RAM_BUDGET (e.g. 8G) if set, else what the OS says is available."""
+    import psutil
+    budget = os.environ.get("EDGEQWEN_RAM_BUDGET")
+    if budget:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        b = budget.strip().upper().removesuffix("B")
+        try:
+            return int(float(b[:-1]) * units[b[-1]]) if b and b[-1] in units else int(b)
+        except ValueError:
+            raise UsageError(f"EDGEQWEN_RAM_BUDGET={budget!r}: give bytes or a size such as 8G") from None
+    return psutil.virtual_memory().available
+
+
+def check_ram(need: int, what: str) -> None:
+    have = available_ram()
+    if need > have:
+        raise BuildError(f"{what} needs about {human_bytes(need)} of RAM; {human_bytes(have)} is available")
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -254,7 +322,7 @@ def _disk_guard(fn):
 def tool_versions() -> dict:
     import importlib.metadata as md
     out = {"edgeqwen": __version__, "python": platform.python_version()}
-    for pkg in ("gguf", "llama_cpp_python", "numpy", "huggingface_hub"):
+    for pkg in ("gguf", "llama_cpp_python", "numpy", "huggingface_hub", "onnx", "onnxruntime", "onnxruntime-genai"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

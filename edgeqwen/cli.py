@@ -67,23 +67,30 @@ def _progress_factory():
 @click.option("--threads", type=int, help="Quantization threads (default: physical cores).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the f16 GGUF next to the quantized one.")
 @click.option("--no-smoke", is_flag=True, help="Skip the load-and-generate check after building.")
-def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, threads, keep_intermediate, no_smoke):
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]),
+              help="Insist on a format (default: the QUANT name decides).")
+def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, threads, keep_intermediate, no_smoke,
+          fmt):
     """Build MODEL (a size such as 1.5b, or a recipe name) as QUANT.
 
     QUANT is any llama.cpp file type by its lower-case name (q4_k_m, q8_0, q6_k, q2_k,
-    iq4_nl, f16, bf16, ...); q4 means q4_k_m and q8 means q8_0.
+    iq4_nl, f16, bf16, ...; q4 means q4_k_m and q8 means q8_0) for a GGUF build, or
+    int4, int8 or fp32 for an ONNX build run by onnxruntime-genai (block-32 symmetric
+    weights; fp32 is the reference). ONNX builds are written weight by weight, so even
+    7B needs well under 1 GB of RAM to build; set EDGEQWEN_RAM_BUDGET (e.g. 4G) to cap it.
 
     \b
       edgeqwen build 1.5b q4                       # Qwen/Qwen2-1.5B-Instruct from the hub
       edgeqwen build 0.5b q8 --source ./my-qwen2   # a local checkpoint
       edgeqwen build 7b q4 --synthetic             # the 7B shape, random weights
+      edgeqwen build 1.5b int4                     # ONNX int4 for onnxruntime-genai
     """
     from .build import BuildRequest
     from .build import build as run_build
     from .recipes import get_recipe
     req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
                        tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,
-                       keep_intermediate=keep_intermediate, smoke=not no_smoke)
+                       keep_intermediate=keep_intermediate, smoke=not no_smoke, format=fmt)
     folder = run_build(req, log=lambda m: click.echo(m, err=True), progress=_progress_factory())
     click.echo(str(folder))
 
@@ -98,13 +105,13 @@ def list_cmd(as_json):
     """
     from .home import builds_dir, list_builds
     from .measure import human_bytes
-    from .recipes import GGUF_QUANTS, load_recipes
+    from .recipes import GGUF_QUANTS, ONNX_QUANTS, load_recipes
     builds = list_builds()
     recipes = load_recipes()
     if as_json:
         click.echo(json.dumps({"builds": [{"path": str(p), **m} for p, m in builds],
                                "recipes": {n: {"size": r.size, "hub_repo": r.hub_repo} for n, r in recipes.items()},
-                               "quants": sorted(GGUF_QUANTS)}, indent=2))
+                               "quants": sorted(GGUF_QUANTS), "onnx_quants": list(ONNX_QUANTS)}, indent=2))
         return
     click.echo(f"Builds in {builds_dir()}:")
     if not builds:
@@ -118,6 +125,7 @@ def list_cmd(as_json):
         aliases = ", ".join(f"{a}={t}" for a, t in sorted(r.aliases.items()))
         click.echo(f"  {r.size:6s} {n:14s} {r.hub_repo:28s} tied={str(r.tied_embeddings).lower():5s} {aliases}")
     click.echo("GGUF quants: " + ", ".join(sorted(GGUF_QUANTS)))
+    click.echo("ONNX quants: " + ", ".join(ONNX_QUANTS))
 
 
 def _sampling(max_tokens, temperature, top_p, seed):

@@ -150,7 +150,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     if config:
         cfg.update({k: v for k, v in config.items() if v is not None})
     if size.lower() not in EXTRA_MODELS:
-        quant = get_recipe(size).resolve_quant(quant)
+        quant = get_recipe(size).resolve_quant(quant, "gguf")
     else:
         from .recipes import DEFAULT_ALIASES
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())

@@ -33,7 +33,9 @@ CONVERTER_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantiz
 NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
 # Meaningless for a dense model.
 NOT_FOR_DENSE = {"mxfp4_moe"}
+# ONNX precisions (onnxruntime-genai decoders): block-32 symmetric int4/int8 weights, fp32 the reference.
 ONNX_QUANTS = ("int4", "int8", "fp32")
+FORMATS = ("gguf", "onnx")
 # The short names every recipe ships with; a recipe's [aliases] may add more.
 DEFAULT_ALIASES = {"q4": "q4_k_m", "q8": "q8_0"}
 
@@ -57,15 +59,23 @@ class Recipe:
     path: Path | None = None
 
     def quant_names(self) -> list[str]:
-        return sorted(self.aliases) + sorted(GGUF_QUANTS)
+        return sorted(self.aliases) + sorted(GGUF_QUANTS) + list(ONNX_QUANTS)
 
-    def resolve_quant(self, quant: str) -> str:
-        """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type."""
+    def resolve_quant(self, quant: str, fmt: str | None = None) -> str:
+        """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type and the ONNX precisions.
+
+        fmt ('gguf'/'onnx') insists on a format; by default the name decides it.
+        """
         q = quant.lower()
         q = self.aliases.get(q, DEFAULT_ALIASES.get(q, q))
+        if fmt is not None and fmt not in FORMATS:
+            raise UsageError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
         if q in ONNX_QUANTS:
-            raise UsageError(f"{quant!r} is an ONNX build; ONNX builds are not available in this version "
-                             f"(GGUF quants: {', '.join(self.quant_names())})")
+            if fmt == "gguf":
+                raise UsageError(f"{quant!r} is an ONNX precision; GGUF quants: {', '.join(sorted(GGUF_QUANTS))}")
+            return q
+        if fmt == "onnx":
+            raise UsageError(f"{quant!r} is not an ONNX precision; choose {', '.join(ONNX_QUANTS)}")
         if q not in GGUF_QUANTS:
             raise UsageError(f"unknown quant {quant!r}; choose one of: {', '.join(self.quant_names())}")
         if q in NEEDS_IMATRIX:
@@ -82,6 +92,11 @@ class Recipe:
         cfg["tie_word_embeddings"] = self.tied_embeddings
         cfg.setdefault("max_position_embeddings", self.context_length)
         return cfg
+
+
+def quant_format(quant: str) -> str:
+    """The build format a resolved quant name belongs to."""
+    return "onnx" if quant in ONNX_QUANTS else "gguf"
 
 
 def load_toml(path: Path, what: str = "file") -> dict:

@@ -310,11 +310,13 @@ def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = F
 
 # --- the build's smoke check, in a child process so a crash in ggml becomes a clear error -------
 
-def smoke_check(model: Path, threads: int | None = None, tokens: int = 8) -> dict:
+def smoke_check(model: Path, threads: int | None = None, tokens: int = 8, fmt: str = "gguf") -> dict:
     cmd = [sys.executable, "-m", "edgeqwen.runner", "smoke", str(model), str(threads or 0), str(tokens)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
+        if fmt == "onnx":
+            raise BuildError(f"onnxruntime crashed ({sig}) running {model}")
         raise BuildError(f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
                          "reinstall llama-cpp-python with 'make setup'")
     if p.returncode != 0:
@@ -327,7 +329,7 @@ def smoke_check(model: Path, threads: int | None = None, tokens: int = 8) -> dic
 
 
 def _smoke_main(model: str, threads: str, n: str) -> None:
-    r = LlamaRunner(Path(model), threads=int(threads) or None, n_ctx=512)
+    r = load_runner(model, threads=int(threads) or None, n_ctx=512)
     last = None
     text = ""
     for last in generate_text(r, "Say hello.", Sampling(max_tokens=int(n), temperature=0, ignore_eos=True)):

@@ -1,0 +1,181 @@
+"""onnxruntime-genai behind the runner protocol: the same stream of Responses as the llama.cpp runner."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .errors import RunnerError
+from .measure import physical_cores
+from .runner import DEFAULT_CTX, Response, Sampling, render_chat
+
+
+def read_chat_template(folder: Path) -> str | None:
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    tpl = cfg.get("chat_template")
+    return tpl if isinstance(tpl, str) else None
+
+
+class OnnxRunner:
+    """An ONNX build folder (model.onnx + genai_config.json + tokenizer) through onnxruntime-genai."""
+
+    backend = "onnxruntime-genai"
+
+    def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
+                 manifest: dict | None = None):
+        import onnxruntime_genai as og
+        self._og = og
+        model = Path(model)
+        self.folder = model if model.is_dir() else model.parent
+        if not (self.folder / "genai_config.json").exists():
+            raise RunnerError(f"{self.folder}: no genai_config.json; not an ONNX build folder")
+        self.threads = threads or physical_cores()
+        with open(self.folder / "genai_config.json") as f:
+            gcfg = json.load(f)
+        self.n_ctx = min(n_ctx or DEFAULT_CTX, int(gcfg["model"]["context_length"]))
+        t0 = time.perf_counter()
+        try:
+            cfg = og.Config(str(self.folder))
+            cfg.clear_providers()  # CPU, whatever the folder's config asks for
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+            self.model = og.Model(cfg)
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as e:  # genai raises plain RuntimeError/OSError for every load failure
+            raise RunnerError(f"{self.folder}: onnxruntime-genai cannot load this build ({e})") from None
+        self.load_s = time.perf_counter() - t0
+        self.n_vocab = int(gcfg["model"]["vocab_size"])
+        self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
+        self.chat_template = read_chat_template(self.folder)
+        tok_cfg = _json(self.folder / "tokenizer_config.json")
+        eos = tok_cfg.get("eos_token")
+        self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
+        self.proc = psutil.Process(os.getpid())
+        self._gen = None
+        self._key = None
+        self._tokens: list[int] = []  # what the live generator holds (its last token has no KV yet)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(np.array(tokens, dtype=np.int32))
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise RunnerError(f"{self.folder} has no chat template; use --raw")
+        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
+
+    def _generator(self, tokens: list[int], sampling: Sampling, max_new: int):
+        """A generator positioned after the longest prefix it shares with the last call (chat turns reuse KV).
+
+        Search options live in the generator, so KV is reused only when they are the same and
+        a seeded sampler would not be replayed from the middle.
+        """
+        og = self._og
+        greedy = sampling.temperature <= 0
+        key = None
+        if not sampling.ignore_eos and (greedy or sampling.seed is None):  # min_length depends on the prompt
+            key = (greedy, sampling.temperature, sampling.top_p, sampling.top_k)
+        prefix = 0
+        if self._gen is not None and key is not None and key == self._key:
+            for a, b in zip(self._tokens[:-1], tokens):
+                if a != b:
+                    break
+                prefix += 1
+            prefix = min(prefix, len(tokens) - 1)
+        if prefix > 0:
+            self._gen.rewind_to(prefix)
+            return self._gen, prefix
+        params = og.GeneratorParams(self.model)
+        opts = {"max_length": self.n_ctx, "do_sample": not greedy, "batch_size": 1}
+        if not greedy:
+            opts.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+            if sampling.seed is not None:
+                opts["random_seed"] = sampling.seed
+        if sampling.ignore_eos:  # genai ends the sequence at EOS by itself; forbid it instead
+            opts["min_length"] = len(tokens) + max_new
+        params.set_search_options(**opts)
+        self._gen = None  # free the old KV buffer before the new one is allocated
+        self._gen = og.Generator(self.model, params)
+        self._key = key
+        return self._gen, 0
+
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
+        if not tokens:
+            raise RunnerError("empty prompt")
+        if len(tokens) >= self.n_ctx:
+            raise RunnerError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        max_new = min(sampling.max_tokens, self.n_ctx - len(tokens))
+        peak = self.proc.memory_info().rss
+        t0 = time.perf_counter()
+        gen, prefix = self._generator(tokens, sampling, max_new)
+        self._tokens = list(tokens[:prefix])
+        stream = self.tokenizer.create_stream()
+        n_gen, ttft, t_first, finish = 0, 0.0, 0.0, None
+        try:
+            gen.append_tokens(np.array(tokens[prefix:], dtype=np.int32))
+            self._tokens = list(tokens)
+            while True:
+                gen.generate_next_token()
+                tok = int(gen.get_next_tokens()[0])
+                now = time.perf_counter()
+                if n_gen == 0:
+                    ttft, t_first = now - t0, now
+                n_gen += 1
+                self._tokens.append(tok)
+                if n_gen % 16 == 1:
+                    peak = max(peak, self.proc.memory_info().rss)
+                eog = tok in self.eos_ids and not sampling.ignore_eos
+                if eog:
+                    finish = "stop"
+                elif n_gen >= max_new:
+                    finish = "length"
+                if finish:
+                    peak = max(peak, self.proc.memory_info().rss)
+                text = "" if eog else stream.decode(tok)
+                yield self._response(text, tok, len(tokens), prefix, n_gen, ttft, t_first, now, peak, finish)
+                if finish:
+                    return
+        except KeyboardInterrupt:
+            self._gen = None  # its state is mid-step: never reuse it
+            now = time.perf_counter()
+            yield self._response("", None, len(tokens), prefix, n_gen, ttft, t_first, now, peak, "interrupted")
+
+    def _response(self, text, tok, n_prompt, cached, n_gen, ttft, t_first, now, peak, finish) -> Response:
+        dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
+        return Response(text, tok, n_prompt, (n_prompt - cached) / ttft if ttft else 0.0, n_gen, dec, ttft, peak,
+                        finish, {}, cached)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Next-token logits at every position of tokens, from scratch (for eval)."""
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(tokens) + 1, batch_size=1)
+        gen = og.Generator(self.model, params)
+        gen.append_tokens(np.array(tokens, dtype=np.int32))
+        out = np.array(gen.get_output("logits"), dtype=np.float32)[0]
+        del gen
+        return out
+
+    def close(self) -> None:
+        self._gen = None
+        self.tokenizer = None
+        self.model = None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
