@@ -331,8 +331,8 @@ def plan_cmd(size, quant, ctx, device, devices):
 
 @cli.command("eval")
 @click.argument("build")
-@click.option("--reference", help="Reference build or Hugging Face folder (default: the f16 build of the same "
-              "source, built if missing).")
+@click.option("--reference", help="Reference build or Hugging Face folder (default: the f16 GGUF, or for ONNX "
+              "builds the fp32 ONNX, of the same source, built if missing).")
 @click.option("--text", "texts", multiple=True, default=["en", "zh"], show_default=True,
               help="en, zh (bundled texts) or a file; repeat for several.")
 @click.option("--ctx", default=512, show_default=True, help="Window length; the second half of each is scored.")
@@ -345,15 +345,15 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
     \b
       edgeqwen eval qwen2-0.5b-q4_k_m --text en --text zh --out results.jsonl
     """
-    from .evaluate import LogitModel, evaluate, load_text
+    from .evaluate import evaluate, load_text, open_logit_model
     from .evalrows import eval_row, resolve_reference
     from .home import resolve_build
     path, manifest = resolve_build(build)
     model_file = path / manifest["file"] if path.is_dir() else path
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
-    model = LogitModel(model_file, ctx, threads)
+    model = open_logit_model(model_file, ctx, threads)
     # a build evaluated against itself reuses the loaded model (KL 0 by construction, a sanity check)
-    ref = model if ref_file == model_file else LogitModel(ref_file, ctx, threads)
+    ref = model if ref_file == model_file else open_logit_model(ref_file, ctx, threads)
     for spec in texts:
         label, text = load_text(spec)
         def progress(i, n, label=label):

@@ -6,40 +6,45 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
-from .home import list_builds, resolve_build
+from .home import list_builds, read_manifest, resolve_build
 
 SCHEMA = 1
 
 
 def resolve_reference(path: Path, manifest: dict | None, reference: str | None, log=None) -> Path | None:
-    """The reference model file: given, else the f16 build of the same source (built if missing)."""
+    """The reference model file: given, else the f16 GGUF (fp32 ONNX for ONNX builds) of the same source,
+    built if missing."""
     from .build import BuildRequest, build
     from .recipes import get_recipe
     if reference:
         ref = Path(reference)
-        if ref.is_dir() and (ref / "config.json").exists():  # a Hugging Face folder: its f16 GGUF
+        if ref.is_dir() and (ref / "config.json").exists() and read_manifest(ref) is None:
+            # a Hugging Face folder: its f16 GGUF (fp32 ONNX for an ONNX build)
             if not manifest:
                 raise UsageError("a Hugging Face reference needs a build with a manifest")
-            folder = build(BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant="f16", source=ref,
-                                        name=f"{manifest['recipe']['name']}-f16-ref-{ref.name}"), log=log)
-            return folder / "model.gguf"
+            q = "fp32" if manifest.get("format") == "onnx" else "f16"
+            folder = build(BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant=q, source=ref,
+                                        name=f"{manifest['recipe']['name']}-{q}-ref-{ref.name}"), log=log)
+            return folder / read_manifest(folder)["file"]
         rpath, rman = resolve_build(reference)
         return rpath / rman["file"] if rpath.is_dir() else rpath
     if not manifest:
         raise UsageError("no manifest next to this model: pass --reference")
-    if manifest.get("quant") == "f16":
+    ref_quant = "fp32" if manifest.get("format") == "onnx" else "f16"
+    if manifest.get("quant") == ref_quant:
         return path / manifest["file"]
     src = manifest.get("source", {})
     for p, m in list_builds():
-        if m.get("quant") == "f16" and m.get("source", {}).get("id") == src.get("id"):
+        if m.get("quant") == ref_quant and m.get("source", {}).get("id") == src.get("id"):
             return p / m["file"]
     if log:
-        log(f"no f16 build of {src.get('id')} yet: building one as the reference")
+        log(f"no {ref_quant} build of {src.get('id')} yet: building one as the reference")
     recipe = get_recipe(manifest["recipe"]["name"])
-    req = BuildRequest(recipe=recipe, quant="f16", synthetic=src.get("kind") == "synthetic",
+    req = BuildRequest(recipe=recipe, quant=ref_quant, synthetic=src.get("kind") == "synthetic",
                        seed=src.get("seed", 0), source=Path(src["path"]) if src.get("kind") == "local" else None,
-                       name=f"{manifest['name'].rsplit('-' + manifest['quant'], 1)[0]}-f16")
-    return build(req, log=log) / "model.gguf"
+                       name=f"{manifest['name'].rsplit('-' + manifest['quant'], 1)[0]}-{ref_quant}")
+    folder = build(req, log=log)
+    return folder / (read_manifest(folder) or {}).get("file", "model.gguf")
 
 
 def eval_row(build: str, manifest: dict | None, model: Path, ref: Path | None, text: str, res: dict) -> dict:

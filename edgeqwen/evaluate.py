@@ -1,10 +1,11 @@
 """`edgeqwen eval`: what quantization costs, per language.
 
-Perplexity of a build on a text, and against a reference build (the f16 GGUF of the same
-source by default) the mean KL divergence KL(ref || build) of the next-token distributions and
-how often their top-1 tokens agree, on the same tokens. Like llama.cpp's perplexity tool, the
-text is cut into windows of --ctx tokens evaluated from scratch, and only the second half of
-each window is scored, so every scored token has at least ctx/2 tokens of context.
+Perplexity of a build on a text, and against a reference build (by default the f16 GGUF of the
+same source, or its fp32 ONNX for ONNX builds) the mean KL divergence KL(ref || build) of the
+next-token distributions and how often their top-1 tokens agree, on the same tokens. Like
+llama.cpp's perplexity tool, the text is cut into windows of --ctx tokens evaluated from
+scratch, and only the second half of each window is scored, so every scored token has at least
+ctx/2 tokens of context.
 """
 from __future__ import annotations
 
@@ -88,6 +89,30 @@ class LogitModel:
 
     def close(self) -> None:
         self.llm.close()
+
+
+class OnnxLogitModel:
+    """All-position logits from an ONNX build through onnxruntime-genai."""
+
+    def __init__(self, model: Path, ctx: int, threads: int | None = None):
+        from .onnx_runner import OnnxRunner
+        self.runner = OnnxRunner(model, threads=threads, n_ctx=ctx + 1)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.runner.tokenize(text, special=False)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        return self.runner.logits(tokens)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def open_logit_model(model: Path, ctx: int, threads: int | None = None):
+    """The logit model for a build's model file, by format."""
+    from .runner import build_format
+    fmt = build_format(Path(model), None)
+    return OnnxLogitModel(model, ctx, threads) if fmt == "onnx" else LogitModel(model, ctx, threads)
 
 
 def windows(tokens: list[int], ctx: int) -> Iterator[list[int]]:

@@ -45,8 +45,8 @@ def output_size(ckpt: Checkpoint, precision: str) -> int:
             total += info.n_elements * 4
         elif name == "model.embed_tokens.weight":
             if not (ckpt.tied and bits == 4):
-                total += v * h * 4
-            if ckpt.tied:
+                total += v * h * 4  # an fp32 table (fp32 tied: lm_head is its transpose)
+            if ckpt.tied and bits is not None:
                 total += _matrix_bytes(v, h, bits)
         else:
             total += _matrix_bytes(info.shape[0], info.shape[1], bits)

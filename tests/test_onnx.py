@@ -1,0 +1,222 @@
+"""ONNX builds: the streamed exporter against Hugging Face and the genai builder, the genai runner, bench and eval."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from edgeqwen.build import BuildRequest, build
+from edgeqwen.errors import BuildError
+from edgeqwen.recipes import get_recipe
+from edgeqwen.runner import Sampling, load_runner
+
+pytest.importorskip("onnxruntime_genai")
+
+PROMPT_IDS = [151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 220, 108386, 151645, 198, 151644, 77091, 198]
+
+
+def _has(*mods):
+    return all(importlib.util.find_spec(m) for m in mods)
+
+
+needs_hf = pytest.mark.skipif(not _has("torch", "transformers"), reason="torch and transformers are not installed")
+
+
+@pytest.fixture(scope="session")
+def onnx_builds(tiny_ckpt, tiny_untied_ckpt):
+    recipe = get_recipe("tiny-qwen2")
+    out = {q: build(BuildRequest(recipe=recipe, quant=q, source=tiny_ckpt), log=None) for q in ("int4", "int8", "fp32")}
+    for q in ("int4", "fp32"):
+        out[f"untied-{q}"] = build(BuildRequest(recipe=recipe, quant=q, source=tiny_untied_ckpt,
+                                                name=f"tiny-untied-{q}"), log=None)
+    return out
+
+
+def _onnx_logits(folder, ids):
+    from edgeqwen.onnx_runner import OnnxRunner
+    r = OnnxRunner(folder, threads=2, n_ctx=256)
+    try:
+        return r.logits(ids)
+    finally:
+        r.close()
+
+
+def _hf_model(ckpt):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, trust_remote_code=False).eval()
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "fp32"])
+def test_onnx_builds_have_a_manifest_and_generate(onnx_builds, quant):
+    folder = onnx_builds[quant]
+    m = json.loads((folder / "manifest.json").read_text())
+    assert m["format"] == "onnx" and m["quant"] == quant and m["file"] == "model.onnx"
+    for f in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
+        assert f in m["files"] and (folder / f).is_file()
+    assert m["smoke"]["tokens"] == 8
+    assert m["file_size"] == (folder / "model.onnx").stat().st_size + (folder / "model.onnx.data").stat().st_size
+    r = run_cli("run", folder, "Tell me a story", "-n", "12", "-t", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["generation_tokens"] >= 1 and j["backend"] == "onnxruntime-genai"
+
+
+def test_sizes_are_what_the_preflight_expected(onnx_builds):
+    from edgeqwen.checkpoint import open_checkpoint
+    from edgeqwen.onnx_export import output_size
+    sizes = {}
+    for q in ("int4", "int8", "fp32"):
+        m = json.loads((onnx_builds[q] / "manifest.json").read_text())
+        sizes[q] = m["file_size"]
+        expect = output_size(open_checkpoint(m["source"]["path"]), q)
+        assert 0.98 * expect < sizes[q] <= expect
+    # int4 shares one int4 table between embedding and lm_head; int8 keeps an fp32 embedding beside it
+    assert sizes["int4"] < sizes["int8"]
+
+
+@needs_hf
+@pytest.mark.parametrize("which", ["fp32", "untied-fp32"])
+def test_fp32_logits_and_greedy_tokens_match_hugging_face(onnx_builds, tiny_ckpt, tiny_untied_ckpt, which):
+    import torch
+    ckpt = tiny_untied_ckpt if which.startswith("untied") else tiny_ckpt
+    hf = _hf_model(ckpt)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT_IDS])).logits[0].numpy()
+        want = hf.generate(torch.tensor([PROMPT_IDS]), max_new_tokens=16, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(PROMPT_IDS):].tolist()
+    got = _onnx_logits(onnx_builds[which], PROMPT_IDS)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-4
+    r = load_runner(onnx_builds[which], threads=2, n_ctx=256)
+    toks = [x.token for x in r.stream(PROMPT_IDS, Sampling(max_tokens=16, temperature=0, ignore_eos=True))]
+    r.close()
+    assert toks == want
+
+
+@needs_hf
+def test_quantized_logits_stay_close_to_hugging_face(onnx_builds, tiny_ckpt):
+    import torch
+    with torch.no_grad():
+        ref = _hf_model(tiny_ckpt)(torch.tensor([PROMPT_IDS])).logits[0].numpy()
+    err = {q: float(np.abs(_onnx_logits(onnx_builds[q], PROMPT_IDS) - ref).mean()) for q in ("int8", "int4")}
+    assert 0 < err["int8"] < err["int4"] < 0.5 * float(np.abs(ref).mean())
+
+
+@pytest.mark.skipif(not _has("torch", "transformers", "onnx_ir"), reason="the genai model builder's deps are absent")
+def test_streamed_export_equals_the_genai_builder(onnx_builds, tiny_ckpt, tmp_path):
+    """The reference: onnxruntime-genai's own builder, on the same checkpoint, gives the same weights and logits."""
+    import onnx
+    from onnx import numpy_helper
+    out = tmp_path / "builder"
+    p = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_ckpt), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+    def inits(folder):
+        m = onnx.load(folder / "model.onnx")
+        return {t.name: numpy_helper.to_array(t, base_dir=str(folder)) for t in m.graph.initializer}
+    ours, theirs = inits(onnx_builds["int4"]), inits(out)
+    quantized = [k for k in theirs if k.endswith(("_Q4", "_scales"))]
+    assert len(quantized) == 2 * (1 + 2 * 5)  # lm_head + qkv, o, gate, up, down in 2 layers; blobs and scales
+    for k in quantized:
+        assert np.array_equal(ours[k], theirs[k]), k
+    a, b = _onnx_logits(onnx_builds["int4"], PROMPT_IDS), _onnx_logits(out, PROMPT_IDS)
+    # The rotary tables differ by an ulp here and there (numpy vs torch cos); MatMulNBits rounds its
+    # activations to int8, which can turn that into a step of one int8 level: small, not zero.
+    assert np.abs(a - b).max() < 1e-2 and (a.argmax(-1) == b.argmax(-1)).all()
+
+
+def test_chat_turns_reuse_the_generator_and_give_the_same_tokens(onnx_builds):
+    r = load_runner(onnx_builds["int8"], threads=2, n_ctx=256)
+    greedy = Sampling(max_tokens=6, temperature=0)
+    t1 = r.tokenize(r.apply_chat_template([{"role": "user", "content": "Hello there, how are you?"}]))
+    first = list(r.stream(t1, greedy))
+    t2 = t1 + [x.token for x in first if x.token is not None] + r.tokenize("\n<|im_start|>user\nAnd you?<|im_end|>\n")
+    reused = list(r.stream(t2, greedy))
+    assert reused[-1].cached_tokens > len(t1) // 2
+    r.close()
+    fresh_runner = load_runner(onnx_builds["int8"], threads=2, n_ctx=256)
+    fresh = list(fresh_runner.stream(t2, greedy))
+    fresh_runner.close()
+    assert fresh[-1].cached_tokens == 0
+    assert [x.token for x in reused] == [x.token for x in fresh]
+
+
+def test_ignore_eos_generates_the_full_length_and_context_is_enforced(onnx_builds):
+    r = load_runner(onnx_builds["int4"], threads=1, n_ctx=64)
+    rs = list(r.stream(PROMPT_IDS, Sampling(max_tokens=20, temperature=0, ignore_eos=True)))
+    assert len(rs) == 20 and rs[-1].finish_reason == "length" and rs[-1].generation_tps > 0
+    rs = list(r.stream(PROMPT_IDS, Sampling(max_tokens=500, temperature=0, ignore_eos=True)))
+    assert rs[-1].generation_tokens == 64 - len(PROMPT_IDS)
+    r.close()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("tiny-qwen2", "int4", "--format", "gguf"), "is an ONNX precision"),
+    (("tiny-qwen2", "q4", "--format", "onnx"), "not an ONNX precision"),
+    (("tiny-qwen2", "int3"), "int4, int8, fp32"),
+])
+def test_format_and_quant_mistakes_fail_with_the_choices(args, message):
+    r = run_cli("build", *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ram_preflight_refuses_before_loading(tiny_ckpt, tmp_path):
+    r = run_cli("build", "tiny-qwen2", "int4", "--source", tiny_ckpt, "--out", tmp_path / "b",
+                env={"EDGEQWEN_RAM_BUDGET": "64M"})
+    assert r.returncode == 1 and "needs about" in r.stderr and "64.00 MiB is available" in r.stderr
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_onnx_build_leaves_nothing(tiny_ckpt, tmp_path):
+    def progress(label, total):
+        def upd(n):
+            raise KeyboardInterrupt
+        return upd
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="int4", source=tiny_ckpt, out=tmp_path / "b"),
+              log=None, progress=progress)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_rope_scaling_is_refused(tiny_ckpt, tmp_path):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(tiny_ckpt, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BuildError, match="rope_scaling"):
+        build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="int4", source=src, out=tmp_path / "b"), log=None)
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_and_table_take_onnx_builds(onnx_builds, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    r = run_cli("bench", onnx_builds["int4"], "--threads", "1", "--repeats", "1", "--prompt-tokens", "32",
+                "--gen-tokens", "8", "--out", out)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["status"] == "ok" and row["backend"] == "onnxruntime-genai" and row["build"]["format"] == "onnx"
+    assert row["tg"]["mean"] > 0 and row["pp"]["mean"] > 0 and row["ttft_s"]["mean"] > 0 and row["max_rss"] > 0
+    assert row["build"]["file_size"] > (onnx_builds["int4"] / "model.onnx.data").stat().st_size - 1
+    t = run_cli("table", out)
+    assert t.returncode == 0 and "| int4 | onnxruntime-genai |" in t.stdout
+
+
+def test_eval_of_onnx_builds_against_fp32(onnx_builds, tmp_path):
+    same = run_cli("eval", onnx_builds["fp32"], "--reference", onnx_builds["fp32"], "--text", "en", "--ctx", "128",
+                   "--json")
+    assert same.returncode == 0, same.stderr
+    row = json.loads(same.stdout.strip().splitlines()[-1])
+    assert row["kl_mean"] == 0.0 and row["top1"] == 1.0
+    r = run_cli("eval", onnx_builds["int4"], "--text", "en", "--ctx", "128", "--json")  # reference: found fp32
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "tiny-qwen2-fp32" in row["reference"] and row["build"]["format"] == "onnx"
+    assert row["kl_mean"] > 0 and 0 < row["top1"] <= 1 and row["ppl"] > 1
