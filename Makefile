@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup test test-slow demo bench results lint clean
+.PHONY: setup reference test test-slow demo bench results lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -12,7 +12,17 @@ $(VENV)/.setup-done: pyproject.toml tools/install-llama-cpp.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	PYTHON=$(BIN)/python tools/install-llama-cpp.sh
-	$(BIN)/python -m pip install -q -e '.[gguf,dev]'
+	$(BIN)/python -m pip install -q -e '.[gguf,onnx,dev]'
+	touch $@
+
+# What the tests compare against (Hugging Face transformers, onnxruntime-genai's builder). Optional:
+# those tests skip without it. torch is pinned to the CPU build (TORCH=... to change).
+TORCH ?= torch==2.13.0
+reference: $(VENV)/.reference-done
+
+$(VENV)/.reference-done: $(VENV)/.setup-done
+	$(BIN)/python -m pip install -q '$(TORCH)'
+	$(BIN)/python -m pip install -q -e '.[gguf,onnx,dev,reference]'
 	touch $@
 
 test: setup

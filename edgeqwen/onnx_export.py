@@ -390,3 +390,10 @@ def copy_tokenizer(src: Path, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, out_dir / name)
+
+
+if __name__ == "__main__":  # python -m edgeqwen.onnx_export CHECKPOINT OUT_DIR PRECISION (for the build benchmark)
+    import sys
+
+    from .checkpoint import open_checkpoint
+    print(json.dumps(export(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])))
