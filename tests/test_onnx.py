@@ -220,3 +220,32 @@ def test_eval_of_onnx_builds_against_fp32(onnx_builds, tmp_path):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert "tiny-qwen2-fp32" in row["reference"] and row["build"]["format"] == "onnx"
     assert row["kl_mean"] > 0 and 0 < row["top1"] <= 1 and row["ppl"] > 1
+
+
+def test_chat_on_an_onnx_build_two_turns_and_ctrl_c(onnx_builds):
+    import os
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "edgeqwen.cli", "chat", str(onnx_builds["int4"]), "--ctx", "2048",
+                                           "-n", "1500", "-t", "1.0", "--seed", "1"],
+                          env=dict(os.environ, TERM="dumb"), encoding="utf-8", timeout=120)
+    try:
+        child.expect(">>> ")
+        child.sendline("Hello, who are you?")
+        child.expect("you\\?\r\n")  # our line echoed
+        child.expect(r"\S{3,}")  # streaming has started
+        child.sendintr()
+        child.expect("interrupted")
+        child.expect(">>> ")
+        child.sendline("And now?")
+        child.expect("now\\?\r\n")
+        child.expect(r"\S{3,}")
+        child.sendintr()
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect("peak RSS")
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
