@@ -30,7 +30,9 @@ from edgeqwen.recipes import get_recipe
 def measure(cmd: list[str]) -> tuple[float, int, int]:
     """(wall seconds, sampled peak RSS, the kernel's VmHWM) of one child process."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe: a chatty child (the genai builder) would block on a full pipe
+    err = tempfile.TemporaryFile(mode="w+")
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
     proc, peak, hwm = psutil.Process(p.pid), 0, 0
     while p.poll() is None:
         try:
@@ -42,7 +44,8 @@ def measure(cmd: list[str]) -> tuple[float, int, int]:
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{p.stderr.read()[-2000:]}")
+        err.seek(0)
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-2000:]}")
     return wall, peak, hwm
 
 
