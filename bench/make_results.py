@@ -56,6 +56,9 @@ def main() -> None:
         "is UNTESTED, whatever the plan predicts.",
         "",
         render_claims(claims),
+        "ONNX build cost (edgeqwen's streamed export vs onnxruntime-genai's builder): "
+        "[ONNX_BUILD-int4.md](ONNX_BUILD-int4.md), from `bench/onnx_build_bench.py`.",
+        "",
         "## Plan vs measured peak RAM",
         "",
         f"`edgeqwen plan` within ±10% of the measured peak RSS on {within} of {total} rows.",
