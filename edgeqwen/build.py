@@ -106,7 +106,7 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = print,
         if req.smoke:
             from .runner import smoke_check
             with Timer() as t:
-                manifest["smoke"] = smoke_check(model, threads=req.threads, fmt=fmt)
+                manifest["smoke"] = smoke_check(model, threads=req.threads)
             manifest["timings_s"]["smoke"] = round(t.seconds, 2)
             _say(log, f"smoke check: {manifest['smoke']['tokens']} tokens: {manifest['smoke']['text']!r}")
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -153,9 +153,7 @@ def _build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp:
 def _build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, tmp: Path, manifest: dict, log,
                 progress) -> Path:
     try:
-        from . import onnx_export
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+        from . import onnx_export  # imports onnx and onnxruntime
     except ImportError as e:
         raise BuildError(f"ONNX builds need {e.name}, which is not installed: pip install -e '.[onnx]'") from None
     check_ram(onnx_export.peak_estimate(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")

@@ -55,7 +55,7 @@ def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None
             click.echo(f"unknown command {cmd}; {HELP}", file=out)
             continue
         history.append({"role": "user", "content": line})
-        reply, interrupted = [], False
+        reply, interrupted, got = [], False, None
         try:
             tokens, dropped = fit_history(runner, system, history, reserve)
             if dropped:
@@ -67,10 +67,10 @@ def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None
             stream = runner.stream(tokens, sampling)
             try:
                 for r in stream:
+                    got = r  # first: a Ctrl-C while writing must still find the reply's figures
                     reply.append(r.text)
                     out.write(r.text)
                     out.flush()
-                    last = r
             finally:
                 stream.close()
         except KeyboardInterrupt:
@@ -80,16 +80,16 @@ def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None
             click.echo(f"\nError: {e}", file=out)
             continue
         click.echo("", file=out)
-        if interrupted and not reply:
+        if interrupted and got is None:
             history.pop()  # stopped before the model said anything: forget the question
             click.echo(click.style("(interrupted)", dim=True), file=out)
             continue
         history.append({"role": "assistant", "content": "".join(reply)})
-        if last is not None:
-            if interrupted:
-                last.finish_reason = "interrupted"
-            note = " · interrupted" if last.finish_reason == "interrupted" else ""
-            click.echo(click.style(stats_line(last) + note, dim=True), file=out)
+        last = got
+        if interrupted:
+            last.finish_reason = "interrupted"
+        note = " · interrupted" if last.finish_reason == "interrupted" else ""
+        click.echo(click.style(stats_line(last) + note, dim=True), file=out)
 
 
 def stats_line(r: Response) -> str:

@@ -15,22 +15,21 @@ def resolve_reference(path: Path, manifest: dict | None, reference: str | None, 
     """The reference model file: given, else the f16 GGUF (fp32 ONNX for ONNX builds) of the same source,
     built if missing."""
     from .build import BuildRequest, build
-    from .recipes import get_recipe
+    from .recipes import REFERENCE_QUANT, get_recipe
     if reference:
         ref = Path(reference)
         if ref.is_dir() and (ref / "config.json").exists() and read_manifest(ref) is None:
             # a Hugging Face folder: its f16 GGUF (fp32 ONNX for an ONNX build)
             if not manifest:
                 raise UsageError("a Hugging Face reference needs a build with a manifest")
-            q = "fp32" if manifest.get("format") == "onnx" else "f16"
-            folder = build(BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant=q, source=ref,
-                                        name=f"{manifest['recipe']['name']}-{q}-ref-{ref.name}"), log=log)
-            return folder / read_manifest(folder)["file"]
+            q = REFERENCE_QUANT[manifest.get("format", "gguf")]
+            return _model_file(build(BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant=q, source=ref,
+                                                  name=f"{manifest['recipe']['name']}-{q}-ref-{ref.name}"), log=log))
         rpath, rman = resolve_build(reference)
         return rpath / rman["file"] if rpath.is_dir() else rpath
     if not manifest:
         raise UsageError("no manifest next to this model: pass --reference")
-    ref_quant = "fp32" if manifest.get("format") == "onnx" else "f16"
+    ref_quant = REFERENCE_QUANT[manifest.get("format", "gguf")]
     if manifest.get("quant") == ref_quant:
         return path / manifest["file"]
     src = manifest.get("source", {})
@@ -43,8 +42,11 @@ def resolve_reference(path: Path, manifest: dict | None, reference: str | None, 
     req = BuildRequest(recipe=recipe, quant=ref_quant, synthetic=src.get("kind") == "synthetic",
                        seed=src.get("seed", 0), source=Path(src["path"]) if src.get("kind") == "local" else None,
                        name=f"{manifest['name'].rsplit('-' + manifest['quant'], 1)[0]}-{ref_quant}")
-    folder = build(req, log=log)
-    return folder / (read_manifest(folder) or {}).get("file", "model.gguf")
+    return _model_file(build(req, log=log))
+
+
+def _model_file(folder: Path) -> Path:
+    return folder / read_manifest(folder)["file"]
 
 
 def eval_row(build: str, manifest: dict | None, model: Path, ref: Path | None, text: str, res: dict) -> dict:

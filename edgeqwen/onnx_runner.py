@@ -12,17 +12,21 @@ import psutil
 
 from .errors import RunnerError
 from .measure import physical_cores
-from .runner import DEFAULT_CTX, Response, Sampling, render_chat
+from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
 
 
-def read_chat_template(folder: Path) -> str | None:
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _chat_template(folder: Path, tok_cfg: dict) -> str | None:
+    """chat_template.jinja (newer checkpoints) or tokenizer_config.json's chat_template."""
     if (folder / "chat_template.jinja").exists():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    try:
-        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    tpl = cfg.get("chat_template")
+    tpl = tok_cfg.get("chat_template")
     return tpl if isinstance(tpl, str) else None
 
 
@@ -40,9 +44,10 @@ class OnnxRunner:
         if not (self.folder / "genai_config.json").exists():
             raise RunnerError(f"{self.folder}: no genai_config.json; not an ONNX build folder")
         self.threads = threads or physical_cores()
-        with open(self.folder / "genai_config.json") as f:
-            gcfg = json.load(f)
-        self.n_ctx = min(n_ctx or DEFAULT_CTX, int(gcfg["model"]["context_length"]))
+        train_ctx = _json(self.folder / "genai_config.json").get("model", {}).get("context_length")
+        if not train_ctx:
+            raise RunnerError(f"{self.folder}/genai_config.json is unreadable or has no context_length")
+        self.n_ctx = min(n_ctx or DEFAULT_CTX, int(train_ctx))
         t0 = time.perf_counter()
         try:
             cfg = og.Config(str(self.folder))
@@ -54,10 +59,9 @@ class OnnxRunner:
         except Exception as e:  # genai raises plain RuntimeError/OSError for every load failure
             raise RunnerError(f"{self.folder}: onnxruntime-genai cannot load this build ({e})") from None
         self.load_s = time.perf_counter() - t0
-        self.n_vocab = int(gcfg["model"]["vocab_size"])
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
-        self.chat_template = read_chat_template(self.folder)
         tok_cfg = _json(self.folder / "tokenizer_config.json")
+        self.chat_template = _chat_template(self.folder, tok_cfg)
         eos = tok_cfg.get("eos_token")
         self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
         self.proc = psutil.Process(os.getpid())
@@ -66,6 +70,7 @@ class OnnxRunner:
         self._tokens: list[int] = []  # what the live generator holds (its last token has no KV yet)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
+        # genai's tokenizer always parses special tokens; the bundled eval texts contain none
         return [int(t) for t in self.tokenizer.encode(text)]
 
     def detokenize(self, tokens: list[int]) -> str:
@@ -89,11 +94,7 @@ class OnnxRunner:
             key = (greedy, sampling.temperature, sampling.top_p, sampling.top_k)
         prefix = 0
         if self._gen is not None and key is not None and key == self._key:
-            for a, b in zip(self._tokens[:-1], tokens):
-                if a != b:
-                    break
-                prefix += 1
-            prefix = min(prefix, len(tokens) - 1)
+            prefix = shared_prefix(self._tokens[:-1], tokens)  # the last token has no KV yet
         if prefix > 0:
             self._gen.rewind_to(prefix)
             return self._gen, prefix
@@ -112,50 +113,27 @@ class OnnxRunner:
         return self._gen, 0
 
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
-        if not tokens:
-            raise RunnerError("empty prompt")
-        if len(tokens) >= self.n_ctx:
-            raise RunnerError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
-        max_new = min(sampling.max_tokens, self.n_ctx - len(tokens))
-        peak = self.proc.memory_info().rss
+        max_new = check_prompt(tokens, self.n_ctx, sampling)
         t0 = time.perf_counter()
         gen, prefix = self._generator(tokens, sampling, max_new)
-        self._tokens = list(tokens[:prefix])
-        stream = self.tokenizer.create_stream()
-        n_gen, ttft, t_first, finish = 0, 0.0, 0.0, None
-        try:
-            gen.append_tokens(np.array(tokens[prefix:], dtype=np.int32))
-            self._tokens = list(tokens)
-            while True:
-                gen.generate_next_token()
-                tok = int(gen.get_next_tokens()[0])
-                now = time.perf_counter()
-                if n_gen == 0:
-                    ttft, t_first = now - t0, now
-                n_gen += 1
-                self._tokens.append(tok)
-                if n_gen % 16 == 1:
-                    peak = max(peak, self.proc.memory_info().rss)
-                eog = tok in self.eos_ids and not sampling.ignore_eos
-                if eog:
-                    finish = "stop"
-                elif n_gen >= max_new:
-                    finish = "length"
-                if finish:
-                    peak = max(peak, self.proc.memory_info().rss)
-                text = "" if eog else stream.decode(tok)
-                yield self._response(text, tok, len(tokens), prefix, n_gen, ttft, t_first, now, peak, finish)
-                if finish:
-                    return
-        except KeyboardInterrupt:
-            self._gen = None  # its state is mid-step: never reuse it
-            now = time.perf_counter()
-            yield self._response("", None, len(tokens), prefix, n_gen, ttft, t_first, now, peak, "interrupted")
+        decoder = self.tokenizer.create_stream()
 
-    def _response(self, text, tok, n_prompt, cached, n_gen, ttft, t_first, now, peak, finish) -> Response:
-        dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
-        return Response(text, tok, n_prompt, (n_prompt - cached) / ttft if ttft else 0.0, n_gen, dec, ttft, peak,
-                        finish, {}, cached)
+        def tokens_out():
+            try:
+                gen.append_tokens(np.array(tokens[prefix:], dtype=np.int32))
+                self._tokens = list(tokens)
+                while True:
+                    gen.generate_next_token()
+                    tok = int(gen.get_next_tokens()[0])
+                    self._tokens.append(tok)
+                    yield tok
+            except (KeyboardInterrupt, Exception):  # stopped mid-step: its state is unknown, never reuse it
+                self._gen = None
+                raise
+
+        yield from respond(tokens_out(), t0=t0, n_prompt=len(tokens), cached=prefix, max_new=max_new,
+                           is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
+                           decode=lambda t: "" if t is None else decoder.decode(t), proc=self.proc)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Next-token logits at every position of tokens, from scratch (for eval)."""
@@ -172,10 +150,3 @@ class OnnxRunner:
         self._gen = None
         self.tokenizer = None
         self.model = None
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}

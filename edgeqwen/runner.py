@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -213,67 +213,36 @@ class LlamaRunner:
 
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
         lc, llm = self._lc, self.llm
-        if not tokens:
-            raise RunnerError("empty prompt")
-        if len(tokens) >= self.n_ctx:
-            raise RunnerError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
-        max_new = min(sampling.max_tokens, self.n_ctx - len(tokens))
+        max_new = check_prompt(tokens, self.n_ctx, sampling)
         # Reuse the KV cache for the prefix this prompt shares with the last one (chat turns).
-        prefix = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens):
-            if a != b:
-                break
-            prefix += 1
-        prefix = min(prefix, len(tokens) - 1)
+        prefix = shared_prefix(llm.input_ids[: llm.n_tokens], tokens)
         llm.n_tokens = prefix
         greedy = sampling.temperature <= 0
         smp = self._sampler(sampling)
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         lc.llama_perf_context_reset(llm.ctx)
-        peak = self.proc.memory_info().rss
-        t0 = time.perf_counter()
-        n_gen, ttft, t_first, finish = 0, 0.0, 0.0, None
-        try:
+
+        def tokens_out():
             llm.eval(tokens[prefix:])
             while True:
                 tok = self._argmax() if greedy else smp.sample(llm._ctx, -1)
-                now = time.perf_counter()
-                if n_gen == 0:
-                    ttft, t_first = now - t0, now
-                n_gen += 1
-                if n_gen % 16 == 1:  # RSS moves slowly; reading it every token costs decode speed
-                    peak = max(peak, self.proc.memory_info().rss)
-                eog = lc.llama_vocab_is_eog(vocab, tok) and not sampling.ignore_eos
-                if eog:
-                    finish = "stop"
-                elif n_gen >= max_new:
-                    finish = "length"
-                if finish:
-                    peak = max(peak, self.proc.memory_info().rss)
-                text = "" if eog else decoder.decode(self._piece_bytes(tok))
-                if finish:
-                    text += decoder.decode(b"", final=True)
-                yield self._response(text, tok, len(tokens), prefix, n_gen, ttft, t_first, now, peak, finish)
-                if finish:
-                    return
+                yield tok
                 llm.eval([tok])
-        except KeyboardInterrupt:
-            now = time.perf_counter()
-            yield self._response(decoder.decode(b"", final=True), None, len(tokens), prefix, n_gen, ttft, t_first,
-                                 now, peak, "interrupted")
+
+        try:
+            yield from respond(
+                tokens_out(), t0=time.perf_counter(), n_prompt=len(tokens), cached=prefix, max_new=max_new,
+                is_eog=lambda t: not sampling.ignore_eos and lc.llama_vocab_is_eog(vocab, t),
+                decode=lambda t: decoder.decode(b"", final=True) if t is None else decoder.decode(self._piece_bytes(t)),
+                proc=self.proc, counters=self._counters)
         finally:
             smp.close()
 
-    def _response(self, text, tok, n_prompt, cached, n_gen, ttft, t_first, now, peak, finish) -> Response:
-        dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
-        counters = {}
-        if finish:
-            p = self._lc.llama_perf_context(self.llm.ctx)
-            counters = {"t_prompt_ms": p.t_p_eval_ms, "n_prompt": p.n_p_eval, "t_eval_ms": p.t_eval_ms,
-                        "n_eval": p.n_eval, "load_ms": p.t_load_ms}
-        return Response(text, tok, n_prompt, (n_prompt - cached) / ttft if ttft else 0.0, n_gen, dec, ttft, peak,
-                        finish, counters, cached)
+    def _counters(self) -> dict:
+        p = self._lc.llama_perf_context(self.llm.ctx)
+        return {"t_prompt_ms": p.t_p_eval_ms, "n_prompt": p.n_p_eval, "t_eval_ms": p.t_eval_ms, "n_eval": p.n_eval,
+                "load_ms": p.t_load_ms}
 
     def close(self) -> None:
         self.llm.close()
@@ -297,6 +266,64 @@ def _check_gguf(path: Path) -> None:
         raise RunnerError(f"{path}: truncated GGUF ({info.file_size} bytes; its tensors need more)")
 
 
+# --- what every backend's stream shares -------------------------------------------------------------
+
+def check_prompt(tokens: list[int], n_ctx: int, sampling: Sampling) -> int:
+    """Refuse an empty or too long prompt; returns how many tokens may be generated."""
+    if not tokens:
+        raise RunnerError("empty prompt")
+    if len(tokens) >= n_ctx:
+        raise RunnerError(f"prompt is {len(tokens)} tokens; the context holds {n_ctx}")
+    return min(sampling.max_tokens, n_ctx - len(tokens))
+
+
+def shared_prefix(old: list[int], new: list[int]) -> int:
+    """Leading tokens of new whose KV a backend can keep from old; at least one new token is always evaluated."""
+    n = 0
+    for a, b in zip(old, new):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(new) - 1)
+
+
+def respond(tokens_out: Iterator[int], *, t0: float, n_prompt: int, cached: int, max_new: int,
+            is_eog: Callable[[int], bool], decode: Callable[[int | None], str], proc: psutil.Process,
+            counters: Callable[[], dict] = dict) -> Iterator[Response]:
+    """Time the tokens a backend produces, stop at EOS or max_new, and yield Responses with the measurements.
+
+    tokens_out evaluates the prompt before its first token; decode(None) flushes held-back bytes;
+    counters() gives the backend's own figures once the stream finishes.
+    """
+    peak = proc.memory_info().rss
+    n_gen, ttft, t_first, now = 0, 0.0, 0.0, t0
+
+    def response(text, tok, finish):
+        dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
+        return Response(text, tok, n_prompt, (n_prompt - cached) / ttft if ttft else 0.0, n_gen, dec, ttft, peak,
+                        finish, counters() if finish else {}, cached)
+
+    try:
+        for tok in tokens_out:
+            now = time.perf_counter()
+            if n_gen == 0:
+                ttft, t_first = now - t0, now
+            n_gen += 1
+            if n_gen % 16 == 1:  # RSS moves slowly; reading it every token costs decode speed
+                peak = max(peak, proc.memory_info().rss)
+            eog = is_eog(tok)
+            finish = "stop" if eog else "length" if n_gen >= max_new else None
+            if finish:
+                peak = max(peak, proc.memory_info().rss)
+            text = ("" if eog else decode(tok)) + (decode(None) if finish else "")
+            yield response(text, tok, finish)
+            if finish:
+                return
+    except KeyboardInterrupt:
+        now = time.perf_counter()
+        yield response(decode(None), None, "interrupted")
+
+
 def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = False,
                   system: str | None = None) -> Iterator[Response]:
     """Prompt text -> response stream, with the model's chat template unless raw."""
@@ -310,12 +337,12 @@ def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = F
 
 # --- the build's smoke check, in a child process so a crash in ggml becomes a clear error -------
 
-def smoke_check(model: Path, threads: int | None = None, tokens: int = 8, fmt: str = "gguf") -> dict:
+def smoke_check(model: Path, threads: int | None = None, tokens: int = 8) -> dict:
     cmd = [sys.executable, "-m", "edgeqwen.runner", "smoke", str(model), str(threads or 0), str(tokens)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
-        if fmt == "onnx":
+        if build_format(model, None) == "onnx":
             raise BuildError(f"onnxruntime crashed ({sig}) running {model}")
         raise BuildError(f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
                          "reinstall llama-cpp-python with 'make setup'")

@@ -106,6 +106,21 @@ def tiny_builds(tiny_ckpt) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="session")
+def onnx_builds(tiny_ckpt, tiny_untied_ckpt):
+    """Every ONNX precision of the tiny model (and int4/fp32 of the untied one), through the real build path."""
+    pytest.importorskip("onnxruntime_genai")
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    recipe = get_recipe("tiny-qwen2")
+    out = {q: build(BuildRequest(recipe=recipe, quant=q, source=tiny_ckpt), log=None)
+           for q in ("int4", "int4_rtn", "int8", "fp32")}
+    for q in ("int4", "fp32"):
+        out[f"untied-{q}"] = build(BuildRequest(recipe=recipe, quant=q, source=tiny_untied_ckpt,
+                                                name=f"tiny-untied-{q}"), log=None)
+    return out
+
+
 def run_cli(*args, input=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """The real command in a child process (so crashes and exit codes are real)."""
     e = dict(os.environ)

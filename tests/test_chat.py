@@ -48,3 +48,24 @@ def test_ctrl_c_stops_a_long_reply_and_returns_to_the_prompt(tiny_builds):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_onnx_chat_two_interrupted_turns_then_stats(onnx_builds):
+    child = _spawn(onnx_builds["int4"], "--ctx", "2048", "-n", "1500", "-t", "1.0", "--seed", "1")
+    try:
+        child.expect(">>> ")
+        for line in ("Hello, who are you?", "And now?"):
+            child.sendline(line)
+            child.expect(line.replace("?", "\\?") + "\r\n")  # our line echoed
+            child.expect(r"\S{3,}")  # streaming has started
+            child.sendintr()
+            child.expect("interrupted")
+            child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect("peak RSS")
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
