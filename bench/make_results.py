@@ -56,8 +56,9 @@ def main() -> None:
         "is UNTESTED, whatever the plan predicts.",
         "",
         render_claims(claims),
-        "ONNX build cost (edgeqwen's streamed export vs onnxruntime-genai's builder): "
-        "[ONNX_BUILD-int4.md](ONNX_BUILD-int4.md), from `bench/onnx_build_bench.py`.",
+        "ONNX build cost (edgeqwen's streamed export vs onnxruntime-genai's builder), from "
+        "`bench/onnx_build_bench.py`: "
+        + ", ".join(f"[{p.name}]({p.name})" for p in sorted(HERE.glob("ONNX_BUILD-*.md"))) + ".",
         "",
         "## Plan vs measured peak RAM",
         "",

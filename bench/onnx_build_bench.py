@@ -4,7 +4,7 @@ Synthetic checkpoints with the real shapes (0.5B, 1.5B, 7B); each build in a fre
 its peak RSS the kernel's high-water mark and a 20 ms sampler (see convert_bench.py). The builder
 holds the whole model in memory, so it is skipped where its expected peak (about 5x the bf16
 checkpoint, from the 0.5B and 1.5B runs) exceeds the RAM available. Outputs go to a temporary
-folder and are deleted; the table is printed and written to bench/ONNX_BUILD.md.
+folder and are deleted; the table is printed and written to bench/ONNX_BUILD-<precision>.md.
 
     python bench/onnx_build_bench.py                  # int4 at 0.5b 1.5b 7b
     python bench/onnx_build_bench.py 0.5b --precision int8 --no-builder
@@ -34,6 +34,9 @@ from edgeqwen.measure import human_bytes  # noqa: E402
 from edgeqwen.recipes import get_recipe  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the builder must not wait on a hub it cannot reach
+# The builder's arguments for the same model as each of our precisions.
+BUILDER_ARGS = {"int4": ["-p", "int4", "--extra_options", "algo_config=k_quant_mixed"], "int4_rtn": ["-p", "int4"],
+                "int8": ["-p", "int8"]}
 BUILDER_RSS_PER_CKPT_BYTE = 5  # measured here: 4.3 GiB peak for a 0.92 GiB bf16 0.5B, 11.4 GiB for 2.9 GiB 1.5B
 
 
@@ -44,7 +47,7 @@ def ckpt_bytes(path: Path) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sizes", nargs="*", default=["0.5b", "1.5b", "7b"])
-    ap.add_argument("--precision", default="int4", choices=["int4", "int8"])
+    ap.add_argument("--precision", default="int4", choices=list(BUILDER_ARGS))
     ap.add_argument("--no-builder", action="store_true", help="Measure only edgeqwen's export.")
     ap.add_argument("--tokenizer", type=Path, default=HERE.parent.parent / "shared" / "fixtures" / "qwen2-tokenizer")
     args = ap.parse_args()
@@ -58,7 +61,8 @@ def main():
         tools = [("edgeqwen", [sys.executable, "-m", "edgeqwen.onnx_export", str(ckpt), "{out}", args.precision])]
         if not args.no_builder and has_builder:
             tools.append(("genai builder", [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
-                                            "-o", "{out}", "-p", args.precision, "-e", "cpu", "-c", "{out}/cache"]))
+                                            "-o", "{out}", *BUILDER_ARGS[args.precision], "-e", "cpu", "-c",
+                                            "{out}/cache"]))
         for name, cmd in tools:
             need = BUILDER_RSS_PER_CKPT_BYTE * cb if name != "edgeqwen" else 0
             if need > psutil.virtual_memory().available:

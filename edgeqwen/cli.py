@@ -75,9 +75,11 @@ def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, th
 
     QUANT is any llama.cpp file type by its lower-case name (q4_k_m, q8_0, q6_k, q2_k,
     iq4_nl, f16, bf16, ...; q4 means q4_k_m and q8 means q8_0) for a GGUF build, or
-    int4, int8 or fp32 for an ONNX build run by onnxruntime-genai (block-32 symmetric
-    weights; fp32 is the reference). ONNX builds are written weight by weight, so even
-    7B needs well under 1 GB of RAM to build; set EDGEQWEN_RAM_BUDGET (e.g. 4G) to cap it.
+    int4, int4_rtn, int8 or fp32 for an ONNX build run by onnxruntime-genai (block-32
+    weights; int4 mixes like q4_k_m: k-quant scales, lm_head and the sensitive layers at
+    int8; int4_rtn is plain round-to-nearest everywhere, smaller and less accurate; fp32 is
+    the reference). ONNX builds are written weight by weight, so even 7B needs well under
+    1 GB of RAM to build; set EDGEQWEN_RAM_BUDGET (e.g. 4G) to cap it.
 
     \b
       edgeqwen build 1.5b q4                       # Qwen/Qwen2-1.5B-Instruct from the hub

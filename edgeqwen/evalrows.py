@@ -56,7 +56,8 @@ def eval_row(build: str, manifest: dict | None, model: Path, ref: Path | None, t
            "device": fingerprint(bandwidth=False),
            "build": {"name": m.get("name", model.stem), "quant": m.get("quant"), "format": m.get("format", "gguf"),
                      "recipe": (m.get("recipe") or {}).get("name"), "size": (m.get("recipe") or {}).get("size"),
-                     "synthetic": bool(m.get("synthetic")), "sha256": m.get("sha256")},
+                     "synthetic": bool(m.get("synthetic")), "sha256": m.get("sha256"),
+                     "file_size": m.get("file_size")},
            "reference": str(ref) if ref else None, "text": text, **res}
     row["id"] = hashlib.sha256(f"{row['build']['sha256']}|{text}|{res['ctx']}|{row['time']}".encode()).hexdigest()[:16]
     return row

@@ -38,6 +38,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+ROWS = 32
+
+
 @dataclass
 class ChunkStats:
     """Sums over scored positions, so chunks add up."""
@@ -49,6 +52,11 @@ class ChunkStats:
     kl_values: list | None = None
 
     def add(self, logits: np.ndarray, ref_logits: np.ndarray | None, targets: np.ndarray) -> None:
+        # a slice of rows at a time: float64 [rows, vocab] temporaries of a whole window cost GBs at 150k vocab
+        for i in range(0, len(targets), ROWS):
+            self._add(logits[i:i + ROWS], None if ref_logits is None else ref_logits[i:i + ROWS], targets[i:i + ROWS])
+
+    def _add(self, logits: np.ndarray, ref_logits: np.ndarray | None, targets: np.ndarray) -> None:
         lp = log_softmax(logits)
         idx = np.arange(len(targets))
         self.n += len(targets)

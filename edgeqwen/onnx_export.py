@@ -2,10 +2,11 @@
 
 The graph is the one onnxruntime-genai's model builder writes for Qwen2 on the CPU (fused QKV
 MatMul + bias, GroupQueryAttention with rotary embedding, Skip/SimplifiedLayerNormalization,
-int4/int8 MatMulNBits with accuracy level 4, a tied int4 embedding shared with lm_head through
-GatherBlockQuantized). Unlike the builder it never holds the model: each weight is read from
-memory-mapped safetensors in row blocks, quantized block by block with onnxruntime's own
-kernels and appended to the external-data file, so peak RSS is a few hundred MB at any size
+int4/int8 MatMulNBits with accuracy level 4, a tied embedding read through GatherBlockQuantized),
+quantized as the builder's options would (PRECISIONS). Unlike the builder it never holds the
+model: each weight is read from memory-mapped safetensors in row blocks, quantized block by block
+with onnxruntime's own functions and appended to the external-data file, so peak RSS is a few
+hundred MB at any size
 (fp32, which transposes whole matrices, is the exception and is only a reference).
 """
 from __future__ import annotations
@@ -18,12 +19,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.capi import _pybind_state as ort_c
 
 from .checkpoint import Checkpoint
 from .errors import BuildError
 from .safetensors import Reader, to_f32
 
-PRECISIONS = {"int4": 4, "int8": 8, "fp32": None}
+
+@dataclass(frozen=True)
+class Scheme:
+    """How an ONNX precision quantizes each MatMul (the builder's algo_config and mixed precision, as data)."""
+    bits: int | None  # the body's MatMuls; None = fp32
+    algo: str = "rtn"  # rtn: symmetric round-to-nearest; k_quant: asymmetric, scale and zero point searched per block
+    lm_head: int | None = None  # lm_head bits when they differ from the body's
+    mixed: int | None = None  # bits for the quantization-sensitive MatMuls llama.cpp's Q4_K_M promotes
+
+    def head_bits(self) -> int | None:
+        return self.lm_head or self.bits
+
+
+PRECISIONS = {
+    # int4: the builder's k_quant_mixed, the counterpart of Q4_K_M (lm_head, and qkv/down_proj of
+    # every third layer and the first and last eighth, at int8). int4_rtn: the builder's default,
+    # lm_head included at int4: smaller and faster, but on a real 0.5B worse than q2_k.
+    "int4": Scheme(4, "k_quant", lm_head=8, mixed=8),
+    "int4_rtn": Scheme(4),
+    "int8": Scheme(8),
+    "fp32": Scheme(None),
+}
 BLOCK = 32
 # MatMulNBits with int8 activations; lower levels decode many times slower on CPU.
 ACCURACY_LEVEL = 4
@@ -38,7 +63,11 @@ def output_size(ckpt: Checkpoint, precision: str) -> int:
     """Bytes the model files will take (exact up to alignment padding)."""
     c = ckpt.config
     h, v = int(c["hidden_size"]), int(c["vocab_size"])
-    bits = PRECISIONS[precision]
+    sc = PRECISIONS[precision]
+    bits, zp = sc.bits, sc.algo == "k_quant"
+    promoted = {f"model.layers.{i}.{t}" for i in (promoted_layers(ckpt.n_layers) if sc.mixed else ())
+                for t in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                          "mlp.down_proj.weight")}
     total = 0
     for name, info in ckpt.tensors.items():
         if len(info.shape) == 1:
@@ -47,19 +76,24 @@ def output_size(ckpt: Checkpoint, precision: str) -> int:
             if not (ckpt.tied and bits == 4):
                 total += v * h * 4  # an fp32 table (fp32 tied: lm_head is its transpose)
             if ckpt.tied and bits is not None:
-                total += _matrix_bytes(v, h, bits)
+                total += _matrix_bytes(v, h, sc.head_bits(), zp)
+            if ckpt.tied and bits == 4 and (sc.head_bits() != 4 or zp):
+                total += _matrix_bytes(v, h, 4, False)  # the embedding's own int4 table
+        elif name == "lm_head.weight":
+            total += _matrix_bytes(v, h, sc.head_bits(), zp)
         else:
-            total += _matrix_bytes(info.shape[0], info.shape[1], bits)
+            total += _matrix_bytes(info.shape[0], info.shape[1], sc.mixed if name in promoted else bits, zp)
     head = h // int(c["num_attention_heads"])
     total += 2 * int(c["max_position_embeddings"]) * head // 2 * 4
-    return total + ALIGN * 8 * (ckpt.n_layers + 4)
+    return total + ALIGN * (20 * ckpt.n_layers + 12)  # page padding: at most 20 tensors a layer, 12 others
 
 
-def _matrix_bytes(n: int, k: int, bits: int | None) -> int:
+def _matrix_bytes(n: int, k: int, bits: int | None, zero_points: bool = False) -> int:
     if bits is None:
         return n * k * 4
     blocks = -(-k // BLOCK)
-    return n * blocks * (BLOCK * bits // 8) + n * blocks * 4
+    zp = n * -(-blocks * bits // 8) if zero_points else 0
+    return n * blocks * (BLOCK * bits // 8) + n * blocks * 4 + zp
 
 
 def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
@@ -67,10 +101,14 @@ def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
     c = ckpt.config
     h, v = int(c["hidden_size"]), int(c["vocab_size"])
     base = 400 << 20
-    if PRECISIONS[precision] is None:  # whole fp32 matrices are transposed in memory
+    sc = PRECISIONS[precision]
+    if sc.bits is None:  # whole fp32 matrices are transposed in memory
         biggest = max(info.n_elements for info in ckpt.tensors.values())
         return base + 3 * biggest * 4
-    return base + v * (h // BLOCK) * 4  # the lm_head scales are gathered before they are written
+    if sc.algo == "k_quant":
+        from .measure import physical_cores
+        base += KQUANT_ELEMENTS * 4 * 24 * physical_cores()  # the search's temporaries, one set per thread
+    return base + v * (h // BLOCK) * 5  # the lm_head scales (and zero points) are gathered before they are written
 
 
 class _DataFile:
@@ -81,8 +119,7 @@ class _DataFile:
         self.f = open(path, "wb")
         self.on_bytes = on_bytes
 
-    def add(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]):
-        from onnx import TensorProto, helper
+    def add(self, name: str, dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> TensorProto:
         pos = self.f.tell()
         if pos % ALIGN:
             self.f.write(b"\0" * (ALIGN - pos % ALIGN))
@@ -124,9 +161,11 @@ class _Weights:
         return np.concatenate(list(self.rows(name)), axis=0)
 
 
-def _quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n, K] fp32 -> MatMulNBits blobs [n, K/32, 32*bits/8] and scales [n, K/32], symmetric RTN."""
-    from onnxruntime.capi import _pybind_state as ort_c
+def _quantize_rows(w: np.ndarray, bits: int, algo: str = "rtn") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[n, K] fp32 -> MatMulNBits blobs [n, K/32, 32*bits/8], scales [n, K/32] and packed zero points (None
+    when symmetric)."""
+    if algo == "k_quant":
+        return _kquant_rows(w, bits)
     n, k = w.shape
     blocks = -(-k // BLOCK)
     wt = np.ascontiguousarray(w.T)  # the kernels take the MatMul's [K, N] layout
@@ -137,56 +176,116 @@ def _quantize_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     zp = np.zeros((n, (blocks + 8 // bits - 1) // (8 // bits)), dtype=np.uint8)
     fn = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
     fn(packed, wt, scales, zp, BLOCK, n, k, True)
-    return packed, scales
+    return packed, scales, None
+
+
+KQUANT_ELEMENTS = 1 << 21  # rows are k-quantized this many weights at a time: its search makes ~10 temporaries
+
+
+def _kquant_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """onnxruntime's k_quant (llama.cpp's make_qkx search for each block's scale and minimum), packed as the
+    builder packs it: low nibble first, zero points two to a byte along the row."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+    n, k = w.shape
+    blocks = -(-k // BLOCK)
+    if blocks * BLOCK != k:
+        w = np.pad(w, ((0, 0), (0, blocks * BLOCK - k)))
+    step = max(1, KQUANT_ELEMENTS // (blocks * BLOCK))
+
+    def one(r: int):
+        q, sc, zp = quant_tensor_k_quant_cpu(w[r:r + step], bits, BLOCK)
+        rows = min(step, n - r)
+        return (q.astype(np.uint8).reshape(rows, blocks, BLOCK), sc.astype(np.float32).reshape(rows, blocks),
+                zp.astype(np.uint8).reshape(rows, blocks))
+    # numpy drops the GIL inside each operation, so threads share the search across cores
+    parts = list(_pool().map(one, range(0, n, step)))
+    q, zp = np.concatenate([p[0] for p in parts]), np.concatenate([p[2] for p in parts])
+    if bits == 4:
+        q = q[..., ::2] | (q[..., 1::2] << 4)
+        if blocks % 2:
+            zp = np.pad(zp, ((0, 0), (0, 1)), constant_values=8)
+        zp = zp[:, ::2] | (zp[:, 1::2] << 4)
+    return q, np.concatenate([p[1] for p in parts]), zp
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .measure import physical_cores
+        _POOL = ThreadPoolExecutor(max_workers=physical_cores())
+    return _POOL
 
 
 class _Graph:
-    def __init__(self, data: _DataFile):
-        self.nodes, self.inits, self.data = [], [], data
-        self.consts: dict[str, str] = {}
+    """Nodes and initializers; weights come from the checkpoint and go straight to the data file."""
+
+    def __init__(self, data: _DataFile, w: _Weights):
+        self.nodes, self.inits, self.data, self.w = [], [], data, w
+        self.consts: set[str] = set()
 
     def node(self, op: str, inputs: list[str], name: str, n_out: int = 1, domain: str = "",
              outputs: list[str] | None = None, **attrs) -> list[str]:
-        from onnx import helper
         outs = outputs or [f"{name}/output_{i}" for i in range(n_out)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
         return outs
 
     def const(self, value) -> str:
-        from onnx import numpy_helper
         arr = np.array(value, dtype=np.int64)
         key = f"/constants/INT64/{arr.tolist()}"
         if key not in self.consts:
             self.inits.append(numpy_helper.from_array(arr, key))
-            self.consts[key] = key
+            self.consts.add(key)
         return key
 
     def tensor(self, name: str, dtype, shape, chunks) -> str:
         self.inits.append(self.data.add(name, dtype, tuple(shape), chunks))
         return name
 
-    def matmul(self, x: str, name: str, sources: list[str], k: int, bits: int | None, w: _Weights,
-               out: str | None = None) -> str:
-        """x @ concat(sources).T, as MatMulNBits (blobs streamed, scales after) or a plain fp32 MatMul."""
-        n = sum(w.reader.tensors[s].shape[0] for s in sources)
-        if bits is None:
-            mat = np.concatenate([w.full(s) for s in sources], axis=0).T
-            wname = self.tensor(f"{name}.MatMul.weight", np.float32, (k, n), [mat])
-            del mat
-            return self.node("MatMul", [x, wname], f"/{name}/MatMul", outputs=[out] if out else None)[0]
+    def quantized(self, base: str, sources: list[str], k: int, bits: int, algo: str = "rtn") -> tuple:
+        """concat(sources) as MatMulNBits blobs (streamed), scales and zero points (written after), named
+        base + the builder's suffixes; returns (blobs, scales, zero points or "", N, bits)."""
+        n = sum(self.w.reader.tensors[s].shape[0] for s in sources)
         blocks = -(-k // BLOCK)
         scales: list[np.ndarray] = []
+        zps: list[np.ndarray] = []
 
         def blobs():
             for s in sources:
-                for rows in w.rows(s):
-                    packed, sc = _quantize_rows(rows, bits)
+                for rows in self.w.rows(s):
+                    packed, sc, zp = _quantize_rows(rows, bits, algo)
                     scales.append(sc)
+                    if zp is not None:
+                        zps.append(zp)
                     yield packed
-        q = self.tensor(f"{name}.MatMul.weight_Q{bits}", np.uint8, (n, blocks, BLOCK * bits // 8), blobs())
-        s = self.tensor(f"{name}.MatMul.weight_scales", np.float32, (n, blocks), scales)
-        return self.node("MatMulNBits", [x, q, s], f"/{name}/MatMul_Q{bits}", domain=MS, K=k, N=n, bits=bits,
-                         block_size=BLOCK, accuracy_level=ACCURACY_LEVEL, outputs=[out] if out else None)[0]
+        # the builder's initializer names for each algorithm, so graphs stay comparable
+        suffix = f"_Q{bits}" if algo == "rtn" else f"_Q{bits}G{BLOCK}"
+        q = self.tensor(f"{base}{suffix}", np.uint8, (n, blocks, BLOCK * bits // 8), blobs())
+        s = self.tensor(f"{base}_scale{'s' if algo == 'rtn' else ''}", np.float32, (n, blocks), scales)
+        zp = ""
+        if zps:
+            zp = self.tensor(f"{base}_zp", np.uint8, (n, zps[0].shape[1]), zps)
+        return q, s, zp, n, bits
+
+    def nbits(self, x: str, weight: tuple, name: str, k: int, out: str | None = None) -> str:
+        q, s, zp, n, bits = weight
+        return self.node("MatMulNBits", [x, q, s] + ([zp] if zp else []), f"/{name}/MatMul_Q{bits}", domain=MS,
+                         K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL,
+                         outputs=[out] if out else None)[0]
+
+    def matmul(self, x: str, name: str, sources: list[str], k: int, bits: int | None, algo: str = "rtn",
+               out: str | None = None) -> str:
+        """x @ concat(sources).T: MatMulNBits, or a plain fp32 MatMul when bits is None."""
+        if bits is not None:
+            return self.nbits(x, self.quantized(f"{name}.MatMul.weight", sources, k, bits, algo), name, k, out)
+        mat = np.concatenate([self.w.full(s) for s in sources], axis=0).T
+        wname = self.tensor(f"{name}.MatMul.weight", np.float32, mat.shape, [mat])
+        del mat
+        return self.node("MatMul", [x, wname], f"/{name}/MatMul", outputs=[out] if out else None)[0]
 
 
 def _rope_cache(config: dict, head: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +295,13 @@ def _rope_cache(config: dict, head: int) -> tuple[np.ndarray, np.ndarray]:
     t = np.arange(int(config["max_position_embeddings"]), dtype=np.float32)
     freqs = np.outer(t, inv).astype(np.float32)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def promoted_layers(n_layers: int) -> set[int]:
+    """Layers whose qkv and down_proj a mixed scheme keeps at higher precision: llama.cpp's Q4_K_M choice
+    (first and last eighth, and every third layer between), as the builder's mixed_layers applies it."""
+    eighth = n_layers / 8
+    return {i for i in range(n_layers) if i < eighth or i >= 7 * eighth or (i - round(eighth)) % 3 == 2}
 
 
 def _check_supported(ckpt: Checkpoint) -> None:
@@ -209,12 +315,11 @@ def _check_supported(ckpt: Checkpoint) -> None:
 
 def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[int], None] | None = None) -> dict:
     """Write model.onnx, model.onnx.data, genai_config.json and the tokenizer into out_dir."""
-    import onnx
-    from onnx import TensorProto, helper
     if precision not in PRECISIONS:
         raise BuildError(f"ONNX precisions are {', '.join(PRECISIONS)}, not {precision}")
     _check_supported(ckpt)
-    bits = PRECISIONS[precision]
+    scheme = PRECISIONS[precision]
+    bits, algo = scheme.bits, scheme.algo
     c = ckpt.config
     hidden, vocab, n_layers = int(c["hidden_size"]), int(c["vocab_size"]), ckpt.n_layers
     n_heads, n_kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
@@ -224,7 +329,7 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
     data = _DataFile(out_dir / DATA_FILE, progress)
     reader = ckpt.reader()
     w = _Weights(reader)
-    g = _Graph(data)
+    g = _Graph(data, w)
     try:
         # Attention-mask bookkeeping GroupQueryAttention wants: per-row lengths - 1, and the total length.
         msum = g.node("ReduceSum", ["attention_mask", g.const([1])], "/mask/ReduceSum", keepdims=0)[0]
@@ -238,10 +343,17 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
         del cos, sin
 
         lm_src = "model.embed_tokens.weight" if ckpt.tied else "lm_head.weight"
-        shared = ckpt.tied and bits == 4
-        if shared:
-            # lm_head's int4 blobs double as the embedding table (as the builder does for tied models).
-            lm_q = None
+        shared = ckpt.tied and bits == 4 and scheme.head_bits() == 4 and algo == "rtn"
+        if ckpt.tied and bits == 4:
+            # A tied int4 embedding is read through GatherBlockQuantized (int4 only). With an int4 lm_head the
+            # table is lm_head's own blobs (as the builder does), so lm_head is written first.
+            emb_q = g.quantized("lm_head.MatMul.weight" if shared else "model.embed_tokens.weight", [lm_src], hidden, 4)
+            lm_q = emb_q if shared else None
+            resh = g.node("Reshape", [emb_q[0], g.const([vocab, -(-hidden // BLOCK) * BLOCK // 2])],
+                          "/model/embed_tokens/Reshape")[0]
+            x = g.node("GatherBlockQuantized", [resh, "input_ids", emb_q[1]],
+                       "/model/embed_tokens/GatherBlockQuantized", domain=MS, bits=4, block_size=BLOCK, gather_axis=0,
+                       quantize_axis=1)[0]
         else:
             emb = g.tensor("model.embed_tokens.weight", np.float32, (vocab, hidden),
                            w.rows("model.embed_tokens.weight"))
@@ -250,18 +362,12 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
         def norm_w(name):
             return g.tensor(name, np.float32, ckpt.tensors[name].shape, w.rows(name))
 
-        if shared:
-            # The embedding needs the lm_head blobs, so lm_head is written first.
-            lm_q = _tied_int4_head(g, w, lm_src, hidden, vocab)
-            resh = g.node("Reshape", [lm_q[0], g.const([vocab, -(-hidden // BLOCK) * BLOCK // 2])],
-                          "/model/embed_tokens/Reshape")[0]
-            x = g.node("GatherBlockQuantized", [resh, "input_ids", lm_q[1]], "/model/embed_tokens/GatherBlockQuantized",
-                       domain=MS, bits=4, block_size=BLOCK, gather_axis=0, quantize_axis=1)[0]
-
         residual, pending = x, None
         inputs, outputs = [], []
+        promoted = promoted_layers(n_layers) if scheme.mixed else set()
         for i in range(n_layers):
             p = f"model.layers.{i}"
+            sensitive = scheme.mixed if i in promoted else bits  # qkv and down_proj
             w_in = norm_w(f"{p}.input_layernorm.weight")
             if pending is None:
                 h = g.node("SimplifiedLayerNormalization", [residual, w_in], f"/{p}/input_layernorm", axis=-1,
@@ -271,7 +377,7 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
                            n_out=4, domain=MS, epsilon=eps)
                 h, residual = o[0], o[3]
             a = f"{p}.self_attn"
-            qkv = g.matmul(h, f"{p}.attn.qkv_proj", [f"{a}.{t}_proj.weight" for t in "qkv"], hidden, bits, w)
+            qkv = g.matmul(h, f"{p}.attn.qkv_proj", [f"{a}.{t}_proj.weight" for t in "qkv"], hidden, sensitive, algo)
             bias = g.tensor(f"{p}.attn.qkv_proj.Add.bias", np.float32, ((n_heads + 2 * n_kv) * head,),
                             (np.concatenate([w.full(f"{a}.{t}_proj.bias").ravel() for t in "qkv"]),))
             qkv = g.node("Add", [qkv, bias], f"/{p}/attn/qkv_proj/Add")[0]
@@ -283,29 +389,28 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
                          outputs=[f"/{p}/attn/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
                          num_heads=n_heads, kv_num_heads=n_kv, scale=1.0 / math.sqrt(head), local_window_size=-1,
                          softcap=0.0, do_rotary=1, rotary_interleaved=0)[0]
-            attn = g.matmul(ctx, f"{p}.attn.o_proj", [f"{a}.o_proj.weight"], n_heads * head, bits, w)
+            attn = g.matmul(ctx, f"{p}.attn.o_proj", [f"{a}.o_proj.weight"], n_heads * head, bits, algo)
             w_post = norm_w(f"{p}.post_attention_layernorm.weight")
             o = g.node("SkipSimplifiedLayerNormalization", [residual, attn, w_post], f"/{p}/post_attention_layernorm",
                        n_out=4, domain=MS, epsilon=eps)
             h, residual = o[0], o[3]
             m = f"{p}.mlp"
-            gate = g.matmul(h, f"{m}.gate_proj", [f"{m}.gate_proj.weight"], hidden, bits, w)
-            up = g.matmul(h, f"{m}.up_proj", [f"{m}.up_proj.weight"], hidden, bits, w)
+            gate = g.matmul(h, f"{m}.gate_proj", [f"{m}.gate_proj.weight"], hidden, bits, algo)
+            up = g.matmul(h, f"{m}.up_proj", [f"{m}.up_proj.weight"], hidden, bits, algo)
             act = g.node("Mul", [gate, g.node("Sigmoid", [gate], f"/{m}/act/Sigmoid")[0]], f"/{m}/act/Mul")[0]
             prod = g.node("Mul", [act, up], f"/{m}/Mul")[0]
             inter = ckpt.tensors[f"{m}.down_proj.weight"].shape[1]
-            pending = g.matmul(prod, f"{m}.down_proj", [f"{m}.down_proj.weight"], inter, bits, w)
+            pending = g.matmul(prod, f"{m}.down_proj", [f"{m}.down_proj.weight"], inter, sensitive, algo)
 
         o = g.node("SkipSimplifiedLayerNormalization", [residual, pending, norm_w("model.norm.weight")],
                    "/model/norm", n_out=4, domain=MS, epsilon=eps)
         if shared:
-            g.node("MatMulNBits", [o[0], lm_q[0], lm_q[1]], "/lm_head/MatMul_Q4", domain=MS, outputs=["logits"],
-                   K=hidden, N=vocab, bits=4, block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
+            g.nbits(o[0], lm_q, "lm_head", hidden, out="logits")
         elif bits is None and ckpt.tied:
             wt = g.node("Transpose", ["model.embed_tokens.weight"], "/lm_head/Transpose", perm=[1, 0])[0]
             g.node("MatMul", [o[0], wt], "/lm_head/MatMul", outputs=["logits"])
         else:
-            g.matmul(o[0], "lm_head", [lm_src], hidden, bits, w, out="logits")
+            g.matmul(o[0], "lm_head", [lm_src], hidden, scheme.head_bits(), algo, out="logits")
     finally:
         reader.close()
         data.close()
@@ -327,20 +432,6 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
     copy_tokenizer(ckpt.path, out_dir)
     return {"nodes": len(g.nodes), "initializers": len(g.inits),
             "bytes": (out_dir / "model.onnx").stat().st_size + (out_dir / DATA_FILE).stat().st_size}
-
-
-def _tied_int4_head(g: _Graph, w: _Weights, src: str, hidden: int, vocab: int) -> tuple[str, str]:
-    blocks = -(-hidden // BLOCK)
-    scales: list[np.ndarray] = []
-
-    def blobs():
-        for rows in w.rows(src):
-            packed, sc = _quantize_rows(rows, 4)
-            scales.append(sc)
-            yield packed
-    q = g.tensor("lm_head.MatMul.weight_Q4", np.uint8, (vocab, blocks, BLOCK // 2), blobs())
-    s = g.tensor("lm_head.MatMul.weight_scales", np.float32, (vocab, blocks), scales)
-    return q, s
 
 
 def write_genai_config(ckpt: Checkpoint, out_dir: Path) -> None:

@@ -33,9 +33,12 @@ CONVERTER_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantiz
 NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
 # Meaningless for a dense model.
 NOT_FOR_DENSE = {"mxfp4_moe"}
-# ONNX precisions (onnxruntime-genai decoders): block-32 symmetric int4/int8 weights, fp32 the reference.
-ONNX_QUANTS = ("int4", "int8", "fp32")
+# ONNX precisions (onnxruntime-genai decoders, block-32 weights; onnx_export.PRECISIONS says how each
+# quantizes): int4 is the Q4_K_M-like mix, int4_rtn the builder's plain default, fp32 the reference.
+ONNX_QUANTS = ("int4", "int4_rtn", "int8", "fp32")
 FORMATS = ("gguf", "onnx")
+# What eval compares a build against: the unquantized build of the same format.
+REFERENCE_QUANT = {"gguf": "f16", "onnx": "fp32"}
 # The short names every recipe ships with; a recipe's [aliases] may add more.
 DEFAULT_ALIASES = {"q4": "q4_k_m", "q8": "q8_0"}
 

@@ -146,20 +146,41 @@ def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
 
 
 def render_quality(rows: list[dict], fmt: str = "md") -> str:
-    """Every build's latest eval per text, bench rows or not."""
-    head = ["build", "text", "tokens", "PPL", "reference PPL", "KL mean", "KL p99", "top-1"]
+    """Every build's latest eval per text, bench rows or not: one line per build, a group of columns per
+    text, least KL first so the ordering of quants can be read down the table."""
+    q = quality_index(rows)
+    texts = sorted({t for per in q.values() for t in per}, key=lambda t: (t not in ("en", "zh"), t))
+    sizes = {r["build"]["name"]: r["build"].get("file_size") for r in rows if r.get("kind") == "bench"}
+    head = ["build", "format", "file MiB"] + [c for t in texts for c in (f"PPL {t} (ref)", f"KL {t} (p99)",
+                                                                          f"top-1 {t}")]
+
+    def mean_kl(per):
+        kls = [r["kl_mean"] for r in per.values() if "kl_mean" in r]
+        return sum(kls) / len(kls) if kls else float("inf")
     body = []
-    for name, texts in sorted(quality_index(rows).items()):
-        for text, r in sorted(texts.items()):
-            body.append([name + (" (synthetic)" if r["build"].get("synthetic") else ""), text,
-                         str(r["tokens_scored"]), f"{r['ppl']:.3f}", f"{r.get('ref_ppl', 0):.3f}",
-                         f"{r.get('kl_mean', 0):.5f}", f"{r.get('kl_p99', 0):.4f}", f"{100 * r.get('top1', 0):.1f}%"])
+    for name, per in sorted(q.items(), key=lambda kv: (mean_kl(kv[1]), kv[0])):
+        b = next(iter(per.values()))["build"]
+        size = b.get("file_size") or sizes.get(name)
+        row = [name + (" (synthetic)" if b.get("synthetic") else ""), b.get("format") or "gguf",
+               f"{size / 2**20:.0f}" if size else "-"]
+        for t in texts:
+            r = per.get(t)
+            if r is None:
+                row += ["-", "-", "-"]
+                continue
+            ref = f" ({r['ref_ppl']:.3f})" if "ref_ppl" in r else ""
+            kl = f"{r['kl_mean']:.4f} ({r['kl_p99']:.3f})" if "kl_mean" in r else "-"
+            row += [f"{r['ppl']:.3f}{ref}", kl, f"{100 * r['top1']:.1f}%" if "top1" in r else "-"]
+        body.append(row)
     if fmt == "csv":
         return "\n".join(",".join(x) for x in [head] + body)
     if fmt == "html":
         return "<h3>Quality</h3><table>" + "".join(
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in [head] + body) + "</table>"
-    return "\n".join(["### Quality (eval rows)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    scored = sorted({f"{t} {r['tokens_scored']}" for per in q.values() for t, r in per.items()})
+    return "\n".join(["### Quality (eval rows)", "",
+                      f"Tokens scored per text: {', '.join(scored)}. KL is KL(reference || build) in nats per token.",
+                      "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(row) + " |" for row in body])
 
 

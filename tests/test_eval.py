@@ -28,9 +28,9 @@ def test_metrics_match_an_independent_computation():
     stats = ChunkStats()
     all_l, all_r, all_t = [], [], []
     for _ in range(3):  # sums over chunks add up
-        ref = rng.normal(size=(20, 50)).astype(np.float32) * 3
+        ref = rng.normal(size=(70, 50)).astype(np.float32) * 3  # more rows than ChunkStats takes at a time
         logits = ref + rng.normal(size=ref.shape).astype(np.float32)
-        targets = rng.integers(0, 50, size=20)
+        targets = rng.integers(0, 50, size=70)
         stats.add(logits, ref, targets)
         all_l.append(logits), all_r.append(ref), all_t.append(targets)
     got = stats.result()
@@ -72,3 +72,80 @@ def test_quantized_build_against_its_f16_reference(tiny_builds, tmp_path):
         assert "tiny-qwen2-f16" in x["reference"]
     t = run_cli("table", out)
     assert t.returncode == 0 and "Quality" in t.stdout and "tiny-qwen2-q4_0" in t.stdout
+
+
+def _numpy_metrics(windows_logits, windows_ref, windows_tokens, ctx):
+    """PPL, KL(ref || build) and top-1 from raw logits, scoring the second half of each window."""
+    def logp(x):
+        x = np.asarray(x, dtype=np.float64)
+        return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+    nll, kl, top1, n = 0.0, 0.0, 0, 0
+    for lo, re_, toks in zip(windows_logits, windows_ref, windows_tokens):
+        pos = np.arange(ctx // 2, ctx - 1)  # position p predicts token p + 1
+        lb, lr = logp(lo[pos]), logp(re_[pos])
+        nll -= lb[np.arange(len(pos)), np.asarray(toks)[pos + 1]].sum()
+        kl += (np.exp(lr) * (lr - lb)).sum()
+        top1 += int((lb.argmax(-1) == lr.argmax(-1)).sum())
+        n += len(pos)
+    return {"ppl": math.exp(nll / n), "kl_mean": kl / n, "top1": top1 / n, "tokens_scored": n}
+
+
+def _llama_logits(model, tokens):
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=len(tokens), n_batch=len(tokens), logits_all=True,
+                          verbose=False)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)])
+    llm.close()
+    return out
+
+
+def test_eval_of_a_gguf_build_matches_numpy_on_llama_cpp_logits(tiny_builds):
+    """The whole command (windows, targets, reference) against logits taken from llama.cpp directly."""
+    import llama_cpp
+    ctx = 128
+    r = run_cli("eval", tiny_builds["q4_0"], "--text", "en", "--ctx", ctx, "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    vocab_llm = llama_cpp.Llama(model_path=str(tiny_builds["f16"] / "model.gguf"), vocab_only=True, verbose=False)
+    toks = vocab_llm.tokenize(load_text("en")[1].encode(), add_bos=False, special=False)
+    wins = [toks[i:i + ctx] for i in range(0, len(toks) - ctx + 1, ctx)]
+    got = [_llama_logits(tiny_builds["q4_0"] / "model.gguf", w) for w in wins]
+    ref = [_llama_logits(tiny_builds["f16"] / "model.gguf", w) for w in wins]
+    want = _numpy_metrics(got, ref, wins, ctx)
+    assert row["tokens_scored"] == want["tokens_scored"] == len(wins) * (ctx // 2 - 1)
+    assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+    assert row["kl_mean"] == pytest.approx(want["kl_mean"], rel=1e-3) and row["kl_mean"] > 0
+    assert row["top1"] == pytest.approx(want["top1"], abs=1.5 / want["tokens_scored"])
+
+
+def _ort_logits(folder, tokens):
+    """Logits from the ONNX graph through plain onnxruntime (no genai): empty past, one pass."""
+    import onnxruntime as ort
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    s = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([tokens], dtype=np.int64), "attention_mask": np.ones((1, len(tokens)), np.int64)}
+    for i in range(cfg["num_hidden_layers"]):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_size"]),
+                                                         np.float32)
+    return s.run(["logits"], feed)[0][0]
+
+
+def test_eval_of_an_onnx_build_matches_numpy_on_onnxruntime_logits(onnx_builds):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer
+    ctx = 128
+    r = run_cli("eval", onnx_builds["int4"], "--text", "zh", "--ctx", ctx, "--json")  # reference: the fp32 build
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    toks = Tokenizer.from_file(str(onnx_builds["fp32"] / "tokenizer.json")).encode(
+        load_text("zh")[1], add_special_tokens=False).ids
+    wins = [toks[i:i + ctx] for i in range(0, len(toks) - ctx + 1, ctx)]
+    got = [_ort_logits(onnx_builds["int4"], w) for w in wins]
+    ref = [_ort_logits(onnx_builds["fp32"], w) for w in wins]
+    want = _numpy_metrics(got, ref, wins, ctx)
+    assert row["tokens_scored"] == want["tokens_scored"]
+    assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-3)
+    assert row["kl_mean"] == pytest.approx(want["kl_mean"], rel=1e-2) and row["kl_mean"] > 0
+    assert row["top1"] == pytest.approx(want["top1"], abs=2.5 / want["tokens_scored"])
