@@ -313,12 +313,14 @@ def table(files, fmt, plot, claims, devices):
 def plan_cmd(size, quant, ctx, device, devices):
     """Predict file size, peak RAM and decode speed of SIZE as QUANT, and whether it fits a device.
 
-    SIZE is a recipe size (0.5b, 1.5b, 7b) or 72b / 57b-a14b, by arithmetic.
+    SIZE is a recipe size (0.5b, 1.5b, 7b) or 72b / 57b-a14b, by arithmetic. Without --device
+    it plans for this machine's CPU (on AMX CPUs llama.cpp keeps more repacked weights).
 
     \b
       edgeqwen plan 7b q4 --ctx 32768 --device x86-laptop-ddr5-16gb
     """
     from .errors import UsageError
+    from .hw import fingerprint
     from .plan import describe, load_devices, plan
     devs = load_devices(devices) if device else {}
     if device == "list":
@@ -327,7 +329,8 @@ def plan_cmd(size, quant, ctx, device, devices):
         return
     if device and device not in devs:
         raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
-    p = plan(size, quant, ctx=ctx)
+    amx = bool(devs.get(device, {}).get("amx")) if device else "amx_int8" in fingerprint(bandwidth=False)["isa"]
+    p = plan(size, quant, ctx=ctx, amx=amx)
     click.echo(describe(p, device, devs.get(device)))
 
 
@@ -359,7 +362,8 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
     for spec in texts:
         label, text = load_text(spec)
         def progress(i, n, label=label):
-            click.echo(f"\reval {label}: window {i}/{n}", err=True, nl=i == n)
+            done = 24 * i // n
+            click.echo(f"\reval {label} [{'#' * done}{'.' * (24 - done)}] window {i}/{n}", err=True, nl=i == n)
         res = evaluate(model, text, ctx, reference=ref, progress=progress)
         row = eval_row(build, manifest, model_file, ref_file, label, res)
         if out:

@@ -133,6 +133,8 @@ def evaluate(model: LogitModel, text: str, ctx: int = 512, reference: LogitModel
     tokens = model.tokenize(text)
     if reference is not None and reference.tokenize(text) != tokens:
         raise UsageError("the build and its reference tokenize the text differently; not comparable")
+    # A build against itself runs every window twice on purpose: KL 0 then shows that a pass leaves
+    # nothing behind (KV cache, batch state) that changes the next.
     chunks = list(windows(tokens, ctx))
     if not chunks:
         raise UsageError(f"the text is {len(tokens)} tokens; --ctx {ctx} needs at least that many")

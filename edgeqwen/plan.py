@@ -36,6 +36,9 @@ FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q4_K: T.Q5
 # original stays resident too, so these weights count twice (seen in bench rows: q4_0 vs q8_0).
 # token_embd is only gathered from, never repacked.
 REPACKED = {T.Q4_0, T.Q4_K, T.IQ4_NL}
+# On CPUs with AMX-INT8 (Sapphire Rapids and newer) the AMX buffer type repacks these as well, every
+# matrix but token_embd, output included (its load log: "amx repack tensor output.weight of type q8_0").
+REPACKED_AMX = {T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS}
 # Python, the llama.cpp libraries and their vocabulary tables; with COMPUTE_TOUCHED, fitted to
 # bench rows of 0.5B, 1.5B and 7B on x86 (residual RSS after weights and KV: 144, 167, 207 MiB).
 RUNTIME_BYTES = 118 << 20
@@ -140,10 +143,12 @@ def model_config(size: str) -> dict:
     return get_recipe(key).hf_config()
 
 
-def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None) -> Plan:
+def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None,
+         amx: bool = False) -> Plan:
     """Predict a build of `size` (a recipe size or one of EXTRA_MODELS) as `quant`.
 
-    config overrides the recipe's shape (a build's manifest records its checkpoint's own).
+    config overrides the recipe's shape (a build's manifest records its checkpoint's own); amx: the CPU
+    has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types.
     """
     from .recipes import get_recipe
     cfg = model_config(size)
@@ -156,7 +161,8 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
     tensors = tensor_types(cfg, quant)
     weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
-    repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if t in REPACKED and name != "token_embd")
+    repacked = REPACKED | REPACKED_AMX if amx else REPACKED
+    repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if t in repacked and name != "token_embd")
     h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
     hd = h // cfg["num_attention_heads"]
     kv_pos = 2 * n * cfg["num_key_value_heads"] * hd * 2  # K and V, f16
@@ -231,7 +237,7 @@ def predicted_rss_for_row(row: dict) -> int | None:
         return None
     try:
         return plan(size, quant, ctx=row.get("n_ctx") or 4096, prompt_tokens=row.get("prompt_tokens", 512),
-                    config=b.get("config")).peak_ram
+                    config=b.get("config"), amx="amx_int8" in row.get("device", {}).get("isa", [])).peak_ram
     except Exception:
         return None
 

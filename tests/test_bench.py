@@ -178,3 +178,16 @@ def test_hw_fingerprint_cli():
     assert {"cpu", "arch", "isa", "device", "physical_cores", "logical_cores", "ram_total", "os", "versions",
             "device_id"} <= set(fp)
     assert fp["physical_cores"] >= 1 and fp["ram_total"] > 2**30 and fp["versions"]["edgeqwen"]
+
+
+def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():
+    """llama.cpp's AMX buffer type keeps a repacked copy of every Q8_0/K-quant matrix but token_embd."""
+    from edgeqwen.plan import nbytes, tensor_types
+    from edgeqwen.recipes import get_recipe
+    cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
+    q8 = [(name, ne, t) for name, _, ne, t in tensor_types(cfg, "q8_0")]
+    want = sum(nbytes(ne, t) for name, ne, t in q8 if t.name == "Q8_0" and name != "token_embd")
+    assert want > 0 and any(name == "output" and t.name == "Q8_0" for name, _, t in q8)
+    assert plan("0.5b", "q8_0", config=cfg).repack_bytes == 0  # no AVX2 repack for Q8_0
+    assert plan("0.5b", "q8_0", config=cfg, amx=True).repack_bytes == want
+    assert plan("0.5b", "f16", config=cfg, amx=True).repack_bytes == 0
