@@ -190,4 +190,7 @@ def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():
     assert want > 0 and any(name == "output" and t.name == "Q8_0" for name, _, t in q8)
     assert plan("0.5b", "q8_0", config=cfg).repack_bytes == 0  # no AVX2 repack for Q8_0
     assert plan("0.5b", "q8_0", config=cfg, amx=True).repack_bytes == want
+    tied = dict(cfg, tie_word_embeddings=True)  # output is token_embd, repacked a second time
+    mats = [(name, nbytes(ne, t)) for name, _, ne, t in tensor_types(tied, "q8_0") if t.name == "Q8_0"]
+    assert plan("0.5b", "q8_0", config=tied, amx=True).repack_bytes == sum(b for _, b in mats)  # token_embd too
     assert plan("0.5b", "f16", config=cfg, amx=True).repack_bytes == 0

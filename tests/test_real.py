@@ -21,7 +21,7 @@ def real_05b() -> Path:
     return Path(p.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("quant", ["q4", "q8", "f16"])
+@pytest.mark.parametrize("quant", ["q4", "q8", "f16", "int4", "int8"])
 def test_real_builds_answer_coherently(real_05b, tmp_path_factory, quant):
     out = tmp_path_factory.mktemp("real") / quant
     r = run_cli("build", "0.5b", quant, "--source", real_05b, "--out", out, timeout=1800)
