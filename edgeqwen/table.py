@@ -151,7 +151,7 @@ def render_quality(rows: list[dict], fmt: str = "md") -> str:
     q = quality_index(rows)
     texts = sorted({t for per in q.values() for t in per}, key=lambda t: (t not in ("en", "zh"), t))
     sizes = {r["build"]["name"]: r["build"].get("file_size") for r in rows if r.get("kind") == "bench"}
-    head = ["build", "format", "file MiB"] + [c for t in texts for c in (f"PPL {t} (ref)", f"KL {t} (p99)",
+    head = ["build", "format", "file MiB", "reference"] + [c for t in texts for c in (f"PPL {t} (ref)", f"KL {t} (p99)",
                                                                           f"top-1 {t}")]
 
     def mean_kl(per):
@@ -161,16 +161,17 @@ def render_quality(rows: list[dict], fmt: str = "md") -> str:
     for name, per in sorted(q.items(), key=lambda kv: (mean_kl(kv[1]), kv[0])):
         b = next(iter(per.values()))["build"]
         size = b.get("file_size") or sizes.get(name)
+        ref = next((r["reference"] for r in per.values() if r.get("reference")), None)
         row = [name + (" (synthetic)" if b.get("synthetic") else ""), b.get("format") or "gguf",
-               f"{size / 2**20:.0f}" if size else "-"]
+               f"{size / 2**20:.0f}" if size else "-", Path(ref).parent.name if ref else "-"]
         for t in texts:
             r = per.get(t)
             if r is None:
                 row += ["-", "-", "-"]
                 continue
-            ref = f" ({r['ref_ppl']:.3f})" if "ref_ppl" in r else ""
+            rp = f" ({r['ref_ppl']:.3f})" if "ref_ppl" in r else ""
             kl = f"{r['kl_mean']:.4f} ({r['kl_p99']:.3f})" if "kl_mean" in r else "-"
-            row += [f"{r['ppl']:.3f}{ref}", kl, f"{100 * r['top1']:.1f}%" if "top1" in r else "-"]
+            row += [f"{r['ppl']:.3f}{rp}", kl, f"{100 * r['top1']:.1f}%" if "top1" in r else "-"]
         body.append(row)
     if fmt == "csv":
         return "\n".join(",".join(x) for x in [head] + body)
