@@ -62,7 +62,7 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     else:
         out["verdict"] = "UNTESTED"
     try:
-        p = plan(claim["model"], quant, ctx=ctx)
+        p = plan(claim["model"], quant, ctx=ctx, amx=bool(profile.get("amx")))
         v = verdict(p, profile)
         fits = p.peak_ram <= (max_rss * 2**30 if max_rss else v["budget"])
         fast = min_tps is None or v["expected_tps"] >= min_tps
