@@ -350,21 +350,19 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
     \b
       edgeqwen eval qwen2-0.5b-q4_k_m --text en --text zh --out results.jsonl
     """
-    from .evaluate import evaluate, load_text, open_logit_model
+    from .evaluate import evaluate_files, load_text
     from .evalrows import eval_row, resolve_reference
     from .home import resolve_build
     path, manifest = resolve_build(build)
     model_file = path / manifest["file"] if path.is_dir() else path
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
-    model = open_logit_model(model_file, ctx, threads)
-    # a build evaluated against itself reuses the loaded model (KL 0 by construction, a sanity check)
-    ref = model if ref_file == model_file else open_logit_model(ref_file, ctx, threads)
-    for spec in texts:
-        label, text = load_text(spec)
-        def progress(i, n, label=label):
-            done = 24 * i // n
-            click.echo(f"\reval {label} [{'#' * done}{'.' * (24 - done)}] window {i}/{n}", err=True, nl=i == n)
-        res = evaluate(model, text, ctx, reference=ref, progress=progress)
+    loaded = [load_text(spec) for spec in texts]
+
+    def progress(which, label, i, n):
+        done = 24 * i // n
+        click.echo(f"\reval {label} ({which}) [{'#' * done}{'.' * (24 - done)}] window {i}/{n}", err=True,
+                   nl=i == n)
+    for label, res in evaluate_files(model_file, ref_file, loaded, ctx, threads, progress):
         row = eval_row(build, manifest, model_file, ref_file, label, res)
         if out:
             with open(out, "a") as f:
@@ -375,9 +373,6 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
             kl = f" · KL {res['kl_mean']:.5f} · top-1 {100 * res['top1']:.1f}% · ref PPL {res['ref_ppl']:.3f}" \
                 if "kl_mean" in res else ""
             click.echo(f"{label}: PPL {res['ppl']:.3f}{kl} ({res['tokens_scored']} tokens, {res['seconds']:.1f} s)")
-    model.close()
-    if ref is not model:
-        ref.close()
 
 
 def main():

@@ -5,7 +5,8 @@ same source, or its fp32 ONNX for ONNX builds) the mean KL divergence KL(ref || 
 next-token distributions and how often their top-1 tokens agree, on the same tokens. Like
 llama.cpp's perplexity tool, the text is cut into windows of --ctx tokens evaluated from
 scratch, and only the second half of each window is scored, so every scored token has at least
-ctx/2 tokens of context.
+ctx/2 tokens of context. The reference's logits go to temporary files first and the reference is
+closed, so the build and its reference are never in memory together.
 """
 from __future__ import annotations
 
@@ -128,24 +129,72 @@ def windows(tokens: list[int], ctx: int) -> Iterator[list[int]]:
         yield tokens[i:i + ctx]
 
 
-def evaluate(model: LogitModel, text: str, ctx: int = 512, reference: LogitModel | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+@dataclass
+class Scored:
+    """One model's pass over a text: its tokens and the logits at every scored position of every window,
+    one .npy file a window, so the model can be closed before the next is loaded and only one window is
+    ever in memory."""
+    tokens: list[int]
+    files: list[Path]
+    seconds: float
+
+    def window(self, i: int) -> np.ndarray:
+        return np.load(self.files[i])
+
+
+def score_pass(model, text: str, ctx: int, workdir: Path, name: str,
+               progress: Callable[[int, int], None] | None = None) -> Scored:
     tokens = model.tokenize(text)
-    if reference is not None and reference.tokenize(text) != tokens:
-        raise UsageError("the build and its reference tokenize the text differently; not comparable")
-    # A build against itself runs every window twice on purpose: KL 0 then shows that a pass leaves
-    # nothing behind (KV cache, batch state) that changes the next.
     chunks = list(windows(tokens, ctx))
     if not chunks:
         raise UsageError(f"the text is {len(tokens)} tokens; --ctx {ctx} needs at least that many")
-    stats = ChunkStats()
     first = ctx // 2
+    files = []
     t0 = time.perf_counter()
     for i, chunk in enumerate(chunks):
-        logits = model.logits(chunk)[first:-1]
-        ref = reference.logits(chunk)[first:-1] if reference is not None else None
-        stats.add(logits, ref, np.array(chunk[first + 1:]))
+        files.append(workdir / f"{name}-{i}.npy")
+        np.save(files[-1], model.logits(chunk)[first:-1])
         if progress:
             progress(i + 1, len(chunks))
-    return {**stats.result(), "ctx": ctx, "text_tokens": len(tokens), "chunks": len(chunks),
-            "seconds": time.perf_counter() - t0}
+    return Scored(tokens, files, time.perf_counter() - t0)
+
+
+def compare(build: Scored, ref: Scored | None, ctx: int) -> dict:
+    """PPL of the build and, against the reference's pass over the same tokens, KL and top-1."""
+    if ref is not None and ref.tokens != build.tokens:
+        raise UsageError("the build and its reference tokenize the text differently; not comparable")
+    stats = ChunkStats()
+    first = ctx // 2
+    for i, chunk in enumerate(windows(build.tokens, ctx)):
+        stats.add(build.window(i), None if ref is None else ref.window(i), np.array(chunk[first + 1:]))
+    return {**stats.result(), "ctx": ctx, "text_tokens": len(build.tokens), "chunks": len(build.files),
+            "seconds": build.seconds + (ref.seconds if ref is not None else 0.0)}
+
+
+def evaluate_files(model_file: Path, ref_file: Path | None, texts: list[tuple[str, str]], ctx: int = 512,
+                   threads: int | None = None, progress: Callable[[str, str, int, int], None] | None = None,
+                   workdir: Path | None = None) -> Iterator[tuple[str, dict]]:
+    """(label, result) per text. The reference runs over every text first and is closed before the build is
+    loaded, so only one model is in memory at a time (a 7B f16 reference and its q4 build would not fit 24 GB
+    together). A build against itself is run twice on purpose: KL 0 then shows that a pass leaves nothing
+    behind (KV cache, batch state) that changes the next."""
+    import tempfile
+
+    def bar(which, label):
+        return (lambda i, n: progress(which, label, i, n)) if progress else None
+    with tempfile.TemporaryDirectory(prefix="edgeqwen-eval-", dir=workdir) as tmp:
+        refs: dict[str, Scored] = {}
+        if ref_file is not None:
+            m = open_logit_model(ref_file, ctx, threads)
+            try:
+                for j, (label, text) in enumerate(texts):
+                    refs[label] = score_pass(m, text, ctx, Path(tmp), f"ref{j}", bar("reference", label))
+            finally:
+                m.close()
+        m = open_logit_model(model_file, ctx, threads)
+        try:
+            for j, (label, text) in enumerate(texts):
+                got = score_pass(m, text, ctx, Path(tmp), f"build{j}", bar("build", label))
+                yield label, compare(got, refs.get(label), ctx)
+        finally:
+            m.close()
