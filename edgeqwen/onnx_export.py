@@ -11,6 +11,7 @@ hundred MB at any size
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -208,17 +209,12 @@ def _kquant_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.n
     return q, np.concatenate([p[1] for p in parts]), zp
 
 
-_POOL = None
-
-
+@functools.cache
 def _pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        from .measure import physical_cores
-        _POOL = ThreadPoolExecutor(max_workers=physical_cores())
-    return _POOL
+    from .measure import physical_cores
+    return ThreadPoolExecutor(max_workers=physical_cores())
 
 
 class _Graph:

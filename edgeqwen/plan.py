@@ -164,13 +164,13 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
     tensors = tensor_types(cfg, quant)
     weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
-    repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if t in REPACKED and name != "token_embd")
-    if amx:
-        tied = cfg.get("tie_word_embeddings", False)
-        repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if t in REPACKED and t not in REPACKED_AMX
-                     and name != "token_embd")
-        repack += sum(nbytes(ne, t) for name, _, ne, t in tensors
-                      if t in REPACKED_AMX and (name != "token_embd" or tied))
+    tied = cfg.get("tie_word_embeddings", False)
+
+    def repacked(name: str, t: T) -> bool:
+        if amx and t in REPACKED_AMX:
+            return name != "token_embd" or tied
+        return t in REPACKED and name != "token_embd"
+    repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if repacked(name, t))
     h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
     hd = h // cfg["num_attention_heads"]
     kv_pos = 2 * n * cfg["num_key_value_heads"] * hd * 2  # K and V, f16
@@ -183,7 +183,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     compute = int(COMPUTE_TOUCHED * (4 * batch * (3 * ff + 6 * h + heads * min(ctx, prompt_tokens))
                                      + 4 * cfg["vocab_size"]))
     embd = nbytes(cfg["vocab_size"] * h, tensors[0][3])
-    per_token = weights - (embd if not cfg.get("tie_word_embeddings") else 0)  # one row of an untied embd
+    per_token = weights - (0 if tied else embd)  # one row of an untied embd
     if cfg.get("num_experts"):  # only the active experts are read per token
         exp = sum(nbytes(ne, t) for name, _, ne, t in tensors if name.endswith("_exps"))
         per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
