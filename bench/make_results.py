@@ -31,7 +31,7 @@ def main() -> None:
     files = sorted((HERE / "results").glob("*.jsonl"))
     rows = load_rows(files)
     check, within, total = plan_check(rows)
-    claims = [judge(c, rows, load_devices(HERE / "devices.toml")) for c in load_claims(HERE / "claims.toml")]
+    claims = [judge(c, rows, load_devices()) for c in load_claims()]
     plot(rows, HERE / "results.png")
     out = [
         "# edgeqwen hardware results",
@@ -58,7 +58,7 @@ def main() -> None:
         "",
         "## Claims",
         "",
-        "Judged on measured rows from a matching device (bench/devices.toml); a device with no rows "
+        "Judged on measured rows from a matching device (edgeqwen/data/devices.toml); a device with no rows "
         "is UNTESTED, whatever the plan predicts.",
         "",
         render_claims(claims),

@@ -38,20 +38,23 @@ def mean_sd(xs: list[float]) -> dict:
 
 # --- the child process -------------------------------------------------------------------------
 
+REPEAT_DONE = "# repeat done"   # the child's progress line on stdout; its last line is the result
+
+
 def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     """Runs in the child: load the build, then measure it."""
     from .measure import PeakRSS, max_rss_bytes
     from .runner import load_runner
     with PeakRSS() as rss:
         runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx)
-        out = measure(runner, cfg)
+        out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
         runner.close()
     out["peak_rss_sampled"] = rss.peak
     out["max_rss"] = max_rss_bytes()
     return out
 
 
-def measure(runner, cfg: BenchConfig) -> dict:
+def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     """Warm up, then `repeats` x (random prompt -> gen tokens greedy, EOS off; chat-prompt TTFT).
 
     Every number is read off the runner's response stream.
@@ -80,6 +83,8 @@ def measure(runner, cfg: BenchConfig) -> dict:
         if chat_tokens:  # differs from the random prompt at token 0: no KV reuse
             first = next(iter(runner.stream(chat_tokens, Sampling(max_tokens=1, temperature=0))))
             ttft.append(first.ttft_s)
+        if on_repeat:
+            on_repeat()
     return {"backend": runner.backend, "load_s": runner.load_s, "n_ctx": runner.n_ctx,
             "pp": mean_sd(pp), "tg": mean_sd(tg), "ttft_s": mean_sd(ttft),
             "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss}
@@ -110,18 +115,43 @@ def kv_bytes_per_position(shape: dict, bytes_per_elem: int = 2) -> int:
     return 2 * shape["n_layer"] * shape["n_head_kv"] * head_dim * bytes_per_elem  # K and V, f16
 
 
-def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600) -> dict:
+def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, on_repeat=None) -> dict:
+    """One fresh child process; its stdout carries a line per repeat, then the result as JSON."""
+    import tempfile
+    import threading
     cmd = [sys.executable, "-m", "edgeqwen.benchmark", build, str(threads), json.dumps(cfg.__dict__)]
     t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    with tempfile.TemporaryFile(mode="w+") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        lines = []
+        try:
+            for line in p.stdout:
+                if line.strip() == REPEAT_DONE:
+                    if on_repeat:
+                        on_repeat()
+                elif line.strip():
+                    lines.append(line)
+            rc = p.wait()
+        finally:
+            timed_out = not timer.is_alive()
+            timer.cancel()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        err.seek(0)
+        stderr = err.read()
+    if timed_out:
         return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
-    if p.returncode == 0:
-        return {"status": "ok", **json.loads(p.stdout.strip().splitlines()[-1]), "wall_s": time.time() - t0}
-    if p.returncode == -9:
+    if rc == 0:
+        try:
+            return {"status": "ok", **json.loads(lines[-1]), "wall_s": time.time() - t0}
+        except (IndexError, ValueError):
+            return {"status": "failed", "error": "the benchmark child printed no result"}
+    if rc == -9:
         return {"status": "oom", "error": "killed (SIGKILL: out of memory?)"}
-    last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+    last = (stderr.strip().splitlines() or [f"exit code {rc}"])[-1]
     return {"status": "failed", "error": last[:300]}
 
 
@@ -156,20 +186,23 @@ def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict)
 
 def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out: Path | None = None,
           progress=None) -> list[dict]:
+    """Measure every build at every thread count; rows are appended to out as they come. progress(row) per row."""
+    from .progress import bar
     for b in builds:
         resolve_build(b)  # fail on a bad name before measuring anything
-    rows = []
-    for b in builds:
-        for t in threads:
-            result = run_one(b, t, cfg)
-            row = make_row(b, t, cfg, fp, result)
-            rows.append(row)
-            if out:
-                with open(out, "a") as f:  # append: earlier results are never overwritten
-                    f.write(json.dumps(row) + "\n")
-            if progress:
-                progress(row)
+    with bar("bench", len(builds) * len(threads) * cfg.repeats, unit="repeat") as upd:
+        rows = [_bench_one(b, t, cfg, fp, out, progress, upd) for b in builds for t in threads]
     return rows
+
+
+def _bench_one(b, t, cfg, fp, out, progress, upd) -> dict:
+    row = make_row(b, t, cfg, fp, run_one(b, t, cfg, on_repeat=lambda: upd(1)))
+    if out:
+        with open(out, "a") as f:  # append: earlier results are never overwritten
+            f.write(json.dumps(row) + "\n")
+    if progress:
+        progress(row)
+    return row
 
 
 def parse_threads(spec: str | None) -> list[int]:
@@ -186,4 +219,9 @@ def parse_threads(spec: str | None) -> list[int]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(sys.argv[1], int(sys.argv[2]), BenchConfig(**json.loads(sys.argv[3])))))
+    from .errors import EdgeqwenError
+    try:
+        print(json.dumps(worker(sys.argv[1], int(sys.argv[2]), BenchConfig(**json.loads(sys.argv[3])))))
+    except EdgeqwenError as e:   # one line for the parent's failure row, not a traceback
+        print(str(e), file=sys.stderr)
+        sys.exit(1)

@@ -9,6 +9,7 @@ only when complete, so an interrupted build leaves nothing that looks finished.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import platform
 import shutil
@@ -23,7 +24,11 @@ from .convert import OUT_TYPES, convert, output_size
 from .errors import BuildError, SourceError, UsageError
 from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
 from .measure import PeakRSS, Timer, human_bytes, max_rss_bytes
-from .recipes import Recipe, quant_format
+from .formats import FORMATS, build_hash, format_of_quant
+from .progress import bar
+from .recipes import Recipe
+
+_logger = logging.getLogger("edgeqwen")
 
 SCHEMA = 1
 # Config keys that decide the shape; a --source must agree with the recipe on these.
@@ -49,10 +54,18 @@ class BuildRequest:
     keep_intermediate: bool = False
     smoke: bool = True
     format: str | None = None          # 'gguf' | 'onnx'; by default the quant name decides
+    role: str | None = None            # "reference": made by eval, and `gc` may remove it once unused
+
+
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 
 
 def build_name(req: BuildRequest, quant: str) -> str:
-    if req.name:
+    import re
+    if req.name is not None:
+        if not re.fullmatch(NAME_RE, req.name) or TMP_MARK in req.name or req.name.endswith(".gguf"):
+            raise UsageError(f"--name {req.name!r}: a build name is one path component of letters, digits and . _ + - "
+                             "(starting with a letter or digit)")
         return req.name
     return f"{req.recipe.name}-{quant}" + ("-synthetic" if req.synthetic else "")
 
@@ -62,11 +75,10 @@ def _say(log, msg):
         log(msg)
 
 
-def build(req: BuildRequest, log: Callable[[str], None] | None = print,
-          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
-    """Run a build; returns the build folder. progress(label, total_bytes) -> update(n) for a bar."""
+def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -> Path:
+    """Run a build; returns the build folder. Messages go to log (None: silent); bars to a terminal's stderr."""
     quant = req.recipe.resolve_quant(req.quant, req.format)
-    fmt = quant_format(quant)
+    fmt = format_of_quant(quant)
     if req.synthetic and req.source:
         raise UsageError("--synthetic and --source exclude each other")
     name = build_name(req, quant)
@@ -90,16 +102,15 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = print,
     manifest = {"schema": SCHEMA, "name": name, "format": fmt, "quant": quant,
                 "recipe": {"name": req.recipe.name, "size": req.recipe.size, "hub_repo": req.recipe.hub_repo},
                 "synthetic": req.synthetic, "timings_s": {}, "peak_rss_bytes": {}}
+    if req.role:
+        manifest["role"] = req.role
     try:
         ckpt, source = _resolve_source(req, log)
         manifest["source"] = {**source_desc, **source}
         _check_against_recipe(ckpt, req.recipe)
         manifest["config"] = {k: ckpt.config.get(k) for k in (*SHAPE_KEYS, "vocab_size", "tie_word_embeddings",
                                                              "max_position_embeddings", "rope_theta")}
-        if fmt == "onnx":
-            model = _build_onnx(req, ckpt, quant, tmp, manifest, log, progress)
-        else:
-            model = _build_gguf(req, ckpt, quant, name, tmp, manifest, log, progress)
+        model = FORMATS[fmt].load("builder")(req, ckpt, quant, name, tmp, manifest, log)
         manifest["tools"] = tool_versions()
         manifest["host"] = {"machine": platform.machine(), "system": platform.system()}
         manifest["peak_rss_bytes"]["process_max"] = max_rss_bytes()
@@ -115,12 +126,14 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = print,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    from .manage import remember_verified
+    remember_verified(final, manifest)
     _say(log, f"built {name}: {final / manifest['file']} ({human_bytes(manifest['file_size'])})")
     return final
 
 
-def _build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log,
-                progress) -> Path:
+def build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
+    """The GGUF row's builder: our converter to f16 (or straight to f32/f16/bf16), then libllama's quantizer."""
     direct = quant in OUT_TYPES
     conv_type = quant if direct else "f16"
     need = output_size(ckpt, conv_type) + (0 if direct else _estimate(ckpt, quant))
@@ -128,16 +141,14 @@ def _build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp:
 
     conv_out = tmp / ("model.gguf" if direct else "model-f16.gguf")
     _say(log, f"converting {ckpt.path} -> {conv_type} GGUF")
-    upd = progress("convert", output_size(ckpt, conv_type)) if progress else None
-    with Timer() as t, PeakRSS() as rss:
+    with Timer() as t, PeakRSS() as rss, bar("convert", output_size(ckpt, conv_type)) as upd:
         _disk_guard(lambda: convert(ckpt, conv_out, conv_type, name=name, progress=upd))
     manifest["timings_s"]["convert"] = round(t.seconds, 2)
     manifest["peak_rss_bytes"]["convert"] = rss.peak
     if not direct:
         from .quantize import quantize
         _say(log, f"quantizing to {quant} ({req.threads or 'all'} threads)")
-        upd = progress("quantize", _estimate(ckpt, quant)) if progress else None
-        with Timer() as t, PeakRSS() as rss:
+        with Timer() as t, PeakRSS() as rss, bar(f"quantize {quant}", _estimate(ckpt, quant)) as upd:
             _disk_guard(lambda: quantize(conv_out, tmp / "model.gguf", quant, req.threads, upd))
         manifest["timings_s"]["quantize"] = round(t.seconds, 2)
         manifest["peak_rss_bytes"]["quantize"] = rss.peak
@@ -150,8 +161,8 @@ def _build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp:
     return model
 
 
-def _build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, tmp: Path, manifest: dict, log,
-                progress) -> Path:
+def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
+    """The ONNX row's builder: edgeqwen's own exporter, weight by weight (onnx_export.py)."""
     try:
         from . import onnx_export  # imports onnx and onnxruntime
     except ImportError as e:
@@ -160,26 +171,17 @@ def _build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, tmp: Path, mani
     size = onnx_export.output_size(ckpt, quant)
     _check_disk(tmp, size)
     _say(log, f"writing {quant} ONNX decoder from {ckpt.path}")
-    upd = progress("export", size) if progress else None
-    with Timer() as t, PeakRSS() as rss:
+    with Timer() as t, PeakRSS() as rss, bar(f"export {quant}", size) as upd:
         info = _disk_guard(lambda: onnx_export.export(ckpt, tmp, quant, progress=upd))
     manifest["timings_s"]["export"] = round(t.seconds, 2)
     manifest["peak_rss_bytes"]["export"] = rss.peak
     model = tmp / "model.onnx"
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest.update(file="model.onnx", files=files, file_size=info["bytes"],
-                    sha256=_sha256_files([model, tmp / onnx_export.DATA_FILE]),
+    manifest.update(file="model.onnx", files=files, file_size=info["bytes"])
+    manifest.update(sha256=build_hash(tmp, manifest),
                     onnx={"block_size": onnx_export.BLOCK, "accuracy_level": onnx_export.ACCURACY_LEVEL,
                           "symmetric": True, "nodes": info["nodes"]})
     return model
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
 
 
 def available_ram() -> int:

@@ -26,6 +26,10 @@ def fit_history(runner: Runner, system: str | None, history: list[dict], reserve
 
 def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None) -> None:
     out = out or sys.stdout
+    try:
+        import readline  # noqa: F401  line editing and up-arrow history for input()
+    except ImportError:  # Windows
+        pass
     history: list[dict] = []
     last: Response | None = None
     reserve = min(sampling.max_tokens, runner.n_ctx // 4)

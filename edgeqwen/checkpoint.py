@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,15 +47,20 @@ class Checkpoint:
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file that went into the build (the manifest's record of a local source)."""
+        from .progress import bar
         names = [p for p in self.files] + [self.path / n for n in ("config.json",) + TOKENIZER_FILES]
-        return {p.name: sha256_file(p) for p in names if p.exists()}
+        names = [p for p in names if p.exists()]
+        with bar("hash source", sum(p.stat().st_size for p in names)) as upd:
+            return {p.name: sha256_file(p, upd) for p in names}
 
 
-def sha256_file(path: Path, block: int = 16 << 20) -> str:
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, block: int = 16 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(block):
             h.update(b)
+            if on_bytes:
+                on_bytes(len(b))
     return h.hexdigest()
 
 

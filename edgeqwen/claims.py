@@ -1,4 +1,4 @@
-"""Claims as data (bench/claims.toml), judged against measured rows: PASS, FAIL or UNTESTED."""
+"""Claims as data (edgeqwen/data/claims.toml), judged against measured rows: PASS, FAIL or UNTESTED."""
 from __future__ import annotations
 
 import re
@@ -9,8 +9,14 @@ from .errors import UsageError
 KEYS = {"id", "text", "model", "quant", "device", "min_decode_tps", "max_peak_rss_gib", "ctx", "source"}
 
 
-def load_claims(path: Path) -> list[dict]:
+def claims_file():
+    from .resources import data
+    return data("claims.toml")
+
+
+def load_claims(path: Path | None = None) -> list[dict]:
     from .recipes import load_toml
+    path = path or claims_file()
     data = load_toml(path, "claims")
     claims = data.get("claim", [])
     for c in claims:
@@ -42,7 +48,7 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     from .plan import plan, verdict
     profile = devices.get(claim["device"])
     if profile is None:
-        raise UsageError(f"claim {claim['id']}: unknown device {claim['device']!r}; see bench/devices.toml")
+        raise UsageError(f"claim {claim['id']}: unknown device {claim['device']!r}; see edgeqwen plan --device list")
     from .recipes import DEFAULT_ALIASES
     quant = DEFAULT_ALIASES.get(claim["quant"], claim["quant"])
     ctx = claim.get("ctx", 4096)

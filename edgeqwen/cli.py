@@ -27,7 +27,8 @@ class Group(click.Group):
 
 @click.group(cls=Group)
 @click.version_option(__version__, prog_name="edgeqwen")
-def cli():
+@click.option("--verbose", "-v", "verbose", is_flag=True, help="Also show llama.cpp's and onnxruntime's own logs.")
+def cli(verbose):
     """Build, run and measure Qwen2 models on the CPU you have.
 
     \b
@@ -35,22 +36,20 @@ def cli():
       edgeqwen run qwen2-0.5b-q4_k_m-synthetic "Hello"
       edgeqwen list
     """
+    _setup_logging(verbose)
 
 
-def _progress_factory():
-    """progress(label, total) -> update(n): a one-line bar on stderr when it is a terminal."""
-    if not sys.stderr.isatty():
-        return None
-
-    def factory(label, total):
-        state = {"done": 0}
-
-        def update(n):
-            state["done"] += n
-            pct = min(100, 100 * state["done"] / max(total, 1))
-            click.echo(f"\r{label}: {pct:5.1f}% of ~{total / 2**30:.2f} GiB", err=True, nl=pct >= 100)
-        return update
-    return factory
+def _setup_logging(verbose: bool) -> None:
+    """Library messages (logger "edgeqwen") go to stderr as plain lines; backend logs only with -v."""
+    import logging
+    log = logging.getLogger("edgeqwen")
+    if not any(getattr(h, "_edgeqwen", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._edgeqwen = True
+        log.addHandler(h)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("edgeqwen.llama").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @cli.command()
@@ -93,7 +92,7 @@ def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, th
     req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
                        tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,
                        keep_intermediate=keep_intermediate, smoke=not no_smoke, format=fmt)
-    folder = run_build(req, log=lambda m: click.echo(m, err=True), progress=_progress_factory())
+    folder = run_build(req)
     click.echo(str(folder))
 
 
@@ -107,13 +106,13 @@ def list_cmd(as_json):
     """
     from .home import builds_dir, list_builds
     from .measure import human_bytes
-    from .recipes import GGUF_QUANTS, ONNX_QUANTS, load_recipes
+    from .recipes import ONNX_QUANTS, buildable_gguf_quants, load_recipes
     builds = list_builds()
     recipes = load_recipes()
     if as_json:
         click.echo(json.dumps({"builds": [{"path": str(p), **m} for p, m in builds],
                                "recipes": {n: {"size": r.size, "hub_repo": r.hub_repo} for n, r in recipes.items()},
-                               "quants": sorted(GGUF_QUANTS), "onnx_quants": list(ONNX_QUANTS)}, indent=2))
+                               "quants": buildable_gguf_quants(), "onnx_quants": list(ONNX_QUANTS)}, indent=2))
         return
     click.echo(f"Builds in {builds_dir()}:")
     if not builds:
@@ -126,8 +125,99 @@ def list_cmd(as_json):
     for n, r in sorted(recipes.items()):
         aliases = ", ".join(f"{a}={t}" for a, t in sorted(r.aliases.items()))
         click.echo(f"  {r.size:6s} {n:14s} {r.hub_repo:28s} tied={str(r.tied_embeddings).lower():5s} {aliases}")
-    click.echo("GGUF quants: " + ", ".join(sorted(GGUF_QUANTS)))
+    click.echo("GGUF quants: " + ", ".join(buildable_gguf_quants()))
     click.echo("ONNX quants: " + ", ".join(ONNX_QUANTS))
+
+
+@cli.command()
+@click.argument("build")
+@click.option("--rows", "row_files", multiple=True, type=click.Path(path_type=Path),
+              help="Result files (JSONL) to search for this build's bench and eval rows; repeatable.")
+@click.option("--json", "as_json", is_flag=True)
+def info(build, row_files, as_json):
+    """Show a build: manifest, source, files, plan, and its measured rows.
+
+    \b
+      edgeqwen info qwen2-0.5b-q4_k_m --rows bench/results/*.jsonl
+    """
+    from .manage import info as build_info
+    from .measure import human_bytes
+    d = build_info(build, list(row_files))
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    m = d["manifest"]
+    src = m.get("source", {})
+    kind = f"{m.get('format', 'gguf')} {m.get('quant')}" + (", synthetic" if m.get("synthetic") else "")
+    click.echo(f"{m.get('name')}  ({kind})")
+    click.echo(f"  path     {d['path']}")
+    click.echo(f"  recipe   {(m.get('recipe') or {}).get('name')}   source {src.get('kind')}: {src.get('id')}")
+    click.echo(f"  sha256   {m.get('sha256')}")
+    tools = ", ".join(f"{k} {v}" for k, v in (m.get("tools") or {}).items())
+    click.echo(f"  created  {m.get('created')}   tools: {tools}")
+    for name, size in d["files"].items():
+        click.echo(f"  {name:28s} {human_bytes(size):>12s}")
+    click.echo(f"  on disk  {human_bytes(d['disk_bytes'])}")
+    if "plan" in d:
+        click.echo(f"  plan     peak RAM {human_bytes(d['plan']['peak_ram_bytes'])} at ctx {d['plan']['ctx']}")
+    for r in d["rows"]:
+        if r.get("kind") == "bench" and r.get("status") == "ok":
+            click.echo(f"  bench    {r['time']} {r['device'].get('device')}: {r['threads']} threads, "
+                       f"tg {r['tg']['mean']:.1f} tok/s, pp {r['pp']['mean']:.0f} tok/s")
+        elif r.get("kind") == "eval":
+            click.echo(f"  eval     {r['time']} {r['text']}: PPL {r['ppl']:.3f}"
+                       + (f", KL {r['kl_mean']:.4f}" if "kl_mean" in r else ""))
+
+
+@cli.command()
+@click.argument("builds", nargs=-1, required=True)
+def verify(builds):
+    """Re-hash BUILDS against their manifests; a mismatch is an error naming the file.
+
+    \b
+      edgeqwen verify qwen2-1.5b-q4_k_m
+    """
+    from .home import resolve_build
+    from .manage import verify as check
+    for b in builds:
+        path, manifest = resolve_build(b)
+        if manifest is None or not path.is_dir():
+            from .errors import UsageError
+            raise UsageError(f"{b}: verify needs a build folder or name (a bare model file has no manifest)")
+        click.echo(f"{path.name}: ok ({check(path, manifest)[:16]})")
+
+
+@cli.command("rm")
+@click.argument("builds", nargs=-1, required=True)
+def rm_cmd(builds):
+    """Remove BUILDS from the builds folder.
+
+    \b
+      edgeqwen rm qwen2-7b-q8_0 qwen2-7b-f16
+    """
+    from .manage import remove
+    for p in remove(list(builds)):
+        click.echo(f"removed {p}")
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Show what would go and how much it frees.")
+def gc(dry_run):
+    """Remove checkpoints and references no build needs, and leftovers of interrupted builds.
+
+    \b
+      edgeqwen gc --dry-run
+    """
+    from .manage import collect, garbage
+    from .measure import human_bytes
+    items = garbage()
+    for g in items:
+        click.echo(f"{'would remove' if dry_run else 'removing'} {g.path} ({human_bytes(g.bytes)}): {g.why}")
+    total = sum(g.bytes for g in items)
+    if dry_run:
+        click.echo(f"{human_bytes(total)} would be freed")
+    else:
+        click.echo(f"freed {human_bytes(collect(items))}")
 
 
 def _sampling(max_tokens, temperature, top_p, seed):
@@ -236,16 +326,14 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out):
     cfg = BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                       n_ctx=max(ctx, prompt_tokens + gen_tokens + 16))
     click.echo("measuring this machine's memory bandwidth...", err=True)
+
     fp = fingerprint()
     click.echo(device_label(fp), err=True)
-    total = len(builds) * len(ts)
-    with click.progressbar(length=total, label="bench", file=sys.stderr, show_pos=True) as bar:
-        def progress(row):
-            bar.update(1)
-            if row["status"] != "ok":
-                click.echo(f"\n{row['build']['name']} ({row['threads']} threads): {row['status']}: {row['error']}",
-                           err=True)
-        rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress)
+
+    def progress(row):
+        if row["status"] != "ok":
+            click.echo(f"{row['build']['name']} ({row['threads']} threads): {row['status']}: {row['error']}", err=True)
+    rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress)
     from .plan import predicted_rss_for_row
     click.echo(render_rows(rows, "md", plan_fn=predicted_rss_for_row))
 
@@ -278,13 +366,14 @@ def hw(as_json, no_bandwidth):
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "html"]), default="md", show_default=True)
 @click.option("--plot", type=click.Path(path_type=Path), help="Decode tok/s against peak RSS, as a PNG.")
-@click.option("--claims", type=click.Path(path_type=Path), help="Judge the claims in this TOML (bench/claims.toml).")
-@click.option("--devices", type=click.Path(path_type=Path), help="Device profiles (default bench/devices.toml).")
+@click.option("--claims", is_flag=False, flag_value="-", type=click.Path(path_type=Path),
+              help="Judge claims: the bundled ones (--claims alone) or those in a TOML file.")
+@click.option("--devices", type=click.Path(path_type=Path), help="Device profiles file (default: the bundled ones).")
 def table(files, fmt, plot, claims, devices):
     """Merge result rows (JSONL) from any number of machines into one table, grouped by device.
 
     \b
-      edgeqwen table bench/results/*.jsonl --claims bench/claims.toml --plot results.png
+      edgeqwen table bench/results/*.jsonl --claims --plot results.png
     """
     from .plan import predicted_rss_for_row
     from .table import load_rows, render_rows
@@ -298,7 +387,8 @@ def table(files, fmt, plot, claims, devices):
         from .claims import judge, load_claims, render_claims
         from .plan import load_devices
         devs = load_devices(devices)
-        click.echo("\n" + render_claims([judge(c, rows, devs) for c in load_claims(claims)]))
+        cs = load_claims(None if str(claims) == "-" else claims)
+        click.echo("\n" + render_claims([judge(c, rows, devs) for c in cs]))
     if plot:
         draw(rows, plot)
         click.echo(f"plot written to {plot}", err=True)
@@ -308,7 +398,7 @@ def table(files, fmt, plot, claims, devices):
 @click.argument("size")
 @click.argument("quant", default="q4")
 @click.option("--ctx", default=4096, show_default=True, help="Context length to hold in the KV cache.")
-@click.option("--device", help="A profile from bench/devices.toml (list them with --device list).")
+@click.option("--device", help="A device profile (list them with --device list).")
 @click.option("--devices", type=click.Path(path_type=Path), help="Device profiles file.")
 def plan_cmd(size, quant, ctx, device, devices):
     """Predict file size, peak RAM and decode speed of SIZE as QUANT, and whether it fits a device.
@@ -357,12 +447,7 @@ def eval_cmd(build, reference, texts, ctx, threads, as_json, out):
     model_file = path / manifest["file"] if path.is_dir() else path
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
     loaded = [load_text(spec) for spec in texts]
-
-    def progress(which, label, i, n):
-        done = 24 * i // n
-        click.echo(f"\reval {label} ({which}) [{'#' * done}{'.' * (24 - done)}] window {i}/{n}", err=True,
-                   nl=i == n)
-    for label, res in evaluate_files(model_file, ref_file, loaded, ctx, threads, progress):
+    for label, res in evaluate_files(model_file, ref_file, loaded, ctx, threads):
         row = eval_row(build, manifest, model_file, ref_file, label, res)
         if out:
             with open(out, "a") as f:

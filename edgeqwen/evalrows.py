@@ -15,21 +15,23 @@ def resolve_reference(path: Path, manifest: dict | None, reference: str | None, 
     """The reference model file: given, else the f16 GGUF (fp32 ONNX for ONNX builds) of the same source,
     built if missing."""
     from .build import BuildRequest, build
-    from .recipes import REFERENCE_QUANT, get_recipe
+    from .formats import FORMATS
+    from .recipes import get_recipe
     if reference:
         ref = Path(reference)
         if ref.is_dir() and (ref / "config.json").exists() and read_manifest(ref) is None:
             # a Hugging Face folder: its f16 GGUF (fp32 ONNX for an ONNX build)
             if not manifest:
                 raise UsageError("a Hugging Face reference needs a build with a manifest")
-            q = REFERENCE_QUANT[manifest.get("format", "gguf")]
-            return _model_file(build(BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant=q, source=ref,
-                                                  name=f"{manifest['recipe']['name']}-{q}-ref-{ref.name}"), log=log))
+            q = FORMATS[manifest.get("format", "gguf")].reference_quant
+            req = BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant=q, source=ref,
+                               name=f"{manifest['recipe']['name']}-{q}-ref-{ref.name}", role="reference")
+            return _model_file(build(req, log=log))
         rpath, rman = resolve_build(reference)
         return rpath / rman["file"] if rpath.is_dir() else rpath
     if not manifest:
         raise UsageError("no manifest next to this model: pass --reference")
-    ref_quant = REFERENCE_QUANT[manifest.get("format", "gguf")]
+    ref_quant = FORMATS[manifest.get("format", "gguf")].reference_quant
     if manifest.get("quant") == ref_quant:
         return path / manifest["file"]
     src = manifest.get("source", {})
@@ -41,7 +43,7 @@ def resolve_reference(path: Path, manifest: dict | None, reference: str | None, 
     recipe = get_recipe(manifest["recipe"]["name"])
     req = BuildRequest(recipe=recipe, quant=ref_quant, synthetic=src.get("kind") == "synthetic",
                        seed=src.get("seed", 0), source=Path(src["path"]) if src.get("kind") == "local" else None,
-                       name=f"{manifest['name'].rsplit('-' + manifest['quant'], 1)[0]}-{ref_quant}")
+                       name=f"{manifest['name'].rsplit('-' + manifest['quant'], 1)[0]}-{ref_quant}", role="reference")
     return _model_file(build(req, log=log))
 
 

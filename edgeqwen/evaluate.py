@@ -13,24 +13,25 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from .errors import UsageError
 
-DATA = Path(__file__).resolve().parent / "data"
-TEXTS = {"en": DATA / "eval-en.txt", "zh": DATA / "eval-zh.txt"}
+TEXTS = {"en": "eval-en.txt", "zh": "eval-zh.txt"}   # bundled in edgeqwen/data
 
 
 def load_text(spec: str) -> tuple[str, str]:
     """'en', 'zh' or a file path -> (label, text)."""
     if spec in TEXTS:
-        return spec, TEXTS[spec].read_text(encoding="utf-8")
+        from .resources import data
+        return spec, data(TEXTS[spec]).read_text(encoding="utf-8")
     p = Path(spec)
-    if not p.is_file():
-        raise UsageError(f"--text {spec!r}: not 'en', 'zh' or a readable file")
-    return p.name, p.read_text(encoding="utf-8", errors="replace")
+    try:
+        return p.name, p.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        raise UsageError(f"--text {spec!r}: not 'en', 'zh' or a readable file") from None
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -80,50 +81,10 @@ class ChunkStats:
         return out
 
 
-class LogitModel:
-    """All-position logits from a GGUF build through llama.cpp."""
-
-    def __init__(self, model: Path, ctx: int, threads: int | None = None):
-        import llama_cpp
-
-        from .measure import physical_cores
-        self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, logits_all=True,
-                                   n_threads=threads or physical_cores(), verbose=False)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(tokens)
-        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
-
-    def close(self) -> None:
-        self.llm.close()
-
-
-class OnnxLogitModel:
-    """All-position logits from an ONNX build through onnxruntime-genai."""
-
-    def __init__(self, model: Path, ctx: int, threads: int | None = None):
-        from .onnx_runner import OnnxRunner
-        self.runner = OnnxRunner(model, threads=threads, n_ctx=ctx + 1)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.runner.tokenize(text, special=False)
-
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        return self.runner.logits(tokens)
-
-    def close(self) -> None:
-        self.runner.close()
-
-
 def open_logit_model(model: Path, ctx: int, threads: int | None = None):
-    """The logit model for a build's model file, by format."""
-    from .runner import build_format
-    fmt = build_format(Path(model), None)
-    return OnnxLogitModel(model, ctx, threads) if fmt == "onnx" else LogitModel(model, ctx, threads)
+    """The build's own runner (its format's row), loaded for whole-window logits."""
+    from .formats import detect
+    return detect(Path(model)).runner_class()(Path(model), threads=threads, n_ctx=ctx, logits=True)
 
 
 def windows(tokens: list[int], ctx: int) -> Iterator[list[int]]:
@@ -144,20 +105,20 @@ class Scored:
         return np.load(self.files[i])
 
 
-def score_pass(model, text: str, ctx: int, workdir: Path, name: str,
-               progress: Callable[[int, int], None] | None = None) -> Scored:
-    tokens = model.tokenize(text)
+def score_pass(model, text: str, ctx: int, workdir: Path, name: str, label: str = "") -> Scored:
+    tokens = model.tokenize(text, special=False)
     chunks = list(windows(tokens, ctx))
     if not chunks:
         raise UsageError(f"the text is {len(tokens)} tokens; --ctx {ctx} needs at least that many")
     first = ctx // 2
     files = []
     t0 = time.perf_counter()
-    for i, chunk in enumerate(chunks):
-        files.append(workdir / f"{name}-{i}.npy")
-        np.save(files[-1], model.logits(chunk)[first:-1])
-        if progress:
-            progress(i + 1, len(chunks))
+    from .progress import bar
+    with bar(label or name, len(chunks), unit="window") as upd:
+        for i, chunk in enumerate(chunks):
+            files.append(workdir / f"{name}-{i}.npy")
+            np.save(files[-1], model.logits(chunk)[first:-1])
+            upd(1)
     return Scored(tokens, files, time.perf_counter() - t0)
 
 
@@ -174,29 +135,25 @@ def compare(build: Scored, ref: Scored | None, ctx: int) -> dict:
 
 
 def evaluate_files(model_file: Path, ref_file: Path | None, texts: list[tuple[str, str]], ctx: int = 512,
-                   threads: int | None = None,
-                   progress: Callable[[str, str, int, int], None] | None = None) -> Iterator[tuple[str, dict]]:
+                   threads: int | None = None) -> Iterator[tuple[str, dict]]:
     """(label, result) per text. The reference runs over every text first and is closed before the build is
     loaded, so only one model is in memory at a time (a 7B f16 reference beside its q4_k_m build would need
     some 26 GB on an AMX CPU, by arithmetic). A build against itself is run twice on purpose: KL 0 then
     shows that a pass leaves nothing behind (KV cache, batch state) that changes the next."""
     import tempfile
-
-    def bar(which, label):
-        return (lambda i, n: progress(which, label, i, n)) if progress else None
     with tempfile.TemporaryDirectory(prefix="edgeqwen-eval-") as tmp:
         refs: dict[str, Scored] = {}
         if ref_file is not None:
             m = open_logit_model(ref_file, ctx, threads)
             try:
                 for j, (label, text) in enumerate(texts):
-                    refs[label] = score_pass(m, text, ctx, Path(tmp), f"ref{j}", bar("reference", label))
+                    refs[label] = score_pass(m, text, ctx, Path(tmp), f"ref{j}", f"eval {label} (reference)")
             finally:
                 m.close()
         m = open_logit_model(model_file, ctx, threads)
         try:
             for j, (label, text) in enumerate(texts):
-                got = score_pass(m, text, ctx, Path(tmp), f"build{j}", bar("build", label))
+                got = score_pass(m, text, ctx, Path(tmp), f"build{j}", f"eval {label}")
                 yield label, compare(got, refs.get(label), ctx)
         finally:
             m.close()

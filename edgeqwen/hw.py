@@ -70,6 +70,8 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, repeats: int = 
     """Streaming copy bandwidth in GB/s (read + write), one numpy copy per thread; best of repeats."""
     import numpy as np
     threads = threads or psutil.cpu_count(logical=False) or 1
+    # Two buffers per thread, all of them within 1/16 of RAM (128 MiB in all on a 2 GB Pi).
+    mib = max(8, min(mib, psutil.virtual_memory().total // 16 // (2 * threads) // 2**20))
     n = mib * 2**20 // 8
     bufs = [(np.ones(n), np.empty(n)) for _ in range(threads)]
     best = 0.0

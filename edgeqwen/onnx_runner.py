@@ -36,7 +36,7 @@ class OnnxRunner:
     backend = "onnxruntime-genai"
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, logits: bool = False):
         import onnxruntime_genai as og
         self._og = og
         model = Path(model)
@@ -47,7 +47,8 @@ class OnnxRunner:
         train_ctx = _json(self.folder / "genai_config.json").get("model", {}).get("context_length")
         if not train_ctx:
             raise RunnerError(f"{self.folder}/genai_config.json is unreadable or has no context_length")
-        self.n_ctx = min(n_ctx or DEFAULT_CTX, int(train_ctx))
+        # logits(): a window of n_ctx tokens plus the one genai reserves to generate
+        self.n_ctx = min((n_ctx or DEFAULT_CTX) + (1 if logits else 0), int(train_ctx))
         t0 = time.perf_counter()
         try:
             cfg = og.Config(str(self.folder))

@@ -194,8 +194,9 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
 
 # --- device profiles ---------------------------------------------------------------------------
 
-def devices_file() -> Path:
-    return Path(__file__).resolve().parent.parent / "bench" / "devices.toml"
+def devices_file():
+    from .resources import data
+    return data("devices.toml")
 
 
 def load_devices(path: Path | None = None) -> dict[str, dict]:

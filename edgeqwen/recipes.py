@@ -1,4 +1,4 @@
-"""Recipes: TOML files in recipes/ that say what a model size is and where it comes from.
+"""Recipes: TOML files in edgeqwen/data/recipes/ that say what a model size is and where it comes from.
 
 Parsed strictly: an unknown key, size or quant fails with the valid choices in the message.
 """
@@ -12,14 +12,13 @@ import gguf
 
 from .arch import ARCHS, Arch
 from .errors import RecipeError, UsageError
+from .formats import FORMATS as _FORMATS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
-PACKAGED_RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 
 # Every llama.cpp file type by its lower-case name, taken from gguf's own enum.
 GGUF_QUANTS: dict[str, gguf.LlamaFileType] = {
@@ -35,10 +34,8 @@ NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
 NOT_FOR_DENSE = {"mxfp4_moe"}
 # ONNX precisions (onnxruntime-genai decoders, block-32 weights; onnx_export.PRECISIONS says how each
 # quantizes): int4 is the Q4_K_M-like mix, int4_rtn the builder's plain default, fp32 the reference.
-ONNX_QUANTS = ("int4", "int4_rtn", "int8", "fp32")
-FORMATS = ("gguf", "onnx")
-# What eval compares a build against: the unquantized build of the same format.
-REFERENCE_QUANT = {"gguf": "f16", "onnx": "fp32"}
+ONNX_QUANTS = _FORMATS["onnx"].quants
+FORMATS = tuple(_FORMATS)
 # The short names every recipe ships with; a recipe's [aliases] may add more.
 DEFAULT_ALIASES = {"q4": "q4_k_m", "q8": "q8_0"}
 
@@ -62,7 +59,7 @@ class Recipe:
     path: Path | None = None
 
     def quant_names(self) -> list[str]:
-        return sorted(self.aliases) + sorted(GGUF_QUANTS) + list(ONNX_QUANTS)
+        return sorted(self.aliases) + buildable_gguf_quants() + list(ONNX_QUANTS)
 
     def resolve_quant(self, quant: str, fmt: str | None = None) -> str:
         """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type and the ONNX precisions.
@@ -75,7 +72,7 @@ class Recipe:
             raise UsageError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
         if q in ONNX_QUANTS:
             if fmt == "gguf":
-                raise UsageError(f"{quant!r} is an ONNX precision; GGUF quants: {', '.join(sorted(GGUF_QUANTS))}")
+                raise UsageError(f"{quant!r} is an ONNX precision; GGUF quants: {', '.join(buildable_gguf_quants())}")
             return q
         if fmt == "onnx":
             raise UsageError(f"{quant!r} is not an ONNX precision; choose {', '.join(ONNX_QUANTS)}")
@@ -97,16 +94,16 @@ class Recipe:
         return cfg
 
 
-def quant_format(quant: str) -> str:
-    """The build format a resolved quant name belongs to."""
-    return "onnx" if quant in ONNX_QUANTS else "gguf"
+def buildable_gguf_quants() -> list[str]:
+    """The llama.cpp file types edgeqwen can build (those needing an imatrix, or MoE-only, left out)."""
+    return sorted(set(GGUF_QUANTS) - NEEDS_IMATRIX - NOT_FOR_DENSE)
 
 
-def load_toml(path: Path, what: str = "file") -> dict:
-    """Parse a TOML file; a missing or malformed one is one clear UsageError."""
+def load_toml(path, what: str = "file") -> dict:
+    """Parse a TOML file (a Path or a packaged resource); a missing or malformed one is one clear UsageError."""
     try:
-        return tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UsageError(f"{path}: cannot read {what} ({e})") from None
 
 
@@ -114,10 +111,10 @@ def _fail(path: Path, msg: str) -> RecipeError:
     return RecipeError(f"recipe {path.name}: {msg}")
 
 
-def parse_recipe(path: Path) -> Recipe:
+def parse_recipe(path) -> Recipe:
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise _fail(path, f"cannot read: {e}") from None
     unknown = set(data) - _TOP_KEYS
     if unknown:
@@ -145,20 +142,21 @@ def parse_recipe(path: Path) -> Recipe:
                   description=data.get("description", ""), path=path)
 
 
-def recipe_dirs() -> list[Path]:
-    """Recipes ship inside the package; a checkout's recipes/ folder and EDGEQWEN_RECIPES add to them."""
+def recipe_files() -> list:
+    """EDGEQWEN_RECIPES folders first, then the recipes shipped in the package."""
     import os
+
+    from .resources import recipe_files as packaged
     dirs = [Path(p) for p in os.environ.get("EDGEQWEN_RECIPES", "").split(os.pathsep) if p]
-    return dirs + [d for d in (RECIPE_DIR, PACKAGED_RECIPE_DIR) if d.is_dir()]
+    return [f for d in dirs if d.is_dir() for f in sorted(d.glob("*.toml"))] + packaged()
 
 
 def load_recipes() -> dict[str, Recipe]:
-    """All recipes, keyed by size ('1.5b') and by name ('qwen2-1.5b'); first directory wins."""
+    """All recipes, keyed by name ('qwen2-1.5b'); the first file with a name wins."""
     out: dict[str, Recipe] = {}
-    for d in recipe_dirs():
-        for path in sorted(d.glob("*.toml")):
-            r = parse_recipe(path)
-            out.setdefault(r.name, r)
+    for path in recipe_files():
+        r = parse_recipe(path)
+        out.setdefault(r.name, r)
     return out
 
 

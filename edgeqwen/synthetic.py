@@ -29,6 +29,18 @@ CHATML_TEMPLATE = (
 )
 
 
+def _write_shards(out: Path, shards: list[list], fill) -> tuple[dict, int]:
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / fname, shard, fill)
+        for name, _, shape in shard:
+            weight_map[name] = fname
+            total += int(np.prod(shape)) * 2
+    return weight_map, total
+
+
 def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | None = None) -> None:
     """Write config.json, generation_config.json, sharded bf16 safetensors and a tokenizer into out."""
     out.mkdir(parents=True, exist_ok=True)
@@ -45,24 +57,19 @@ def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | No
         size += nbytes
     rng = np.random.default_rng(seed)
     std = float(config.get("initializer_range", 0.02))
+    from .progress import bar
+    with bar("synthetic weights", sum(int(np.prod(s)) * 2 for _, _, s in specs)) as upd:
+        def fill(name, shape):
+            if len(shape) == 1 and "norm" in name:
+                yield np.full(shape, 0x3F80, dtype=np.uint16)  # 1.0 in bf16: norms start at identity
+                return
+            n = int(np.prod(shape))
+            for i in range(0, n, CHUNK_ELEMS):
+                k = min(CHUNK_ELEMS, n - i)
+                upd(2 * k)
+                yield f32_to_bf16(rng.standard_normal(k, dtype=np.float32) * std)
+        weight_map, total = _write_shards(out, shards, fill)
 
-    def fill(name, shape):
-        if len(shape) == 1 and "norm" in name:
-            yield np.full(shape, 0x3F80, dtype=np.uint16)  # 1.0 in bf16: norms start at identity
-            return
-        n = int(np.prod(shape))
-        for i in range(0, n, CHUNK_ELEMS):
-            k = min(CHUNK_ELEMS, n - i)
-            yield f32_to_bf16(rng.standard_normal(k, dtype=np.float32) * std)
-
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(out / fname, shard, fill)
-        for name, _, shape in shard:
-            weight_map[name] = fname
-            total += int(np.prod(shape)) * 2
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -186,29 +186,54 @@ def render_quality(rows: list[dict], fmt: str = "md") -> str:
 
 
 def plot(rows: list[dict], out: Path) -> None:
-    """Decode tok/s against peak RSS, one point per build and thread count."""
+    """Decode tok/s against peak RSS: one panel per model size (each with its own memory axis), colour per
+    quant, marker per backend and device, and a legend instead of per-point labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for rs in group_by_device(rows).values():
-        ok = [r for r in rs if r.get("status") == "ok"]
-        xs = [max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) / 2**30 for r in ok]
-        ys = [r["tg"]["mean"] for r in ok]
-        ax.scatter(xs, ys, label=rs[0]["device"]["cpu"][:40])
-        for x, y, r in zip(xs, ys, ok):
-            b = r["build"]
-            ax.annotate(f"{b.get('size') or b['name']} {b.get('quant')} t{r['threads']}", (x, y), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("peak RSS (GiB)")
-    ax.set_ylabel("decode tok/s")
-    ax.set_title("edgeqwen: decode speed vs memory")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ok = [r for r in rows if r.get("kind", "bench") == "bench" and r.get("status") == "ok"]
+    if not ok:
+        raise UsageError("--plot: no successful bench rows to plot")
+    sizes = sorted({r["build"].get("size") or r["build"]["name"] for r in ok}, key=_size_order)
+    quants = sorted({r["build"].get("quant") or "?" for r in ok})
+    series = sorted({(r.get("backend") or r["build"].get("format", "gguf"), r["device"].get("cpu", "?")[:32])
+                     for r in ok})
+    colours = {q: plt.get_cmap("tab20")(i % 20) for i, q in enumerate(quants)}
+    markers = {s: "osD^v<>Px*"[i % 10] for i, s in enumerate(series)}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes) + 2.8, 4.6), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for r in (r for r in ok if (r["build"].get("size") or r["build"]["name"]) == size):
+            x = max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) / 2**30
+            key = (r.get("backend") or r["build"].get("format", "gguf"), r["device"].get("cpu", "?")[:32])
+            ax.scatter(x, r["tg"]["mean"], color=colours[r["build"].get("quant") or "?"], marker=markers[key], s=36,
+                       edgecolors="black", linewidths=0.4, alpha=0.85)
+        ax.set_title(f"{size}")
+        ax.set_xlabel("peak RSS (GiB)")
+        ax.grid(alpha=0.3)
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("decode tok/s")
+    handles = [Line2D([], [], linestyle="", marker="s", color=colours[q], label=q) for q in quants]
+    handles += [Line2D([], [], linestyle="", marker=markers[s], color="grey", markeredgecolor="black",
+                       label=f"{s[0]} · {s[1]}") for s in series]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle("edgeqwen: decode speed against peak memory")
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / (4.2 * len(sizes) + 2.8), 1))
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UsageError(f"--plot {out}: the folder {out.parent} does not exist")
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=120)
+    plt.close(fig)
     tmp.replace(out)
+
+
+def _size_order(s: str) -> float:
+    try:
+        return float(str(s).lower().rstrip("b"))
+    except ValueError:
+        return 1e9

@@ -22,7 +22,13 @@ def _has(*mods):
     return all(importlib.util.find_spec(m) for m in mods)
 
 
-needs_hf = pytest.mark.skipif(not _has("torch", "transformers"), reason="torch and transformers are not installed")
+def _reference(*mods):
+    """Marked `reference` (CI runs them after make reference) and skipped without those packages."""
+    skip = pytest.mark.skipif(not _has(*mods), reason=f"{', '.join(mods)} not installed (make reference)")
+    return lambda f: pytest.mark.reference(skip(f))
+
+
+needs_hf = _reference("torch", "transformers")
 
 
 def _onnx_logits(folder, ids):
@@ -121,8 +127,7 @@ def _nbits_bits(folder) -> dict[str, int]:
             for n in m.graph.node if n.op_type == "MatMulNBits"}
 
 
-needs_builder = pytest.mark.skipif(not _has("torch", "transformers", "onnx_ir"),
-                                   reason="the genai model builder's deps are absent")
+needs_builder = _reference("torch", "transformers", "onnx_ir")
 
 
 @needs_builder
@@ -210,14 +215,20 @@ def test_ram_preflight_refuses_before_loading(tiny_ckpt, tmp_path):
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_onnx_build_leaves_nothing(tiny_ckpt, tmp_path):
-    def progress(label, total):
+def test_interrupted_onnx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    import contextlib
+
+    import edgeqwen.build
+
+    @contextlib.contextmanager
+    def interrupting_bar(label, total, unit="B"):
         def upd(n):
             raise KeyboardInterrupt
-        return upd
+        yield upd
+    monkeypatch.setattr(edgeqwen.build, "bar", interrupting_bar)
     with pytest.raises(KeyboardInterrupt):
         build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="int4", source=tiny_ckpt, out=tmp_path / "b"),
-              log=None, progress=progress)
+              log=None)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -22,7 +22,8 @@ if [[ "$arch" == x86_64 ]] && [[ "$cc_id" != *clang* ]] && $cc_bin --version 2>/
 fi
 # Optimise for this machine (AVX-512/AMX here, NEON/dotprod on a Pi). Set explicitly because
 # ggml turns it off whenever SOURCE_DATE_EPOCH is set, which wheel builds can do.
-cmake_args=${CMAKE_ARGS:--DGGML_NATIVE=ON}
+# GGML_RPC: llama.cpp's RPC backend, for `edgeqwen worker` and --workers (several devices).
+cmake_args=${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_RPC=ON}
 # A native build is only good for this CPU: its model and flags are part of the cache key.
 cpu_id=$( (grep -m1 -E '^(model name|flags|Features)' /proc/cpuinfo; grep -m1 -E '^(flags|Features)' /proc/cpuinfo) 2>/dev/null \
           || sysctl -n machdep.cpu.brand_string 2>/dev/null || uname -m)

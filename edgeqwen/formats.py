@@ -1,0 +1,97 @@
+"""Build formats as rows of one table: what each quant name means, how it is built, run and checked.
+
+Adding a backend (an MLX runner on Apple Silicon, say) is one new module plus one row here.
+Functions and classes are named as "module:attr" strings so that importing this table never
+imports a backend (llama_cpp, onnxruntime).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RunnerError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    quants: tuple[str, ...]          # quant names that make this format (GGUF's come from gguf's enum)
+    reference_quant: str             # what eval compares a build against
+    model_file: str                  # the file a build folder's manifest points at
+    hashed_files: tuple[str, ...]    # the files the manifest's sha256 covers, in order
+    builder: str                     # "module:function(req, ckpt, quant, name, tmp, manifest, log, progress)"
+    runner: str                      # "module:Class(model, threads=, n_ctx=, manifest=)"
+    needs: str                       # the import the runner needs
+    install: str                     # how to install it
+    suffixes: tuple[str, ...]        # model files of this format outside a build folder
+    marker: str | None = None        # a file whose presence makes a folder this format
+    plan: bool = False               # `edgeqwen plan` can predict it
+
+    def load(self, what: str):
+        module, attr = getattr(self, what).split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def runner_class(self):
+        try:
+            importlib.import_module(self.needs)
+        except ImportError:
+            raise RunnerError(f"{self.name} builds need {self.needs}, which is not installed: {self.install}") from None
+        return self.load("runner")
+
+
+def _gguf_quants() -> tuple[str, ...]:
+    from .recipes import GGUF_QUANTS
+    return tuple(sorted(GGUF_QUANTS))
+
+
+FORMATS: dict[str, Format] = {
+    "gguf": Format(
+        name="gguf", quants=(), reference_quant="f16", model_file="model.gguf", hashed_files=("model.gguf",),
+        builder="edgeqwen.build:build_gguf", runner="edgeqwen.llama_runner:LlamaRunner", needs="llama_cpp",
+        install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), plan=True),
+    "onnx": Format(
+        name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
+        hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.build:build_onnx",
+        runner="edgeqwen.onnx_runner:OnnxRunner", needs="onnxruntime_genai", install="pip install 'edgeqwen[onnx]'",
+        suffixes=(".onnx",), marker="genai_config.json"),
+}
+
+
+def quants(fmt: str) -> tuple[str, ...]:
+    return _gguf_quants() if fmt == "gguf" else FORMATS[fmt].quants
+
+
+def format_of_quant(quant: str) -> str:
+    """The format a resolved quant name belongs to: the first row that lists it (GGUF owns the rest)."""
+    for f in FORMATS.values():
+        if quant in f.quants:
+            return f.name
+    return "gguf"
+
+
+def detect(path: Path, manifest: dict | None = None) -> Format:
+    """The format of a build folder or model file: its manifest says, else its name or a marker file."""
+    if manifest and manifest.get("format") in FORMATS:
+        return FORMATS[manifest["format"]]
+    for f in FORMATS.values():
+        if path.suffix in f.suffixes or (f.marker and path.is_dir() and (path / f.marker).exists()):
+            return f
+    raise RunnerError(f"{path}: not a model file edgeqwen can run (.gguf, .onnx, or a build folder)")
+
+
+def build_hash(folder: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The sha256 a manifest records for its build: the file's for one file, else a hash of the files' hashes."""
+    import hashlib
+
+    from .checkpoint import sha256_file
+    fmt = detect(folder, manifest)
+    names = fmt.hashed_files if manifest.get("file") == fmt.model_file else (manifest["file"],)
+    paths = [folder / n for n in names]
+    if len(paths) == 1:
+        return sha256_file(paths[0], on_bytes)
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(sha256_file(p, on_bytes).encode())
+    return h.hexdigest()

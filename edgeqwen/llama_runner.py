@@ -1,0 +1,193 @@
+"""llama.cpp through llama-cpp-python, behind the runner protocol (see runner.py).
+
+libllama's own log lines go to the "edgeqwen.llama" logger at DEBUG (shown with `edgeqwen -v`),
+not to the terminal: a quantize pass alone prints a line per tensor.
+"""
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .errors import RunnerError
+from .measure import physical_cores
+from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+
+_log = logging.getLogger("edgeqwen.llama")
+GGML_LOG_LEVEL_ERROR = 4
+_callback = None   # kept alive: libllama holds the pointer
+
+
+def route_llama_logs() -> None:
+    """Send libllama's (and ggml's) log lines to logging instead of stderr; idempotent."""
+    global _callback
+    if _callback is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def cb(level, text, _user):
+        msg = text.decode("utf-8", "replace").rstrip("\n")
+        if msg:
+            _log.log(logging.WARNING if level == GGML_LOG_LEVEL_ERROR else logging.DEBUG, msg)
+    _callback = cb
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+
+
+class LlamaRunner:
+    """llama.cpp through llama-cpp-python."""
+
+    backend = "llama.cpp"
+
+    def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
+                 manifest: dict | None = None, logits: bool = False, n_batch: int = 512):
+        import llama_cpp
+        route_llama_logs()
+        self._lc = llama_cpp
+        self.path = Path(model)
+        if not self.path.exists():
+            raise RunnerError(f"{self.path}: no such model file")
+        info = _check_gguf(self.path)
+        self.threads = threads or physical_cores()
+        # Metal on Apple Silicon when this llama-cpp-python has it; CPU everywhere else.
+        gpu = -1 if (sys.platform == "darwin" and platform.machine() == "arm64"
+                     and llama_cpp.llama_supports_gpu_offload()) else 0
+        if n_ctx is None:  # the default, capped by what the model was trained for
+            n_ctx = min(DEFAULT_CTX, int(info.get("{arch}.context_length", DEFAULT_CTX) or DEFAULT_CTX))
+        extra = {}
+        if logits:  # eval: a whole window in one batch, logits at every position
+            n_batch, extra = n_ctx, {"n_ubatch": n_ctx, "logits_all": True}
+        else:
+            # llama.cpp rounds the context up to a multiple of 256, but llama-cpp-python sizes its token
+            # buffer by the number asked for: ask for the rounded size so the two agree.
+            n_ctx = -(-n_ctx // 256) * 256
+        t0 = time.perf_counter()
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch,
+                                       n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True,
+                                       n_gpu_layers=gpu, verbose=False, **extra)
+        except (ValueError, RuntimeError) as e:
+            raise RunnerError(f"{self.path}: llama.cpp cannot load this model; the file is corrupt, truncated or of an "
+                              f"unsupported architecture ({e})") from None
+        self.load_s = time.perf_counter() - t0
+        self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
+        self.n_vocab = self.llm.n_vocab()
+        self.gpu_layers = gpu
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        meta = self.llm.metadata
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.eos_token = self._piece(self.llm.token_eos())
+        self.proc = psutil.Process(os.getpid())
+
+    def _piece(self, tok: int) -> str:
+        return self._piece_bytes(tok, special=True).decode("utf-8", "replace")
+
+    def _piece_bytes(self, tok: int, special: bool = False) -> bytes:
+        # llama-cpp-python's own token_to_piece returns its whole 32-byte buffer, NULs included.
+        key = (tok, special)
+        if key not in self._pieces:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lc.llama_token_to_piece(self.llm._model.vocab, tok, buf, len(buf), 0, special)
+            self._pieces[key] = buf.raw[:max(n, 0)]
+        return self._pieces[key]
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", "replace")
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise RunnerError(f"{self.path} has no chat template; use --raw")
+        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
+
+    def _argmax(self) -> int:
+        # Greedy straight off the logits: libllama's sampler copies all ~152k candidates per token,
+        # which costs several percent of decode speed on small models.
+        ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def _sampler(self, s: Sampling):
+        from llama_cpp import _internals as internals
+        smp = internals.LlamaSampler()
+        if s.temperature <= 0:
+            smp.add_greedy()
+        else:
+            smp.add_top_k(s.top_k)
+            smp.add_top_p(s.top_p, 1)
+            if s.min_p > 0:
+                smp.add_min_p(s.min_p, 1)
+            smp.add_temp(s.temperature)
+            smp.add_dist(s.seed if s.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        return smp
+
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
+        lc, llm = self._lc, self.llm
+        max_new = check_prompt(tokens, self.n_ctx, sampling)
+        # Reuse the KV cache for the prefix this prompt shares with the last one (chat turns).
+        prefix = shared_prefix(llm.input_ids[: llm.n_tokens], tokens)
+        llm.n_tokens = prefix
+        greedy = sampling.temperature <= 0
+        smp = self._sampler(sampling)
+        vocab = llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        lc.llama_perf_context_reset(llm.ctx)
+
+        def tokens_out():
+            llm.eval(tokens[prefix:])
+            while True:
+                tok = self._argmax() if greedy else smp.sample(llm._ctx, -1)
+                yield tok
+                llm.eval([tok])
+
+        try:
+            yield from respond(
+                tokens_out(), t0=time.perf_counter(), n_prompt=len(tokens), cached=prefix, max_new=max_new,
+                is_eog=lambda t: not sampling.ignore_eos and lc.llama_vocab_is_eog(vocab, t),
+                decode=lambda t: decoder.decode(b"", final=True) if t is None else decoder.decode(self._piece_bytes(t)),
+                proc=self.proc, counters=self._counters)
+        finally:
+            smp.close()
+
+    def _counters(self) -> dict:
+        p = self._lc.llama_perf_context(self.llm.ctx)
+        return {"t_prompt_ms": p.t_p_eval_ms, "n_prompt": p.n_p_eval, "t_eval_ms": p.t_eval_ms, "n_eval": p.n_eval,
+                "load_ms": p.t_load_ms}
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Next-token logits at every position of tokens, from an empty context (needs logits=True)."""
+        self.llm.reset()
+        self.llm.eval(tokens)
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _check_gguf(path: Path):
+    """Refuse files llama.cpp would choke on, with a clear line instead of a C error."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise RunnerError(f"{path}: cannot read ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise RunnerError(f"{path}: not a GGUF file")
+    from .gguf_info import read_gguf_info
+    try:
+        info = read_gguf_info(path)
+    except (ValueError, OSError) as e:
+        raise RunnerError(f"{path}: corrupt GGUF header ({e})") from None
+    if not info.complete:
+        raise RunnerError(f"{path}: truncated GGUF ({info.file_size} bytes; its tensors need more)")
+    return info

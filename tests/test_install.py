@@ -1,0 +1,40 @@
+"""What `make setup` alone gives a new user: every module imports, every command's --help works,
+and the default ONNX precision (int4, whose k-quant search imports onnx_ir) builds."""
+import importlib
+import pkgutil
+
+import pytest
+from click.testing import CliRunner
+from conftest import run_cli
+
+import edgeqwen
+from edgeqwen.cli import cli
+
+
+@pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.iter_modules(edgeqwen.__path__, "edgeqwen.")))
+def test_every_module_imports(name):
+    importlib.import_module(name)
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_has_help_with_an_example(command):
+    r = CliRunner().invoke(cli, [command, "--help"])
+    assert r.exit_code == 0, r.output
+    assert f"edgeqwen {command}" in r.output.replace("edgeqwen  ", "edgeqwen ")
+
+
+def test_packaged_data_is_found_through_the_package():
+    from edgeqwen.claims import load_claims
+    from edgeqwen.evaluate import load_text
+    from edgeqwen.plan import load_devices
+    from edgeqwen.resources import recipe_files
+    assert {"qwen2-0.5b.toml", "qwen2-7b.toml"} <= {p.name for p in recipe_files()}
+    assert "raspberry-pi-5-8gb" in load_devices() and load_claims()
+    assert len(load_text("zh")[1]) > 1000
+
+
+def test_int4_onnx_build_works_on_the_setup_install(tiny_ckpt, tmp_path):
+    """The README's default ONNX precision; it once needed a package only `make reference` installed."""
+    r = run_cli("build", "tiny", "int4", "--source", tiny_ckpt, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-800:]
+    assert (tmp_path / "b" / "model.onnx").exists()
