@@ -119,7 +119,7 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
             with Timer() as t:
                 manifest["smoke"] = smoke_check(model, threads=req.threads)
             manifest["timings_s"]["smoke"] = round(t.seconds, 2)
-            _say(log, f"smoke check: {manifest['smoke']['tokens']} tokens: {manifest['smoke']['text']!r}")
+            _say(log, f"smoke check: {manifest['smoke']['tokens']} tokens, {manifest['smoke']['decode_tps']} tok/s")
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_json_atomic(tmp / MANIFEST, manifest)
         _install(tmp, final)

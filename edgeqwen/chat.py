@@ -6,7 +6,7 @@ import sys
 import click
 
 from .errors import RunnerError
-from .runner import Response, Runner, Sampling
+from .runner import Response, Runner, Sampling, display_text
 
 HELP = "/reset clears history · /stats last reply · /quit or Ctrl-D exits · Ctrl-C stops a reply"
 
@@ -73,7 +73,7 @@ def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None
                 for r in stream:
                     got = r  # first: a Ctrl-C while writing must still find the reply's figures
                     reply.append(r.text)
-                    out.write(r.text)
+                    out.write(display_text(r.text))
                     out.flush()
             finally:
                 stream.close()

@@ -105,9 +105,10 @@ class Scored:
         return np.load(self.files[i])
 
 
-def score_pass(model, text: str, ctx: int, workdir: Path, name: str, label: str = "") -> Scored:
+def score_pass(model, text: str, ctx: int, workdir: Path, name: str, label: str = "",
+               max_windows: int | None = None) -> Scored:
     tokens = model.tokenize(text, special=False)
-    chunks = list(windows(tokens, ctx))
+    chunks = list(windows(tokens, ctx))[:max_windows]
     if not chunks:
         raise UsageError(f"the text is {len(tokens)} tokens; --ctx {ctx} needs at least that many")
     first = ctx // 2
@@ -128,14 +129,14 @@ def compare(build: Scored, ref: Scored | None, ctx: int) -> dict:
         raise UsageError("the build and its reference tokenize the text differently; not comparable")
     stats = ChunkStats()
     first = ctx // 2
-    for i, chunk in enumerate(windows(build.tokens, ctx)):
+    for i, chunk in zip(range(len(build.files)), windows(build.tokens, ctx)):
         stats.add(build.window(i), None if ref is None else ref.window(i), np.array(chunk[first + 1:]))
     return {**stats.result(), "ctx": ctx, "text_tokens": len(build.tokens), "chunks": len(build.files),
             "seconds": build.seconds + (ref.seconds if ref is not None else 0.0)}
 
 
 def evaluate_files(model_file: Path, ref_file: Path | None, texts: list[tuple[str, str]], ctx: int = 512,
-                   threads: int | None = None) -> Iterator[tuple[str, dict]]:
+                   threads: int | None = None, max_windows: int | None = None) -> Iterator[tuple[str, dict]]:
     """(label, result) per text. The reference runs over every text first and is closed before the build is
     loaded, so only one model is in memory at a time (a 7B f16 reference beside its q4_k_m build would need
     some 26 GB on an AMX CPU, by arithmetic). A build against itself is run twice on purpose: KL 0 then
@@ -147,13 +148,14 @@ def evaluate_files(model_file: Path, ref_file: Path | None, texts: list[tuple[st
             m = open_logit_model(ref_file, ctx, threads)
             try:
                 for j, (label, text) in enumerate(texts):
-                    refs[label] = score_pass(m, text, ctx, Path(tmp), f"ref{j}", f"eval {label} (reference)")
+                    refs[label] = score_pass(m, text, ctx, Path(tmp), f"ref{j}", f"eval {label} (reference)",
+                                             max_windows)
             finally:
                 m.close()
         m = open_logit_model(model_file, ctx, threads)
         try:
             for j, (label, text) in enumerate(texts):
-                got = score_pass(m, text, ctx, Path(tmp), f"build{j}", f"eval {label}")
+                got = score_pass(m, text, ctx, Path(tmp), f"build{j}", f"eval {label}", max_windows)
                 yield label, compare(got, refs.get(label), ctx)
         finally:
             m.close()

@@ -6,6 +6,7 @@ not to the terminal: a quantize pass alone prints a line per tensor.
 from __future__ import annotations
 
 import codecs
+import collections
 import ctypes
 import logging
 import os
@@ -25,6 +26,12 @@ from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, 
 _log = logging.getLogger("edgeqwen.llama")
 GGML_LOG_LEVEL_ERROR = 4
 _callback = None   # kept alive: libllama holds the pointer
+_errors: collections.deque[str] = collections.deque(maxlen=8)
+
+
+def last_llama_error() -> str | None:
+    """The last error line libllama logged (e.g. why a quantize failed), for our one-line messages."""
+    return _errors[-1] if _errors else None
 
 
 def route_llama_logs() -> None:
@@ -37,6 +44,8 @@ def route_llama_logs() -> None:
     @llama_cpp.llama_log_callback
     def cb(level, text, _user):
         msg = text.decode("utf-8", "replace").rstrip("\n")
+        if msg and level == GGML_LOG_LEVEL_ERROR:
+            _errors.append(msg.split(": ", 1)[-1])
         if msg:
             _log.log(logging.WARNING if level == GGML_LOG_LEVEL_ERROR else logging.DEBUG, msg)
     _callback = cb

@@ -8,6 +8,9 @@ model: each weight is read from memory-mapped safetensors in row blocks, quantiz
 with onnxruntime's own functions and appended to the external-data file, so peak RSS is a few
 hundred MB at any size
 (fp32, which transposes whole matrices, is the exception and is only a reference).
+
+One module of ~490 lines on purpose: the graph's node names and the weight writer's initializer
+names must agree one for one, and keeping both beside PRECISIONS is what makes that checkable.
 """
 from __future__ import annotations
 

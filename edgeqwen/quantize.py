@@ -18,6 +18,8 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
         import llama_cpp
     except ImportError:
         raise BuildError("quantizing needs llama-cpp-python: run 'make setup' or pip install -e '.[gguf]'") from None
+    from .llama_runner import route_llama_logs
+    route_llama_logs()   # a line per tensor otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(GGUF_QUANTS[quant])
     params.nthread = threads or physical_cores()
@@ -41,4 +43,5 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
         done.set()
         t.join()
     if rc != 0 or not dst.exists():
-        raise BuildError(f"llama_model_quantize failed for {quant} (code {rc}); see the messages above")
+        from .llama_runner import last_llama_error
+        raise BuildError(f"llama.cpp's quantizer failed for {quant}: {last_llama_error() or f'code {rc}'}")

@@ -28,10 +28,11 @@ GGUF_QUANTS: dict[str, gguf.LlamaFileType] = {
 # Written directly by the converter, no quantize pass.
 CONVERTER_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
                    "bf16": gguf.GGMLQuantizationType.BF16}
-# libllama refuses these without an importance matrix, which edgeqwen does not compute.
-NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"}
-# Meaningless for a dense model.
-NOT_FOR_DENSE = {"mxfp4_moe"}
+# libllama refuses these without an importance matrix, which edgeqwen does not compute (checked:
+# the vendored llama.cpp says "this quantization requires an imatrix!" for each).
+NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"}
+# Meaningless for a dense model, or not a type llama_model_quantize writes ("invalid output file type").
+NOT_FOR_DENSE = {"mxfp4_moe", "nvfp4"}
 # ONNX precisions (onnxruntime-genai decoders, block-32 weights; onnx_export.PRECISIONS says how each
 # quantizes): int4 is the Q4_K_M-like mix, int4_rtn the builder's plain default, fp32 the reference.
 ONNX_QUANTS = _FORMATS["onnx"].quants
@@ -82,7 +83,7 @@ class Recipe:
             raise UsageError(f"{q} needs an importance matrix, which edgeqwen does not compute; "
                              "use q3_k_s, q2_k or a larger type")
         if q in NOT_FOR_DENSE:
-            raise UsageError(f"{q} is for mixture-of-experts models; {self.name} is dense")
+            raise UsageError(f"{q} cannot be built by llama.cpp's quantizer for a dense model like {self.name}")
         return q
 
     def hf_config(self) -> dict:

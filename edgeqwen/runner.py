@@ -156,6 +156,15 @@ def respond(tokens_out: Iterator[int], *, t0: float, n_prompt: int, cached: int,
         yield response(decode(None), None, "interrupted")
 
 
+_CONTROL = {c: "\ufffd" for c in range(32) if chr(c) not in "\n\t"} | {127: "\ufffd"}
+
+
+def display_text(text: str) -> str:
+    """Text safe for a terminal: control characters (NUL, ESC sequences from a model) become U+FFFD, as
+    invalid UTF-8 already does in the backends' decoders."""
+    return text.translate(_CONTROL)
+
+
 def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = False,
                   system: str | None = None) -> Iterator[Response]:
     """Prompt text -> response stream, with the model's chat template unless raw."""

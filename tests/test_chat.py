@@ -27,11 +27,8 @@ def test_chat_question_stats_reset_and_eof(tiny_builds):
         child.sendline("/reset")
         child.expect("history cleared")
         child.expect(">>> ")
-        child.sendeof()
-        child.expect(pexpect.EOF)
     finally:
-        child.close()
-    assert child.exitstatus == 0
+        _leave(child)
 
 
 @pytest.mark.parametrize("fixture,build", [("tiny_builds", "q4_0"), ("onnx_builds", "int4")])
@@ -51,6 +48,13 @@ def test_ctrl_c_stops_two_long_replies_then_stats(request, fixture, build):
         child.sendline("/stats")
         child.expect("peak RSS")
         child.expect(">>> ")
+    finally:
+        _leave(child)
+
+
+def _leave(child):
+    """Ctrl-D at the prompt ends the REPL with exit status 0."""
+    try:
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:

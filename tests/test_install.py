@@ -38,3 +38,18 @@ def test_int4_onnx_build_works_on_the_setup_install(tiny_ckpt, tmp_path):
     r = run_cli("build", "tiny", "int4", "--source", tiny_ckpt, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr[-800:]
     assert (tmp_path / "b" / "model.onnx").exists()
+
+
+def test_build_output_is_quiet_and_generated_text_is_clean_utf8(tiny_ckpt, tmp_path):
+    """No libllama per-tensor log lines; a random model's bytes reach stdout as valid UTF-8 without controls."""
+    r = run_cli("build", "tiny", "q4_k_m", "--source", tiny_ckpt, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "converting to" not in r.stderr and "llama_model_quantize" not in r.stderr
+    assert len(r.stderr.splitlines()) <= 6, r.stderr
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "edgeqwen.cli", "run", str(tmp_path / "b"), "Hello", "-n", "48", "-t", "0"]
+    p = subprocess.run(cmd, capture_output=True)
+    assert p.returncode == 0, p.stderr
+    text = p.stdout.decode("utf-8")   # strict: raises on invalid UTF-8
+    assert not any(ord(c) < 32 and c not in "\n\t" for c in text)

@@ -1,7 +1,7 @@
 import pytest
 
 from edgeqwen.errors import RecipeError, UsageError
-from edgeqwen.recipes import GGUF_QUANTS, NEEDS_IMATRIX, get_recipe, load_recipes, parse_recipe
+from edgeqwen.recipes import GGUF_QUANTS, NEEDS_IMATRIX, NOT_FOR_DENSE, get_recipe, load_recipes, parse_recipe
 
 
 def test_shipped_recipes_parse_with_the_qwen2_shapes():
@@ -23,7 +23,7 @@ def test_quant_aliases_and_llama_cpp_names(given, want):
 def test_every_llama_cpp_file_type_is_known_by_name():
     r = get_recipe("0.5b")
     for q in GGUF_QUANTS:
-        if q in NEEDS_IMATRIX or q == "mxfp4_moe":
+        if q in NEEDS_IMATRIX or q in NOT_FOR_DENSE:
             with pytest.raises(UsageError):
                 r.resolve_quant(q)
         else:

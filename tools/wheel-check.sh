@@ -11,8 +11,11 @@ bin="$work/venv/bin"
 "$bin/python" -m pip install -q --upgrade pip
 "$bin/python" -m pip wheel -q --no-deps -w "$work/dist" "$repo"
 whl=$(ls "$work/dist"/edgeqwen-*.whl)
-echo "wheel: $(basename "$whl") ($(unzip -l "$whl" | tail -n1 | awk '{print $2}') files)"
-unzip -l "$whl" | grep -q 'edgeqwen/data/recipes/qwen2-0.5b.toml' || { echo "recipes missing from the wheel"; exit 1; }
+listing=$(unzip -l "$whl")
+echo "wheel: $(basename "$whl") ($(tail -n1 <<<"$listing" | awk '{print $2}') files)"
+for f in data/recipes/qwen2-0.5b.toml data/devices.toml data/claims.toml data/eval-en.txt; do
+  grep -q "edgeqwen/$f" <<<"$listing" || { echo "edgeqwen/$f is missing from the wheel"; exit 1; }
+done
 PYTHON="$bin/python" "$repo/tools/install-llama-cpp.sh" >/dev/null
 "$bin/python" -m pip install -q "$whl[gguf,onnx]"
 cd "$work"   # nothing of the checkout is importable or readable from here
@@ -23,7 +26,5 @@ set -x
 "$bin/edgeqwen" build 0.5b q4 --synthetic --out "$work/b"
 "$bin/edgeqwen" run "$work/b" "Hello" -n 4 -t 0
 "$bin/edgeqwen" verify "$work/b"
-printf 'The quick brown fox jumps over the lazy dog. %.0s' $(seq 300) > "$work/excerpt.txt"
-"$bin/edgeqwen" eval "$work/b" --text en --ctx 256
-"$bin/edgeqwen" eval "$work/b" --text "$work/excerpt.txt" --ctx 128
+"$bin/edgeqwen" eval "$work/b" --text en --ctx 256 --windows 2
 "$bin/edgeqwen" table --help >/dev/null
