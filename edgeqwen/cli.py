@@ -209,6 +209,42 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
 
 
 
+@cli.command()
+@click.argument("builds", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others need --api-key.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="EDGEQWEN_API_KEY", help="Require this bearer key (or $EDGEQWEN_API_KEY).")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 4096),
+              help="Requests that may wait for the model; more get 503.")
+@click.option("--ctx", type=click.IntRange(16, 1 << 20), help="Context length (default: 4096, capped by the model).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores.")
+@click.option("--cors", help="Allow this browser origin (CORS is off by default).")
+def serve(builds, host, port, api_key, max_queue, ctx, threads, cors):
+    """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    One build is resident at a time and swapped on demand; requests queue in FIFO order.
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+    \b
+      edgeqwen serve qwen2-1.5b-q4_k_m --port 8080
+      # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+    """
+    import ipaddress
+
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not api_key:
+        click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
+                   "model", err=True)
+    cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors)
+    click.echo(f"serving {', '.join(builds)} on http://{host}:{port}/ (OpenAI API at /v1)", err=True)
+    run_server(cfg, host, port)
+
+
 def _register() -> None:
     from . import cli_manage, cli_measure
     for c in cli_manage.COMMANDS + cli_measure.COMMANDS:

@@ -17,7 +17,7 @@ for f in data/recipes/qwen2-0.5b.toml data/devices.toml data/claims.toml data/ev
   grep -q "edgeqwen/$f" <<<"$listing" || { echo "edgeqwen/$f is missing from the wheel"; exit 1; }
 done
 PYTHON="$bin/python" "$repo/tools/install-llama-cpp.sh" >/dev/null
-"$bin/python" -m pip install -q "$whl[gguf,onnx]"
+"$bin/python" -m pip install -q "$whl[gguf,onnx,serve]"
 cd "$work"   # nothing of the checkout is importable or readable from here
 export EDGEQWEN_HOME="$work/home" HF_HUB_OFFLINE=1 EDGEQWEN_RECIPES=
 set -x

@@ -1,0 +1,297 @@
+"""`edgeqwen serve`: a real server process on 127.0.0.1, driven by the real openai client and httpx."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import run_cli
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+QUESTION = "Name three colours."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, builds, *args, env=None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        e = dict(os.environ)
+        e.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", *map(str, builds),
+                                      "--port", str(self.port), "--threads", "2", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def client(self, key="none"):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tiny_builds, onnx_builds):
+    s = Served([tiny_builds["q4_0"], onnx_builds["int8"]])
+    yield s
+    assert s.stop() == 0   # SIGTERM: a clean exit
+
+
+def _name(folder) -> str:
+    return json.loads((folder / "manifest.json").read_text())["name"]
+
+
+@pytest.mark.parametrize("which", ["gguf", "onnx"])
+def test_greedy_chat_matches_edgeqwen_run(server, tiny_builds, onnx_builds, which):
+    folder = tiny_builds["q4_0"] if which == "gguf" else onnx_builds["int8"]
+    r = server.client().chat.completions.create(model=_name(folder), temperature=0, max_tokens=24,
+                                                messages=[{"role": "user", "content": QUESTION}])
+    ref = json.loads(run_cli("run", folder, QUESTION, "-t", "0", "-n", "24", "--json").stdout)
+    assert r.choices[0].message.content == ref["text"]
+    assert r.usage.completion_tokens == ref["generation_tokens"] and r.usage.prompt_tokens == ref["prompt_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if ref["finish_reason"] == "length" else "stop")
+
+
+def test_streaming_equals_non_streaming_and_reports_usage(server, tiny_builds):
+    model = _name(tiny_builds["q4_0"])
+    c = server.client()
+    whole = c.chat.completions.create(model=model, temperature=0, max_tokens=20,
+                                      messages=[{"role": "user", "content": QUESTION}])
+    chunks = list(c.chat.completions.create(model=model, temperature=0, max_tokens=20, stream=True,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": QUESTION}]))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_completions_is_run_raw_and_models_lists_both(server, tiny_builds, onnx_builds):
+    c = server.client()
+    model = _name(tiny_builds["q4_0"])
+    r = c.completions.create(model=model, prompt="The sky is", max_tokens=12, temperature=0)
+    ref = json.loads(run_cli("run", tiny_builds["q4_0"], "The sky is", "--raw", "-t", "0", "-n", "12", "--json").stdout)
+    assert r.choices[0].text == ref["text"] and r.usage.completion_tokens == ref["generation_tokens"]
+    listed = {m.id: m for m in c.models.list().data}
+    assert set(listed) == {model, _name(onnx_builds["int8"])}
+    assert listed[model].model_extra["format"] == "gguf" and listed[model].model_extra["file_size"] > 0
+
+
+def test_stop_strings_and_max_completion_tokens(server, tiny_builds):
+    c = server.client()
+    model = _name(tiny_builds["q4_0"])
+    full = c.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[5:8]
+    r = c.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0, stop=[stop],
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].text == full[:full.index(stop)] and r.choices[0].finish_reason == "stop"
+    r = c.chat.completions.create(model=model, max_completion_tokens=3, temperature=0,
+                                  messages=[{"role": "user", "content": "hi"}], extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body,status,words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": "M"}, 400, "messages"),
+    ({"model": "M", "messages": "hi"}, 400, "messages"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, "max_tokens"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"model": "M", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n > 1"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served"),
+    ({"model": "M", "messages": [{"role": "user", "content": "word " * 40000}]}, 400, "too many"),
+    ({"model": "M", "messages": [{"role": "user", "content": "x" * (1 << 21)}]}, 413, "limit"),
+])
+def test_errors_have_openais_shape(server, tiny_builds, body, status, words):
+    if isinstance(body, dict):
+        body = json.dumps(body).replace('"M"', json.dumps(_name(tiny_builds["q4_0"]))).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and {"message", "type", "code"} <= set(err)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_client_that_disconnects_stops_its_generation(server, tiny_builds):
+    model = _name(tiny_builds["q4_0"])
+    before = server.metric("edgeqwen_generated_tokens_total")
+    body = {"model": model, "prompt": "Tell me everything.", "max_tokens": 100000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 10:
+                break
+    time.sleep(1.0)
+    a = server.metric("edgeqwen_generated_tokens_total")
+    time.sleep(1.0)
+    b = server.metric("edgeqwen_generated_tokens_total")
+    assert a == b and a - before < 2000, (before, a, b)   # stopped, long before max_tokens
+    assert server.client().models.list().data   # and the server answers
+
+
+def test_api_key_and_queue_full(tiny_builds):
+    s = Served([tiny_builds["q4_0"]], "--max-queue", "1", "--ctx", "32768", env={"EDGEQWEN_API_KEY": "s3cret"})
+    try:
+        model = _name(tiny_builds["q4_0"])
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        c = s.client("s3cret")
+        assert c.models.list().data[0].id == model
+        long = {"model": model, "prompt": "go", "max_tokens": 100000, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        hdr = {"Authorization": "Bearer s3cret"}
+        with httpx.stream("POST", s.url + "/v1/completions", json=long, headers=hdr, timeout=60) as busy:
+            lines = busy.iter_lines()   # kept: a dropped iterator closes the connection
+            next(lines)                 # generating: the slot is taken
+            waiting = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", headers=hdr, timeout=60,
+                                                                 json={**long, "stream": False, "max_tokens": 2}))
+            waiting.start()
+            time.sleep(0.5)           # one in the queue: the queue (1) is full
+            r = httpx.post(s.url + "/v1/completions", headers=hdr, json={**long, "stream": False, "max_tokens": 2})
+            assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["type"] == "server_busy"
+        waiting.join(60)
+        assert not waiting.is_alive()
+    finally:
+        assert s.stop() == 0
+
+
+def test_load_16_clients_none_lost_or_mixed(server, tiny_builds):
+    model = _name(tiny_builds["q4_0"])
+    c = server.client()
+    prompts = [f"Client {i} asks about topic {i * 7}." for i in range(16)]
+    expected = {}
+    for p in prompts:   # each prompt's greedy answer, alone
+        r = c.completions.create(model=model, prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        expected[p] = (r.choices[0].text, r.usage.prompt_tokens)
+    rss_before = server.rss()
+    results, lock = [], threading.Lock()
+
+    def client(p):
+        cl = server.client()
+        for _ in range(4):
+            try:
+                r = cl.completions.create(model=model, prompt=p, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+                got = ("ok", p, r.choices[0].text, r.usage.prompt_tokens, r.usage.completion_tokens)
+            except openai.APIStatusError as e:
+                got = ("status", p, e.status_code, None, None)
+            with lock:
+                results.append(got)
+    threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 64
+    for kind, p, text, n_prompt, n_gen in results:
+        if kind == "status":
+            assert text == 503
+            continue
+        assert (text, n_prompt) == expected[p] and n_gen == 8
+    assert sum(r[0] == "ok" for r in results) >= 48
+    assert server.client().models.list().data
+    assert server.rss() <= rss_before * 1.10
+
+
+def test_health_is_503_while_loading(tiny_builds):
+    from starlette.testclient import TestClient
+
+    from edgeqwen.serve import ServeConfig, Server, create_app
+    srv = Server(ServeConfig(builds=[str(tiny_builds["q4_0"])]))
+    with TestClient(create_app(srv)) as tc:
+        r = tc.get("/health")
+        assert r.status_code == 503 and r.headers["retry-after"]
+        srv.pool.submit(srv._ensure, _name(tiny_builds["q4_0"])).result()
+        assert tc.get("/health").status_code == 200
+        assert tc.get("/nowhere").json()["error"]["code"] == "not_found"
+    srv.close()
+
+
+def test_non_loopback_bind_without_key_warns(tiny_builds):
+    p = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", str(tiny_builds["q4_0"]), "--host",
+                          "0.0.0.0", "--port", str(_free_port())], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        assert "Warning" in line and "without --api-key" in line
+    finally:
+        p.terminate()
+        p.wait(20)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (CHROMIUM and shutil.which("chromedriver")), reason="chromium and chromedriver not installed")
+def test_chat_page_in_a_real_browser(server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(a)
+    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+    try:
+        drv.get(server.url + "/")
+        WebDriverWait(drv, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        drv.find_element(By.ID, "max").clear()
+        drv.find_element(By.ID, "max").send_keys("32")
+        drv.find_element(By.ID, "input").send_keys(QUESTION)
+        drv.find_element(By.ID, "send").click()
+        WebDriverWait(drv, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".assistant .stats"))
+        drv.save_screenshot(str(tmp_path / "chat.png"))
+        reply = drv.find_element(By.CSS_SELECTOR, ".assistant .text").text
+        stats = drv.find_element(By.CSS_SELECTOR, ".assistant .stats").text
+        assert QUESTION in drv.find_element(By.CSS_SELECTOR, ".user").text
+        assert reply.strip() and "tok/s" in stats and "TTFT" in stats and stats.startswith("32 tokens")
+        assert (tmp_path / "chat.png").stat().st_size > 1000
+    finally:
+        drv.quit()
