@@ -28,6 +28,7 @@ class BenchConfig:
     repeats: int = 3
     n_ctx: int = 4096
     seed: int = 0
+    lean: bool = False        # no repacked / prepacked second copy of the weights (less memory, maybe slower)
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -46,7 +47,7 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     from .measure import PeakRSS, max_rss_bytes
     from .runner import load_runner
     with PeakRSS() as rss:
-        runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx)
+        runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean)
         out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
         runner.close()
     out["peak_rss_sampled"] = rss.peak
@@ -70,6 +71,8 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
                        Sampling(max_tokens=8, temperature=0, ignore_eos=True)))  # warm-up
     pp, tg, pp_c, tg_c, ttft = [], [], [], [], []
     last = None
+    import resource
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     for _ in range(cfg.repeats):
         prompt = [rng.randrange(vocab) for _ in range(cfg.prompt_tokens)]
         last = list(runner.stream(prompt, greedy))[-1]
@@ -85,7 +88,9 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
             ttft.append(first.ttft_s)
         if on_repeat:
             on_repeat()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0
     return {"backend": runner.backend, "load_s": runner.load_s, "n_ctx": runner.n_ctx,
+            "major_faults": faults, "major_faults_per_token": faults / max(1, cfg.repeats * cfg.gen_tokens),
             "pp": mean_sd(pp), "tg": mean_sd(tg), "ttft_s": mean_sd(ttft),
             "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss}
 
@@ -115,14 +120,26 @@ def kv_bytes_per_position(shape: dict, bytes_per_elem: int = 2) -> int:
     return 2 * shape["n_layer"] * shape["n_head_kv"] * head_dim * bytes_per_elem  # K and V, f16
 
 
-def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, on_repeat=None) -> dict:
-    """One fresh child process; its stdout carries a line per repeat, then the result as JSON."""
+def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, on_repeat=None,
+            memory_limit: int | None = None) -> dict:
+    """One fresh child process; its stdout carries a line per repeat, then the result as JSON.
+
+    memory_limit: run the child in a memory cgroup of that many bytes, after evicting the model's pages
+    from the page cache so the child is charged for every page it reads.
+    """
+    import contextlib
     import tempfile
     import threading
+
+    from .memlimit import MemoryCgroup, drop_page_cache
     cmd = [sys.executable, "-m", "edgeqwen.benchmark", build, str(threads), json.dumps(cfg.__dict__)]
+    cg = MemoryCgroup(memory_limit) if memory_limit else contextlib.nullcontext()
+    if memory_limit:
+        drop_page_cache(model_files(build))
     t0 = time.time()
-    with tempfile.TemporaryFile(mode="w+") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    with tempfile.TemporaryFile(mode="w+") as err, cg:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                             preexec_fn=cg.enter if memory_limit else None)
         timer = threading.Timer(timeout, p.kill)
         timer.start()
         lines = []
@@ -142,34 +159,55 @@ def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, o
                 p.wait()
         err.seek(0)
         stderr = err.read()
+        limited = {"memory_limit": memory_limit, "cgroup_peak": cg.peak(), "oom_kills": cg.oom_kills()} \
+            if memory_limit else {}
+    if limited.get("oom_kills"):
+        return {"status": "oom-killed", "error": "killed by the kernel's OOM killer inside a "
+                f"{memory_limit / 2**30:.2f} GiB memory limit", **limited}
     if timed_out:
-        return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
+        return {"status": "too-slow" if memory_limit else "failed", "error": f"timed out after {timeout:.0f} s",
+                **limited}
     if rc == 0:
         try:
-            return {"status": "ok", **json.loads(lines[-1]), "wall_s": time.time() - t0}
+            return {"status": "ok", **json.loads(lines[-1]), "wall_s": time.time() - t0, **limited}
         except (IndexError, ValueError):
-            return {"status": "failed", "error": "the benchmark child printed no result"}
+            return {"status": "failed", "error": "the benchmark child printed no result", **limited}
     if rc == -9:
-        return {"status": "oom", "error": "killed (SIGKILL: out of memory?)"}
+        return {"status": "oom", "error": "killed (SIGKILL: out of memory?)", **limited}
     last = (stderr.strip().splitlines() or [f"exit code {rc}"])[-1]
-    return {"status": "failed", "error": last[:300]}
+    return {"status": "failed", "error": last[:300], **limited}
 
 
-def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict) -> dict:
+def model_files(build: str) -> list[Path]:
+    """The files a build's runner maps (what a memory limit must hold)."""
+    from .formats import detect
+    path, manifest = resolve_build(build)
+    if not path.is_dir():
+        return [path]
+    fmt = detect(path, manifest)
+    return [path / n for n in fmt.hashed_files if (path / n).exists()]
+
+
+def build_fields(build: str) -> tuple[Path, dict]:
+    """(model file, the row's "build" object): what every result row says about the build it measured."""
     path, manifest = resolve_build(build)
     manifest = manifest or {}
     model = path / manifest["file"] if path.is_dir() else path
+    return model, {"name": manifest.get("name", model.stem), "format": manifest.get("format", "gguf"),
+                   "quant": manifest.get("quant"), "recipe": (manifest.get("recipe") or {}).get("name"),
+                   "size": (manifest.get("recipe") or {}).get("size"), "synthetic": bool(manifest.get("synthetic")),
+                   "file_size": manifest.get("file_size") or (model.stat().st_size if model.exists() else None),
+                   "sha256": manifest.get("sha256"), "config": manifest.get("config")}
+
+
+def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict) -> dict:
+    model, fields = build_fields(build)
     row = {
         "schema": SCHEMA, "kind": "bench", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": fp,
-        "build": {"name": manifest.get("name", model.stem), "format": manifest.get("format", "gguf"),
-                  "quant": manifest.get("quant"), "recipe": (manifest.get("recipe") or {}).get("name"),
-                  "size": (manifest.get("recipe") or {}).get("size"), "synthetic": bool(manifest.get("synthetic")),
-                  "file_size": manifest.get("file_size") or (model.stat().st_size if model.exists() else None),
-                  "sha256": manifest.get("sha256"),
-                  "config": manifest.get("config")},
+        "build": fields,
         "threads": threads, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens,
-        "repeats": cfg.repeats, **result,
+        "repeats": cfg.repeats, "lean": cfg.lean, **result,
     }
     if result.get("status") == "ok" and model.suffix == ".gguf":
         per_token, total, shape = weight_bytes_per_token(model)
@@ -184,19 +222,46 @@ def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict)
     return row
 
 
+SLOW_FRACTION = 0.5   # under a memory limit, decode below this fraction of the unlimited speed is "too-slow"
+
+
 def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out: Path | None = None,
-          progress=None) -> list[dict]:
-    """Measure every build at every thread count; rows are appended to out as they come. progress(row) per row."""
+          progress=None, memory_limit: int | None = None) -> list[dict]:
+    """Measure every build at every thread count; rows are appended to out as they come. progress(row) per row.
+
+    With memory_limit, each build also runs inside a memory cgroup of that size, after an unlimited run that
+    gives the speed it is judged against; both rows are recorded."""
     from .progress import bar
     for b in builds:
         resolve_build(b)  # fail on a bad name before measuring anything
-    with bar("bench", len(builds) * len(threads) * cfg.repeats, unit="repeat") as upd:
-        rows = [_bench_one(b, t, cfg, fp, out, progress, upd) for b in builds for t in threads]
+    runs = 2 if memory_limit else 1
+    with bar("bench", len(builds) * len(threads) * cfg.repeats * runs, unit="repeat") as upd:
+        rows = []
+        for b in builds:
+            for t in threads:
+                base = _emit(make_row(b, t, cfg, fp, run_one(b, t, cfg, on_repeat=lambda: upd(1))), out, progress)
+                rows.append(base)
+                if memory_limit:
+                    rows.append(_emit(limited_row(b, t, cfg, fp, memory_limit, base, lambda: upd(1)), out, progress))
     return rows
 
 
-def _bench_one(b, t, cfg, fp, out, progress, upd) -> dict:
-    row = make_row(b, t, cfg, fp, run_one(b, t, cfg, on_repeat=lambda: upd(1)))
+def limited_row(b: str, t: int, cfg: BenchConfig, fp: dict, limit: int, base: dict, on_repeat=None,
+                slow_fraction: float = SLOW_FRACTION) -> dict:
+    """One run inside a memory limit, judged against an unlimited row of the same build."""
+    budget = 3 * base.get("wall_s", 600) + 60 if base.get("status") == "ok" else 3600
+    res = run_one(b, t, cfg, timeout=budget, on_repeat=on_repeat, memory_limit=limit)
+    row = make_row(b, t, cfg, fp, res)
+    if base.get("status") == "ok":
+        row["baseline_tg"] = base["tg"]["mean"]
+        if row["status"] == "ok" and row["tg"]["mean"] < slow_fraction * base["tg"]["mean"]:
+            row["status"] = "too-slow"
+            row["error"] = (f"decode {row['tg']['mean']:.1f} tok/s, below {slow_fraction:.0%} of "
+                            f"{base['tg']['mean']:.1f}")
+    return row
+
+
+def _emit(row: dict, out: Path | None, progress) -> dict:
     if out:
         with open(out, "a") as f:  # append: earlier results are never overwritten
             f.write(json.dumps(row) + "\n")

@@ -15,7 +15,9 @@ import click
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--ctx", default=4096, show_default=True, help="Context the build is loaded with.")
 @click.option("--out", type=click.Path(path_type=Path), help="Append one JSON row per measurement to FILE.jsonl.")
-def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out):
+@click.option("--memory-limit", help="Also run each build inside a memory cgroup of this size (e.g. 4G, 7.2G).")
+@click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, maybe slower).")
+def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, memory_limit, lean):
     """Measure BUILDS on this machine: load time, prefill and decode tok/s, TTFT, peak RSS.
 
     Each build and thread count runs in a fresh process, after one warm-up. A build that
@@ -32,7 +34,13 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out):
         from .errors import UsageError
         raise UsageError("--prompt-tokens >= 1, --gen-tokens >= 2 and --repeats >= 1")
     cfg = BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
-                      n_ctx=max(ctx, prompt_tokens + gen_tokens + 16))
+                      n_ctx=max(ctx, prompt_tokens + gen_tokens + 16), lean=lean)
+    limit = None
+    if memory_limit:
+        from .memlimit import MemoryCgroup, parse_size
+        limit = parse_size(memory_limit)
+        with MemoryCgroup(limit):   # fail now, with one line, if cgroups are unavailable
+            pass
     click.echo("measuring this machine's memory bandwidth...", err=True)
 
     fp = fingerprint()
@@ -41,7 +49,7 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out):
     def progress(row):
         if row["status"] != "ok":
             click.echo(f"{row['build']['name']} ({row['threads']} threads): {row['status']}: {row['error']}", err=True)
-    rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress)
+    rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress, memory_limit=limit)
     from .plan import predicted_rss_for_row
     click.echo(render_rows(rows, "md", plan_fn=predicted_rss_for_row))
 
@@ -169,4 +177,57 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
             click.echo(f"{label}: PPL {res['ppl']:.3f}{kl} ({res['tokens_scored']} tokens, {res['seconds']:.1f} s)")
 
 
-COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd]
+@click.command("fit")
+@click.argument("build")
+@click.option("--device", help="Also run once at this device profile's usable RAM (see plan --device list).")
+@click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores.")
+@click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both, and the "
+              "smaller need wins.")
+@click.option("--fraction", default=0.9, show_default=True, type=click.FloatRange(0.1, 1.0),
+              help="Full speed means at least this share of the unlimited decode speed.")
+@click.option("--resolution", default="64M", show_default=True, help="Stop bisecting at this interval.")
+@click.option("--out", type=click.Path(path_type=Path), help="Append the fit rows to FILE.jsonl.")
+def fit_cmd(build, device, threads, lean, fraction, resolution, out):
+    """Find the least RAM BUILD runs in at full speed, under real memory limits (cgroups).
+
+    Bisects on a memory cgroup's limit, each probe a fresh process (load, prefill, decode); needs
+    Linux and root (or a delegated cgroup). Progress on stderr; a 7B takes some minutes.
+
+    \b
+      edgeqwen fit qwen2-7b-q4_k_m --device raspberry-pi-5-8gb --out results.jsonl
+    """
+    from .fit import fit
+    from .hw import fingerprint
+    from .measure import human_bytes, physical_cores
+    from .memlimit import MemoryCgroup, parse_size
+    res = parse_size(resolution)
+    with MemoryCgroup(1 << 30):   # one clear line now if cgroups are unavailable
+        pass
+    prof = None
+    if device:
+        from .errors import UsageError
+        from .plan import load_devices
+        devs = load_devices()
+        if device not in devs:
+            raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
+        prof = (device, devs[device])
+    fp = fingerprint()
+    rows = [fit(build, threads or physical_cores(), fp, lean=m, fraction=fraction, resolution=res, device=prof)
+            for m in ([lean] if lean is not None else [False, True])]
+    for row in rows:
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        dc = row.get("device_check")
+        on = (f"; on {dc['profile']} ({human_bytes(dc['usable'])} usable): "
+              f"{'fits' if dc['fits'] else 'does NOT fit'}, headroom {human_bytes(dc['headroom'])}") if dc else ""
+        click.echo(f"{row['build']['name']}{' (lean)' if row['lean'] else ''}: needs {human_bytes(row['min_ram'])} "
+                   f"for {row['tg_at_min']:.1f} tok/s ({row['tg_at_min'] / row['baseline_tg']:.0%} of "
+                   f"{row['baseline_tg']:.1f} unlimited); peak RSS unlimited {human_bytes(row['peak_rss_unlimited'])}"
+                   + on)
+    if len(rows) == 2:
+        best = min(rows, key=lambda r: r["min_ram"])
+        click.echo(f"least RAM: {'lean' if best['lean'] else 'normal'} load ({human_bytes(best['min_ram'])})")
+
+
+COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd, fit_cmd]

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import ctypes
 import logging
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,13 +54,36 @@ def route_llama_logs() -> None:
     llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
 
 
+_params_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(**fields):
+    """llama_cpp.Llama fills llama_model_params itself and forwards no use_extra_bufts (the repacked-weights
+    buffers, e.g. Q4_0 -> 8x8 interleaved, or the AMX copy); set it on the defaults it starts from."""
+    import llama_cpp.llama_cpp as lib
+    orig = lib.llama_model_default_params
+
+    def patched():
+        p = orig()
+        for k, v in fields.items():
+            setattr(p, k, v)
+        return p
+    with _params_lock:
+        lib.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = orig
+
+
 class LlamaRunner:
     """llama.cpp through llama-cpp-python."""
 
     backend = "llama.cpp"
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
-                 manifest: dict | None = None, logits: bool = False, n_batch: int = 512):
+                 manifest: dict | None = None, logits: bool = False, lean: bool = False, n_batch: int = 512):
         import llama_cpp
         route_llama_logs()
         self._lc = llama_cpp
@@ -79,11 +104,13 @@ class LlamaRunner:
             # llama.cpp rounds the context up to a multiple of 256, but llama-cpp-python sizes its token
             # buffer by the number asked for: ask for the rounded size so the two agree.
             n_ctx = -(-n_ctx // 256) * 256
+        self.lean = lean
         t0 = time.perf_counter()
         try:
-            self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch,
-                                       n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True,
-                                       n_gpu_layers=gpu, verbose=False, **extra)
+            with _model_params(use_extra_bufts=not lean):
+                self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch,
+                                           n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True,
+                                           n_gpu_layers=gpu, verbose=False, **extra)
         except (ValueError, RuntimeError) as e:
             raise RunnerError(f"{self.path}: llama.cpp cannot load this model; the file is corrupt, truncated or of an "
                               f"unsupported architecture ({e})") from None

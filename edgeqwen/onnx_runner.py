@@ -36,7 +36,7 @@ class OnnxRunner:
     backend = "onnxruntime-genai"
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
-                 manifest: dict | None = None, logits: bool = False):
+                 manifest: dict | None = None, logits: bool = False, lean: bool = False):
         import onnxruntime_genai as og
         self._og = og
         model = Path(model)
@@ -53,8 +53,10 @@ class OnnxRunner:
         try:
             cfg = og.Config(str(self.folder))
             cfg.clear_providers()  # CPU, whatever the folder's config asks for
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": self.threads, "inter_op_num_threads": 1}}}}))
+            opts = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
+            if lean:  # no prepacked copy of the MatMulNBits weights beside the originals
+                opts["config_entries"] = {"session.disable_prepacking": "1"}
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
             self.model = og.Model(cfg)
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as e:  # genai raises plain RuntimeError/OSError for every load failure

@@ -71,9 +71,10 @@ class Runner(Protocol):
 
 
 def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
-                logits: bool = False) -> Runner:
+                logits: bool = False, lean: bool = False) -> Runner:
     """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
 
+    lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
     logits=True loads it for `logits()` over whole windows (eval) rather than for streaming.
     """
     from .formats import detect
@@ -82,7 +83,8 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     cls = detect(path, manifest).runner_class()
     check_build(path, manifest)
     model = path / manifest["file"] if path.is_dir() else path
-    return cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits)
+    extra = {"lean": True} if lean else {}
+    return cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **special) -> str:

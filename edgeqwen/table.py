@@ -82,7 +82,15 @@ def bench_cells(row: dict, plan_rss=None) -> list[str]:
             f"{row['load_s']:.2f}" if ok else "-", _gib(peak) if ok else "-",
             _gib(plan_rss) if plan_rss else "-",
             f"{100 * row['roofline_frac']:.0f}" if ok and row.get("roofline_frac") else "-",
-            row.get("status", "?") if ok else f"{row.get('status')}: {row.get('error', '')}"]
+            _status(row)]
+
+
+def _status(row: dict) -> str:
+    s = row.get("status", "?") if row.get("status") == "ok" else f"{row.get('status')}: {row.get('error', '')}"
+    notes = [f"in {row['memory_limit'] / 2**30:.2f} GiB limit"] if row.get("memory_limit") else []
+    if row.get("lean"):
+        notes.append("lean")
+    return s + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _sort_key(row):

@@ -1,0 +1,135 @@
+"""The HTTP path's cost: `edgeqwen serve` against `edgeqwen run` on the same build (a benchmark, not a test).
+
+    python bench/serve_bench.py BUILD [--rounds 5] [--tokens 128] [--out bench/SERVE.md]
+
+Decode: `run --raw -t 0 -n TOKENS --json` in a fresh process against one streaming request to a server
+on the same build, interleaved (run, server, run, server ...), each round with its own prompt whose
+first token differs, so neither side reuses a KV prefix. The server's figure is taken by the client
+(first to last streamed chunk), and the server's own (the runner's) is shown beside it. TTFT overhead:
+the client's time from request to first chunk minus run's TTFT. Throughput: requests per minute at
+1, 4 and 16 concurrent clients (64-token replies, one model, FIFO queue).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_serve import Served  # noqa: E402  the same server harness the tests use
+
+TOPICS = ["rivers", "bread", "volcanoes", "chess", "bees", "glass", "tides", "paper", "owls", "copper",
+          "clouds", "rice", "bridges", "salt", "wool", "ice"]
+
+
+def prompt(i: int) -> str:
+    return f"{TOPICS[i % len(TOPICS)].capitalize()} are interesting because"
+
+
+def run_once(build: str, p: str, tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "edgeqwen.cli", "run", build, p, "--raw", "-t", "0", "-n", str(tokens),
+                          "--json", "--threads", "2"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def serve_once(url: str, model: str, p: str, tokens: int) -> dict:
+    import httpx
+    body = {"model": model, "prompt": p, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps, usage, timings = [], None, None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            d = json.loads(line[5:])
+            if d.get("usage"):
+                usage, timings = d["usage"], d["timings"]
+            elif d["choices"] and d["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+    n = usage["completion_tokens"]
+    return {"ttft_s": stamps[0] - t0, "client_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "server_tps": timings["predicted_per_second"], "tokens": n, "chunks": len(stamps)}
+
+
+def throughput(url: str, model: str, clients: int, per_client: int, tokens: int) -> float:
+    import httpx
+    done = []
+
+    def client(c):
+        for k in range(per_client):
+            r = httpx.post(url + "/v1/completions", timeout=900, json={
+                "model": model, "prompt": prompt(c * per_client + k), "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True})
+            done.append(r.status_code)
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    assert all(s == 200 for s in done), done
+    return len(done) / wall * 60
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("build")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "SERVE.md")
+    a = ap.parse_args()
+    from edgeqwen.home import resolve_build
+    from edgeqwen.hw import device_label, fingerprint
+    _, manifest = resolve_build(a.build)
+    model = manifest["name"]
+    server = Served([a.build])
+    rows = []
+    try:
+        for i in range(a.rounds):
+            r = run_once(a.build, prompt(i), a.tokens)
+            s = serve_once(server.url, model, prompt(i), a.tokens)
+            rows.append((r, s))
+            print(f"round {i}: run {r['generation_tps']:.1f} tok/s TTFT {r['ttft_s'] * 1000:.0f} ms | serve "
+                  f"{s['client_tps']:.1f} (server {s['server_tps']:.1f}) tok/s TTFT {s['ttft_s'] * 1000:.0f} ms",
+                  file=sys.stderr)
+        rpm = {c: throughput(server.url, model, c, max(1, 16 // c), 64) for c in (1, 4, 16)}
+    finally:
+        server.stop()
+    med = statistics.median
+    run_tps = [r["generation_tps"] for r, _ in rows]
+    cli_tps = [s["client_tps"] for _, s in rows]
+    srv_tps = [s["server_tps"] for _, s in rows]
+    run_ttft = [r["ttft_s"] * 1000 for r, _ in rows]
+    srv_ttft = [s["ttft_s"] * 1000 for _, s in rows]
+    fp = fingerprint(bandwidth=False)
+    lines = [
+        "# edgeqwen serve against edgeqwen run", "",
+        f"Generated by `bench/serve_bench.py {a.build} --rounds {a.rounds} --tokens {a.tokens}` on "
+        f"{time.strftime('%Y-%m-%d')}, {device_label(fp)}, 2 threads; build `{model}` "
+        f"({manifest.get('quant')}, {manifest['file_size'] / 2**20:.0f} MiB). Medians of {a.rounds} interleaved "
+        "rounds (range in brackets); each round a new prompt, greedy, no KV reuse on either side.", "",
+        "| | edgeqwen run | edgeqwen serve (client-side) | ratio |", "|---|---|---|---|",
+        f"| decode tok/s | {med(run_tps):.1f} [{min(run_tps):.1f}–{max(run_tps):.1f}] | {med(cli_tps):.1f} "
+        f"[{min(cli_tps):.1f}–{max(cli_tps):.1f}] (server's own: {med(srv_tps):.1f}) | "
+        f"{med(cli_tps) / med(run_tps):.3f}× |",
+        f"| TTFT ms | {med(run_ttft):.0f} [{min(run_ttft):.0f}–{max(run_ttft):.0f}] | {med(srv_ttft):.0f} "
+        f"[{min(srv_ttft):.0f}–{max(srv_ttft):.0f}] | +{med(srv_ttft) - med(run_ttft):.0f} ms over HTTP |", "",
+        "Requests per minute (64-token replies, EOS ignored, 16 requests in all per row):", "",
+        "| concurrent clients | requests/min |", "|---|---|",
+        *[f"| {c} | {v:.1f} |" for c, v in rpm.items()], "",
+        "One llama.cpp context serves one sequence, so concurrency queues rather than parallelises: "
+        "requests/min stays flat while each client's latency grows with the queue.",
+    ]
+    a.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

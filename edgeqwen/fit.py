@@ -1,0 +1,83 @@
+"""`edgeqwen fit`: the smallest memory a build runs in at full speed, measured under real memory limits.
+
+Peak RSS is the wrong figure for "fits": it counts clean page-cache pages of the mapped file, which
+the kernel can drop and re-read, and repacked copies of weights that a lean load does without. So
+fit runs the build (fresh process, short prefill and decode) inside memory cgroups (memlimit.py) and
+bisects on the limit: the answer is the smallest limit, to `resolution`, at which it loads and decodes
+at >= `fraction` of its unlimited speed. One unlimited run gives the speed and the upper bound.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from .benchmark import SCHEMA, BenchConfig, build_fields, limited_row, run_one
+
+_log = logging.getLogger("edgeqwen")
+FIT_CONFIG = BenchConfig(prompt_tokens=64, gen_tokens=48, repeats=2, n_ctx=4096)
+
+
+def _passes(row: dict, base_tg: float, fraction: float) -> bool:
+    return row.get("status") == "ok" and row["tg"]["mean"] >= fraction * base_tg
+
+
+def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float = 0.9,
+        resolution: int = 64 << 20, device: tuple[str, dict] | None = None, cfg: BenchConfig = FIT_CONFIG) -> dict:
+    """A `fit` row: min_ram (bytes), decode at that limit, the unlimited speed and peak RSS, every probe."""
+    cfg = BenchConfig(**{**cfg.__dict__, "lean": lean})
+    t0 = time.time()
+    base = run_one(build, threads, cfg)
+    if base.get("status") != "ok":
+        from .errors import RunnerError
+        raise RunnerError(f"{build} does not run even without a limit: {base.get('error')}")
+    base_tg = base["tg"]["mean"]
+    peak = max(base.get("peak_rss_sampled") or 0, base.get("max_rss") or 0)
+    probes = []
+
+    def probe(limit: int) -> dict:
+        r = limited_row(build, threads, cfg, fp, limit, {**base, "status": "ok"}, slow_fraction=fraction)
+        ok = _passes(r, base_tg, fraction)
+        probes.append({"limit": limit, "status": r["status"], "tg": (r.get("tg") or {}).get("mean"),
+                       "major_faults": r.get("major_faults"), "cgroup_peak": r.get("cgroup_peak"), "pass": ok})
+        _log.info("fit %s%s: %.2f GiB -> %s%s", build, " (lean)" if lean else "", limit / 2**30, r["status"],
+                  f", {r['tg']['mean']:.1f} tok/s" if r.get("tg") else "")
+        return r
+    hi = _round(int(peak * 1.15) + (64 << 20))
+    best = probe(hi)
+    while not _passes(best, base_tg, fraction):   # rare: the peak was undersampled
+        hi *= 2
+        if hi > 4 * peak + (1 << 30):
+            raise RuntimeError(f"{build}: no limit up to {hi / 2**30:.1f} GiB runs at full speed")
+        best = probe(hi)
+    lo = 64 << 20
+    while hi - lo > max(resolution, hi // 50):
+        mid = _round((lo + hi) // 2)
+        if mid in (lo, hi):
+            break
+        r = probe(mid)
+        if _passes(r, base_tg, fraction):
+            hi, best = mid, r
+        else:
+            lo = mid
+    _, fields = build_fields(build)
+    row = {"schema": SCHEMA, "kind": "fit", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "device": fp, "build": fields, "threads": threads, "lean": lean, "fraction": fraction,
+           "resolution": resolution, "min_ram": hi, "tg_at_min": best["tg"]["mean"], "baseline_tg": base_tg,
+           "peak_rss_unlimited": peak, "probes": probes, "seconds": round(time.time() - t0, 1),
+           "config": {"prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens, "repeats": cfg.repeats,
+                      "n_ctx": cfg.n_ctx}}
+    if device:
+        name, prof = device
+        usable = int(prof["ram_gib"] * prof.get("usable_fraction", 0.8) * 2**30)
+        r = probe(usable)
+        row["device_check"] = {"profile": name, "usable": usable, "fits": _passes(r, base_tg, fraction),
+                               "status": r["status"], "tg": (r.get("tg") or {}).get("mean"),
+                               "headroom": usable - hi}
+    import hashlib
+    row["id"] = hashlib.sha256(f"{fp.get('device_id')}|{fields['sha256']}|fit|{lean}|{row['time']}".encode()
+                               ).hexdigest()[:16]
+    return row
+
+
+def _round(n: int) -> int:
+    return -(-n // (16 << 20)) * (16 << 20)   # 16 MiB steps

@@ -1,0 +1,93 @@
+"""Memory limits for real: bench --memory-limit and fit in Linux memory cgroups, on the tiny model."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from conftest import run_cli
+
+from edgeqwen import memlimit
+
+needs_cgroups = pytest.mark.skipif(os.geteuid() != 0 or memlimit._version() is None,
+                                   reason="needs root and the cgroup memory controller")
+
+
+def _our_cgroups():
+    v = memlimit._version()
+    parent = memlimit.V2_ROOT if v == 2 else memlimit._own_cgroup(1)
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f"edgeqwen-{os.getpid()}-") or
+                  (p.name.startswith("edgeqwen-") and p.is_dir()))
+
+
+@needs_cgroups
+def test_a_limit_far_below_the_need_is_an_oom_killed_row_and_the_cgroup_goes(tiny_builds, tmp_path):
+    before = _our_cgroups()
+    out = tmp_path / "r.jsonl"
+    r = run_cli("bench", tiny_builds["q8_0"], "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8",
+                "--memory-limit", "40M", "--out", out, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["status"] for x in rows] == ["ok", "oom-killed"], rows[-1].get("error")
+    assert rows[1]["memory_limit"] == 40 << 20 and rows[1]["oom_kills"] >= 1
+    assert "Traceback" not in r.stderr
+    assert _our_cgroups() == before
+
+
+@needs_cgroups
+def test_a_generous_limit_gives_the_same_tokens(tiny_builds):
+    cmd = [sys.executable, "-m", "edgeqwen.cli", "run", str(tiny_builds["q4_k_m"]), "Tell me a story.", "-t", "0",
+           "-n", "24", "--json"]
+    free = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    with memlimit.MemoryCgroup(1 << 30) as cg:
+        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter)
+        assert cg.oom_kills() == 0 and cg.peak() > 0
+        path = cg.path
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["text"] == free["text"]
+    assert not path.exists()
+
+
+@needs_cgroups
+def test_fit_converges_on_the_tiny_model(tiny_builds):
+    from edgeqwen.benchmark import BenchConfig
+    from edgeqwen.fit import fit
+    res = 32 << 20
+    row = fit(str(tiny_builds["q8_0"]), 2, {"device_id": "test"}, fraction=0.5, resolution=res,
+              cfg=BenchConfig(prompt_tokens=16, gen_tokens=16, repeats=1, n_ctx=512))
+    assert row["kind"] == "fit" and row["min_ram"] <= row["peak_rss_unlimited"] * 1.2 + (80 << 20)
+    passing = [p["limit"] for p in row["probes"] if p["pass"]]
+    failing = [p["limit"] for p in row["probes"] if not p["pass"]]
+    assert row["min_ram"] == min(passing) and all(f < row["min_ram"] for f in failing)
+    below = max(failing + [64 << 20])   # the search starts from 64 MiB, taken as too little
+    assert row["min_ram"] - below <= max(res, row["min_ram"] // 50)
+    assert row["tg_at_min"] >= 0.5 * row["baseline_tg"]
+
+
+def test_without_permission_or_controller_one_clear_line(tiny_builds, monkeypatch):
+    from edgeqwen.cli import cli
+
+    def denied(version):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(memlimit, "_own_cgroup", denied)
+    monkeypatch.setattr(memlimit, "_version", lambda: 1)
+    r = CliRunner().invoke(cli, ["bench", str(tiny_builds["q4_0"]), "--memory-limit", "1G"])
+    assert r.exit_code == 2 and "permission to create a memory cgroup" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    monkeypatch.setattr(memlimit, "_version", lambda: None)
+    r = CliRunner().invoke(cli, ["fit", str(tiny_builds["q4_0"])])
+    assert r.exit_code == 2 and "memory cgroup controller" in r.output
+
+
+@pytest.mark.parametrize("text,want", [("4G", 4 << 30), ("7.5G", int(7.5 * 2**30)), ("512M", 512 << 20),
+                                       ("1073741824", 1 << 30), ("2GiB", 2 << 30)])
+def test_sizes(text, want):
+    assert memlimit.parse_size(text) == want
+
+
+@pytest.mark.parametrize("bad", ["", "-1G", "G", "4X", "1K"])
+def test_bad_sizes(bad):
+    from edgeqwen.errors import UsageError
+    with pytest.raises(UsageError):
+        memlimit.parse_size(bad)
