@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup reference test test-slow demo bench results lint clean
+.PHONY: setup reference test test-slow demo bench results parity lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -44,6 +44,11 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/convert_bench.py
 	bench/run_matrix.sh
+
+# Runner speed against llama-bench (built from the same sources) and a plain genai loop -> bench/PARITY.md.
+PARITY_BUILDS ?= qwen2-0.5b-real-q4_0 qwen2-0.5b-real-q8_0 qwen2-0.5b-real-q4_k_m qwen2-1.5b-q4_k_m-synthetic qwen2-0.5b-real-int4
+parity: setup
+	$(BIN)/python bench/parity.py $(PARITY_BUILDS)
 
 # Only regenerate bench/RESULTS.md and bench/results.png from the committed rows.
 results: setup

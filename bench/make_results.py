@@ -9,7 +9,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from edgeqwen.claims import judge, load_claims, peak_rss, render_claims  # noqa: E402
-from edgeqwen.plan import load_devices, predicted_rss_for_row  # noqa: E402
+from edgeqwen.plan import load_devices, predicted_min_ram_for_row, predicted_rss_for_row  # noqa: E402
 from edgeqwen.table import load_rows, plot, render_rows  # noqa: E402
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]
@@ -27,10 +27,32 @@ def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     return "\n".join(lines) + "\n", within, total
 
 
+def fit_section(rows: list[dict]) -> tuple[str, int, int]:
+    """`fit` rows: measured min RAM against peak RSS and file size, and plan's min RAM beside each."""
+    fits = sorted((r for r in rows if r.get("kind") == "fit"),
+                  key=lambda r: (float((r["build"].get("size") or "0").rstrip("b")), r["build"]["quant"], r["lean"]))
+    lines = ["| build | load | file GiB | peak RSS unlimited GiB | **min RAM GiB** | tok/s at min / unlimited | "
+             "plan min RAM GiB | plan error | CPU |", "|---|---|---|---|---|---|---|---|---|"]
+    within = total = 0
+    for r in fits:
+        pred = predicted_min_ram_for_row(r)
+        err = (pred - r["min_ram"]) / r["min_ram"] if pred else None
+        if err is not None:
+            total += 1
+            within += abs(err) <= 0.10
+        lines.append(f"| {r['build']['name']} | {'lean' if r['lean'] else 'normal'} | "
+                     f"{(r['build'].get('file_size') or 0) / 2**30:.2f} | {r['peak_rss_unlimited'] / 2**30:.2f} | "
+                     f"**{r['min_ram'] / 2**30:.2f}** | {r['tg_at_min']:.1f} / {r['baseline_tg']:.1f} | "
+                     f"{pred / 2**30 if pred else float('nan'):.2f} | "
+                     f"{f'{100 * err:+.1f}%' if err is not None else '-'} | {r['device'].get('cpu', '?')} |")
+    return "\n".join(lines) + "\n", within, total
+
+
 def main() -> None:
     files = sorted((HERE / "results").glob("*.jsonl"))
     rows = load_rows(files)
     check, within, total = plan_check(rows)
+    fit_md, fit_within, fit_total = fit_section(rows)
     claims = [judge(c, rows, load_devices()) for c in load_claims()]
     plot(rows, HERE / "results.png")
     out = [
@@ -66,6 +88,17 @@ def main() -> None:
         "`bench/onnx_build_bench.py`: "
         + ", ".join(f"[{p.name}]({p.name})" for p in sorted(HERE.glob("ONNX_BUILD-*.md"))) + ".",
         "",
+        "## What really fits: min RAM under a memory limit",
+        "",
+        "`edgeqwen fit` rows: the least memory-cgroup limit (bisected, to 64 MiB or 2%) at which the build "
+        "loads and decodes at >= 90% of its unlimited speed, each probe a fresh process with the model's "
+        "pages evicted from the page cache first. `lean` loads without repacked weight copies. "
+        f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF).",
+        "",
+        fit_md,
+        "Other benchmarks: " + ", ".join(f"[{p.name}]({p.name})" for p in sorted(HERE.glob("*.md"))
+                                         if p.name != "RESULTS.md" and not p.name.startswith("ONNX_BUILD")) + ".",
+        "",
         "## Plan vs measured peak RAM",
         "",
         f"`edgeqwen plan` within ±10% of the measured peak RSS on {within} of {total} rows.",
@@ -75,7 +108,8 @@ def main() -> None:
     tmp = HERE / "RESULTS.md.tmp"
     tmp.write_text("\n".join(out))
     tmp.replace(HERE / "RESULTS.md")
-    print(f"wrote {HERE / 'RESULTS.md'} ({len(rows)} rows; plan within 10% on {within}/{total})")
+    print(f"wrote {HERE / 'RESULTS.md'} ({len(rows)} rows; plan within 10% on {within}/{total}; "
+          f"plan min RAM within 10% of {fit_within}/{fit_total} fit rows)")
 
 
 if __name__ == "__main__":

@@ -249,7 +249,8 @@ def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out
 def limited_row(b: str, t: int, cfg: BenchConfig, fp: dict, limit: int, base: dict, on_repeat=None,
                 slow_fraction: float = SLOW_FRACTION) -> dict:
     """One run inside a memory limit, judged against an unlimited row of the same build."""
-    budget = 3 * base.get("wall_s", 600) + 60 if base.get("status") == "ok" else 3600
+    # a thrashing run is too slow by definition: stop it at twice the unlimited run's wall time
+    budget = 2 * base.get("wall_s", 600) + 30 if base.get("status") == "ok" else 3600
     res = run_one(b, t, cfg, timeout=budget, on_repeat=on_repeat, memory_limit=limit)
     row = make_row(b, t, cfg, fp, res)
     if base.get("status") == "ok":
@@ -278,8 +279,9 @@ def parse_threads(spec: str | None) -> list[int]:
         ts = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--threads {spec!r}: give numbers separated by commas, e.g. 1,2,4") from None
-    if not ts or min(ts) < 1:
-        raise UsageError(f"--threads {spec!r}: thread counts must be positive")
+    from .params import MAX_THREADS
+    if not ts or min(ts) < 1 or max(ts) > MAX_THREADS:
+        raise UsageError(f"--threads {spec!r}: thread counts must be between 1 and {MAX_THREADS}")
     return ts
 
 

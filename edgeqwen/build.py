@@ -84,7 +84,12 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
     name = build_name(req, quant)
     final = Path(req.out) if req.out else builds_dir() / name
     source_desc = _describe_source(req)
-    existing = read_manifest(final) if final.exists() else None
+    try:
+        existing = read_manifest(final) if final.exists() else None
+    except UsageError:
+        if not req.force:
+            raise
+        existing = None
     if final.exists() and not req.force:
         if existing is None:
             raise UsageError(f"{final} exists and is not an edgeqwen build; choose another --out")

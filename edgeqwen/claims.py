@@ -6,7 +6,8 @@ from pathlib import Path
 
 from .errors import UsageError
 
-KEYS = {"id", "text", "model", "quant", "device", "min_decode_tps", "max_peak_rss_gib", "ctx", "source"}
+KEYS = {"id", "text", "model", "quant", "device", "min_decode_tps", "max_peak_rss_gib", "ctx", "source", "format",
+        "fits"}
 
 
 def claims_file():
@@ -61,6 +62,8 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
         return (r.get("status") == "ok" and (min_tps is None or r["tg"]["mean"] >= min_tps)
                 and (max_rss is None or peak_rss(r) <= max_rss * 2**30))
     out = {"claim": claim}
+    if claim.get("fits"):
+        return _judge_fit(claim, quant, rows, profile, out, matching, ok)
     if matching:
         passing = [r for r in matching if ok(r)]
         best = max(passing or matching, key=lambda r: r["tg"]["mean"] if r.get("status") == "ok" else -1)
@@ -70,12 +73,41 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     try:
         p = plan(claim["model"], quant, ctx=ctx, amx=bool(profile.get("amx")))
         v = verdict(p, profile)
-        fits = p.peak_ram <= (max_rss * 2**30 if max_rss else v["budget"])
+        need = p.min_ram if claim.get("fits") else p.peak_ram
+        fits = need <= (max_rss * 2**30 if max_rss else v["budget"])
         fast = min_tps is None or v["expected_tps"] >= min_tps
-        out["prediction"] = {"verdict": "PASS" if fits and fast else "FAIL", "peak_ram": p.peak_ram,
+        out["prediction"] = {"verdict": "PASS" if fits and fast else "FAIL", "peak_ram": need,
                              "expected_tps": v["expected_tps"], "ceiling_tps": v["ceiling_tps"]}
     except UsageError:
         pass
+    return out
+
+
+def usable_ram(profile: dict) -> int:
+    return int(profile["ram_gib"] * profile.get("usable_fraction", 0.8) * 2**30)
+
+
+def _judge_fit(claim, quant, rows, profile, out, matching, ok) -> dict:
+    """fits = true: memory from a `fit` row (measured min RAM <= the device's usable RAM, on whatever CPU it was
+    measured under a memory limit); speed, if the claim asks for one, only from a row of that device."""
+    fits = [r for r in rows if r.get("kind") == "fit" and r["build"].get("size") == claim["model"]
+            and r["build"].get("quant") == quant]
+    if not fits:
+        out["verdict"] = "UNTESTED"
+        return out
+    best = min(fits, key=lambda r: r["min_ram"])
+    mem_ok = best["min_ram"] <= usable_ram(profile)
+    out["fit_row"] = best
+    if not mem_ok:
+        out["verdict"] = "FAIL"
+    elif claim.get("min_decode_tps") is None:
+        out["verdict"] = "PASS"
+    elif matching:
+        passing = [r for r in matching if ok(r)]
+        out.update(verdict="PASS" if passing else "FAIL", row=max(passing or matching, key=lambda r: r.get("tg", {})
+                                                                  .get("mean", -1)))
+    else:
+        out["verdict"] = "UNTESTED"   # it fits, but its speed on that device is unmeasured
     return out
 
 
@@ -83,13 +115,18 @@ def render_claims(results: list[dict]) -> str:
     lines = ["| claim | verdict | deciding row | plan predicts |", "|---|---|---|---|"]
     for r in results:
         c = r["claim"]
-        row = r.get("row")
+        row, fit = r.get("row"), r.get("fit_row")
         if row:
             tg = f"{row['tg']['mean']:.1f} tok/s" if row.get("status") == "ok" else row.get("status")
             dec = (f"{row['build']['name']}, {row['threads']} threads: {tg}, "
                    f"{peak_rss(row) / 2**30:.2f} GiB ({row['device']['cpu']})")
         else:
             dec = "no measurement on this device"
+        if fit:
+            dec = (f"fits: min RAM {fit['min_ram'] / 2**30:.2f} GiB ({fit['build']['name']}"
+                   f"{', lean' if fit.get('lean') else ''}), measured under a memory limit on "
+                   f"{fit['device'].get('cpu', '?')}; " + ("speed: " + dec if c.get("min_decode_tps") else "no speed "
+                                                          "condition"))
         p = r.get("prediction")
         pred = (f"{p['verdict']}: {p['peak_ram'] / 2**30:.1f} GiB, ~{p['expected_tps']:.1f} tok/s "
                 f"(ceiling {p['ceiling_tps']:.1f})") if p else "-"

@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .errors import EdgeqwenError
+from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
 
 
 class Group(click.Group):
@@ -20,6 +21,10 @@ class Group(click.Group):
         except EdgeqwenError as e:
             click.echo(f"Error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:   # a path the user gave that cannot be read or written (a file as a folder, /proc...)
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"Error: {where}{e.strerror or e}", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             ctx.exit(130)
@@ -63,7 +68,7 @@ def _setup_logging(verbose: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Put this build in DIR instead of the cache.")
 @click.option("--name", help="Build name (default: RECIPE-QUANT[-synthetic]).")
 @click.option("--force", is_flag=True, help="Rebuild even if the build exists.")
-@click.option("--threads", type=int, help="Quantization threads (default: physical cores).")
+@click.option("--threads", type=THREADS, help="Quantization threads (default: physical cores).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the f16 GGUF next to the quantized one.")
 @click.option("--no-smoke", is_flag=True, help="Skip the load-and-generate check after building.")
 @click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]),
@@ -137,15 +142,15 @@ def _sampling(max_tokens, temperature, top_p, seed):
 @cli.command()
 @click.argument("build")
 @click.argument("prompt", required=False)
-@click.option("--max-tokens", "-n", default=256, show_default=True)
-@click.option("--temperature", "-t", default=0.7, show_default=True, help="0 is greedy and reproducible.")
-@click.option("--top-p", default=0.8, show_default=True)
+@click.option("--max-tokens", "-n", default=256, show_default=True, type=MAX_TOKENS)
+@click.option("--temperature", "-t", default=0.7, show_default=True, type=TEMPERATURE, help="0 is greedy.")
+@click.option("--top-p", default=0.8, show_default=True, type=TOP_P)
 @click.option("--seed", type=int, help="Sampling seed (default: random).")
 @click.option("--system", help="System prompt.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token counts and timings as JSON.")
-@click.option("--threads", type=int, help="Default: physical cores.")
-@click.option("--ctx", type=int, help="Context length (default: 4096, capped by the model).")
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
+@click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @click.option("--verbose", "-v", is_flag=True, help="Timing line on stderr.")
 def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_json, threads, ctx, verbose):
     """Generate one answer to PROMPT (or stdin) with BUILD; only the answer goes to stdout.
@@ -186,12 +191,12 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
 @cli.command()
 @click.argument("build")
 @click.option("--system", help="System prompt.")
-@click.option("--max-tokens", "-n", default=1024, show_default=True)
-@click.option("--temperature", "-t", default=0.7, show_default=True)
-@click.option("--top-p", default=0.8, show_default=True)
+@click.option("--max-tokens", "-n", default=1024, show_default=True, type=MAX_TOKENS)
+@click.option("--temperature", "-t", default=0.7, show_default=True, type=TEMPERATURE)
+@click.option("--top-p", default=0.8, show_default=True, type=TOP_P)
 @click.option("--seed", type=int)
-@click.option("--threads", type=int, help="Default: physical cores.")
-@click.option("--ctx", type=int, help="Context length (default: 4096, capped by the model).")
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
+@click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
     """Chat with BUILD in the terminal.
 
@@ -216,8 +221,8 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
 @click.option("--api-key", envvar="EDGEQWEN_API_KEY", help="Require this bearer key (or $EDGEQWEN_API_KEY).")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 4096),
               help="Requests that may wait for the model; more get 503.")
-@click.option("--ctx", type=click.IntRange(16, 1 << 20), help="Context length (default: 4096, capped by the model).")
-@click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores.")
+@click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
 def serve(builds, host, port, api_key, max_queue, ctx, threads, cors):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.

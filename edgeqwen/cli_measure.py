@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .params import CTX, THREADS
+
 
 @click.command("bench")
 @click.argument("builds", nargs=-1, required=True)
@@ -13,7 +15,7 @@ import click
 @click.option("--prompt-tokens", default=512, show_default=True, help="Prefill length (random tokens).")
 @click.option("--gen-tokens", default=128, show_default=True, help="Decode length (EOS disabled).")
 @click.option("--repeats", default=3, show_default=True)
-@click.option("--ctx", default=4096, show_default=True, help="Context the build is loaded with.")
+@click.option("--ctx", default=4096, show_default=True, type=CTX, help="Context the build is loaded with.")
 @click.option("--out", type=click.Path(path_type=Path), help="Append one JSON row per measurement to FILE.jsonl.")
 @click.option("--memory-limit", help="Also run each build inside a memory cgroup of this size (e.g. 4G, 7.2G).")
 @click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, maybe slower).")
@@ -113,7 +115,7 @@ def table(files, fmt, plot, claims, devices):
 @click.command("plan")
 @click.argument("size")
 @click.argument("quant", default="q4")
-@click.option("--ctx", default=4096, show_default=True, help="Context length to hold in the KV cache.")
+@click.option("--ctx", default=4096, show_default=True, type=CTX, help="Context length to hold in the KV cache.")
 @click.option("--device", help="A device profile (list them with --device list).")
 @click.option("--devices", type=click.Path(path_type=Path), help="Device profiles file.")
 def plan_cmd(size, quant, ctx, device, devices):
@@ -146,8 +148,8 @@ def plan_cmd(size, quant, ctx, device, devices):
               "builds the fp32 ONNX, of the same source, built if missing).")
 @click.option("--text", "texts", multiple=True, default=["en", "zh"], show_default=True,
               help="en, zh (bundled texts) or a file; repeat for several.")
-@click.option("--ctx", default=512, show_default=True, help="Window length; the second half of each is scored.")
-@click.option("--threads", type=int)
+@click.option("--ctx", default=512, show_default=True, type=CTX, help="Window length; its second half is scored.")
+@click.option("--threads", type=THREADS)
 @click.option("--windows", "max_windows", type=click.IntRange(min=1), help="Score only N windows a text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON lines.")
 @click.option("--out", type=click.Path(path_type=Path), help="Append the rows to FILE.jsonl (for `edgeqwen table`).")
@@ -180,7 +182,7 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
 @click.command("fit")
 @click.argument("build")
 @click.option("--device", help="Also run once at this device profile's usable RAM (see plan --device list).")
-@click.option("--threads", type=click.IntRange(1, 1024), help="Default: physical cores.")
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both, and the "
               "smaller need wins.")
 @click.option("--fraction", default=0.9, show_default=True, type=click.FloatRange(0.1, 1.0),

@@ -107,6 +107,8 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             dims = tuple(unpack("<Q") for _ in range(unpack("<I")))
             tensors.append(TensorEntry(name, dims, gguf.GGMLQuantizationType(unpack("<I")), unpack("<Q")))
         align = meta.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
         pos = f.tell()
         data_start = (pos + align - 1) // align * align
     return GGUFInfo(meta, tensors, data_start, path.stat().st_size)

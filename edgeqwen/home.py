@@ -31,10 +31,20 @@ def checkpoints_dir() -> Path:
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest, or None if it has none; a manifest that is there but malformed is a UsageError."""
+    p = folder / MANIFEST
     try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UsageError(f"{p}: not valid JSON") from None
+    if isinstance(data, dict) and data.get("synthetic") is True and "file" not in data:
+        return data   # a synthetic checkpoint's own small manifest
+    from .schemas import check_manifest
+    return check_manifest(data, str(p))
 
 
 def list_builds() -> list[tuple[Path, dict]]:
@@ -45,7 +55,10 @@ def list_builds() -> list[tuple[Path, dict]]:
     for p in sorted(d.iterdir()):
         if TMP_MARK in p.name:
             continue
-        m = read_manifest(p)
+        try:
+            m = read_manifest(p)
+        except UsageError:   # a broken folder is not a build; `verify` and `info` name it
+            continue
         if m is not None:
             out.append((p, m))
     return out

@@ -91,12 +91,17 @@ class LlamaRunner:
         if not self.path.exists():
             raise RunnerError(f"{self.path}: no such model file")
         info = _check_gguf(self.path)
+        if not (manifest and manifest.get("sha256")):   # not a build whose hash was just checked: untrusted
+            _probe(self.path)
         self.threads = threads or physical_cores()
         # Metal on Apple Silicon when this llama-cpp-python has it; CPU everywhere else.
         gpu = -1 if (sys.platform == "darwin" and platform.machine() == "arm64"
                      and llama_cpp.llama_supports_gpu_offload()) else 0
+        train_ctx = int(info.get("{arch}.context_length"))
         if n_ctx is None:  # the default, capped by what the model was trained for
-            n_ctx = min(DEFAULT_CTX, int(info.get("{arch}.context_length", DEFAULT_CTX) or DEFAULT_CTX))
+            n_ctx = min(DEFAULT_CTX, train_ctx)
+        elif n_ctx > train_ctx:
+            raise RunnerError(f"--ctx {n_ctx} is more than this model's context length ({train_ctx})")
         extra = {}
         if logits:  # eval: a whole window in one batch, logits at every position
             n_batch, extra = n_ctx, {"n_ubatch": n_ctx, "logits_all": True}
@@ -107,13 +112,18 @@ class LlamaRunner:
         self.lean = lean
         t0 = time.perf_counter()
         try:
+            # flash_attn: llama.cpp's own tools default to "auto", which is on for the CPU; llama-cpp-python's
+            # default (off) made prefill 0.77-0.84x llama-bench (bench/PARITY.md)
             with _model_params(use_extra_bufts=not lean):
                 self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch,
                                            n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True,
-                                           n_gpu_layers=gpu, verbose=False, **extra)
+                                           n_gpu_layers=gpu, verbose=False, flash_attn=True, **extra)
         except (ValueError, RuntimeError) as e:
             raise RunnerError(f"{self.path}: llama.cpp cannot load this model; the file is corrupt, truncated or of an "
                               f"unsupported architecture ({e})") from None
+        except Exception as e:  # noqa: BLE001  e.g. llama-cpp-python compiling a broken chat template (jinja2)
+            what = "its chat template is broken" if type(e).__module__.startswith("jinja2") else "it is malformed"
+            raise RunnerError(f"{self.path}: cannot load: {what} ({type(e).__name__}: {e})") from None
         self.load_s = time.perf_counter() - t0
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_vocab = self.llm.n_vocab()
@@ -226,4 +236,53 @@ def _check_gguf(path: Path):
         raise RunnerError(f"{path}: corrupt GGUF header ({e})") from None
     if not info.complete:
         raise RunnerError(f"{path}: truncated GGUF ({info.file_size} bytes; its tensors need more)")
+    problem = _preflight(info)
+    if problem:
+        raise RunnerError(f"{path}: {problem}; llama.cpp would abort on it")
     return info
+
+
+def _probe(path: Path) -> None:
+    """Load an untrusted file in a child process first: what llama.cpp still aborts on (a GGML_ASSERT on some
+    metadata, duplicate token strings) then kills the child, not us, and becomes one line. Passing files are
+    remembered by path, size and mtime."""
+    from .runner import IN_CHILD, smoke_check
+    if os.environ.get(IN_CHILD):
+        return
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _probed:
+        return
+    from .errors import BuildError
+    try:
+        smoke_check(path, threads=1, tokens=1, timeout=600)
+    except BuildError as e:
+        raise RunnerError(str(e).replace("smoke check failed for", "cannot load")) from None
+    _probed.add(key)
+
+
+_probed: set[str] = set()
+
+
+def _preflight(info) -> str | None:
+    """The metadata llama.cpp asserts on (a GGML_ASSERT kills the process with no message), checked first."""
+    import math
+
+    def num(key):
+        v = info.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    layers, heads, kv = num("{arch}.block_count"), num("{arch}.attention.head_count"), \
+        num("{arch}.attention.head_count_kv")
+    ctx, eps = num("{arch}.context_length"), num("{arch}.attention.layer_norm_rms_epsilon")
+    if layers is None or not 1 <= layers <= 1024:
+        return f"block_count {info.get('{arch}.block_count')!r} is not a layer count"
+    if layers != 1 + max((int(t.name.split(".")[1]) for t in info.tensors if t.name.startswith("blk.")
+                          and t.name.split(".")[1].isdigit()), default=-1):
+        return f"block_count {layers} does not match the layers its tensors hold"
+    if heads is None or not 1 <= heads <= 4096 or kv is None or not 1 <= kv <= heads or heads % kv:
+        return f"attention head counts {heads!r}/{kv!r} are inconsistent"
+    if ctx is None or not 1 <= ctx <= 1 << 24:
+        return f"context_length {info.get('{arch}.context_length')!r} is out of range"
+    if eps is not None and not (math.isfinite(eps) and 0 < eps < 1):
+        return f"layer-norm epsilon {eps!r} is not a small positive number"
+    return None

@@ -134,6 +134,13 @@ class Plan:
     def peak_ram(self) -> int:
         return self.weights_bytes + self.repack_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
+    @property
+    def min_ram(self) -> int:
+        """The least memory it runs in at full speed (what `edgeqwen fit` measures): the weights once. A repacked
+        tensor's original pages are read once at load and then are clean page cache the kernel may drop, and a
+        lean load has no copy at all, so either way the weights count once, not twice as in peak RSS."""
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+
 
 METADATA_BYTES = 6 << 20  # vocabulary, merges and chat template in the GGUF header
 
@@ -214,7 +221,7 @@ def verdict(p: Plan, device: dict) -> dict:
     """Does it fit, and how fast can it decode at best, on this device profile."""
     budget = device["ram_gib"] * 2**30 * device.get("usable_fraction", 0.8)
     ceiling = device["bandwidth_gbs"] * 1e9 / p.bytes_per_token
-    return {"fits": p.peak_ram <= budget, "budget": budget, "ceiling_tps": ceiling,
+    return {"fits": p.min_ram <= budget, "budget": budget, "ceiling_tps": ceiling,
             "expected_tps": ceiling * device.get("efficiency", 0.6)}
 
 
@@ -228,14 +235,27 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
              f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + repacked copies "
              f"{fmt_gib(p.repack_bytes)} + KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + "
              f"runtime {fmt_gib(p.runtime_bytes)}",
+             f"  min RAM          {fmt_gib(p.min_ram)} (full speed inside a memory limit; weights counted once)",
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
     if device:
         v = verdict(p, device)
         fits = "fits" if v["fits"] else "does NOT fit"
         lines += [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s; {device['source']}):",
-                  f"    {fits} (budget {fmt_gib(v['budget'])}); decode ceiling {v['ceiling_tps']:.1f} tok/s, "
-                  f"expect ~{v['expected_tps']:.1f}"]
+                  f"    {fits} (min RAM against a budget of {fmt_gib(v['budget'])}); "
+                  f"decode ceiling {v['ceiling_tps']:.1f} tok/s, expect ~{v['expected_tps']:.1f}"]
     return "\n".join(lines)
+
+
+def predicted_min_ram_for_row(row: dict) -> int | None:
+    """Plan's min RAM for a fit row's build (GGUF sizes plan knows; None otherwise)."""
+    b = row.get("build", {})
+    if not b.get("size") or not b.get("quant") or b.get("format", "gguf") != "gguf":
+        return None
+    try:
+        return plan(b["size"], b["quant"], ctx=(row.get("config") or {}).get("n_ctx") or 4096,
+                    prompt_tokens=(row.get("config") or {}).get("prompt_tokens", 64), config=b.get("config")).min_ram
+    except Exception:
+        return None
 
 
 def predicted_rss_for_row(row: dict) -> int | None:

@@ -94,10 +94,17 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     def raise_exception(msg):
         raise RunnerError(f"chat template: {msg}")
 
+    from jinja2 import TemplateError
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **special)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **special)
+    except RunnerError:
+        raise
+    except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError,
+            OverflowError, MemoryError) as e:   # a broken template in a file's metadata is the file's fault
+        raise RunnerError(f"the build's chat template fails ({type(e).__name__}: {e}); use --raw") from None
 
 
 # --- what every backend's stream shares -------------------------------------------------------------
@@ -180,27 +187,45 @@ def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = F
 
 # --- the build's smoke check, in a child process so a crash in ggml becomes a clear error -------
 
-def smoke_check(model: Path, threads: int | None = None, tokens: int = 8) -> dict:
+IN_CHILD = "EDGEQWEN_IN_CHILD_CHECK"   # set in the smoke/probe child: it must not probe again
+
+
+def smoke_check(model: Path, threads: int | None = None, tokens: int = 8, timeout: float = 1800) -> dict:
+    import os
     cmd = [sys.executable, "-m", "edgeqwen.runner", "smoke", str(model), str(threads or 0), str(tokens)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, IN_CHILD: "1"}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BuildError(f"{model}: the check did not finish in {timeout:.0f} s") from None
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
         from .formats import detect
         if detect(model).name == "onnx":
             raise BuildError(f"onnxruntime crashed ({sig}) running {model}")
+        if sig == "SIGABRT":
+            raise BuildError(f"llama.cpp crashed (SIGABRT) on {model}: an assertion failed on something in the file, "
+                             "which is malformed")
         raise BuildError(f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
                          "reinstall llama-cpp-python with 'make setup'")
     if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("Error: ")
         raise BuildError(f"smoke check failed for {model}: {last}")
-    result = json.loads(p.stdout.strip().splitlines()[-1])
+    try:
+        result = json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise BuildError(f"smoke check of {model} printed no result") from None
     if result["tokens"] < 1:
         raise BuildError(f"smoke check: {model} generated no tokens")
     return result
 
 
 def _smoke_main(model: str, threads: str, n: str) -> None:
-    r = load_runner(model, threads=int(threads) or None, n_ctx=512)
+    from .errors import EdgeqwenError
+    try:
+        r = load_runner(model, threads=int(threads) or None, n_ctx=512)
+    except EdgeqwenError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
     last = None
     text = ""
     for last in generate_text(r, "Say hello.", Sampling(max_tokens=int(n), temperature=0, ignore_eos=True)):

@@ -15,18 +15,22 @@ def load_rows(files: list[Path]) -> list[dict]:
     seen, rows = set(), []
     for f in files:
         try:
-            lines = Path(f).read_text().splitlines()
+            lines = Path(f).read_text(encoding="utf-8").splitlines()
         except OSError as e:
             raise UsageError(f"{f}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{f}: not a text file of JSON lines") from None
+        from .schemas import check_row
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise UsageError(f"{f}:{n}: not a JSON line") from None
-            if row.get("schema") != 1:
+            if isinstance(row, dict) and row.get("schema") != 1:
                 raise UsageError(f"{f}:{n}: unknown schema {row.get('schema')!r}")
+            check_row(row, f"{f}:{n}")
             rid = row.get("id") or json.dumps(row, sort_keys=True)
             if rid not in seen:
                 seen.add(rid)

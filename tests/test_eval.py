@@ -93,7 +93,7 @@ def _numpy_metrics(windows_logits, windows_ref, windows_tokens, ctx):
 def _llama_logits(model, tokens):
     import llama_cpp
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=len(tokens), n_batch=len(tokens), logits_all=True,
-                          verbose=False)
+                          flash_attn=True, verbose=False)   # the runner's setting: same kernels, same logits
     llm.eval(tokens)
     out = np.array(llm.scores[: len(tokens)])
     llm.close()

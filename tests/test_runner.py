@@ -91,7 +91,8 @@ def test_build_of_a_backend_that_is_not_installed(tmp_path, tiny_builds):
     (hide / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     d = tmp_path / "onnx-build"
     d.mkdir()
-    (d / "manifest.json").write_text(json.dumps({"format": "onnx", "file": "model.onnx", "quant": "int4"}))
+    (d / "manifest.json").write_text(json.dumps({"name": "onnx-build", "format": "onnx", "file": "model.onnx",
+                                                 "quant": "int4", "file_size": 1}))
     r = run_cli("run", d, "hi", env={"PYTHONPATH": str(hide.parent)})
     assert r.returncode != 0 and "onnxruntime_genai" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

@@ -25,9 +25,10 @@ src=$(ls -d "$tmp"/llama_cpp_python-*/vendor/llama.cpp)
 cmake -S "$src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF \
       -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" $cmake_args >&2
-cmake --build "$tmp/build" --target llama-bench rpc-server -j "$(nproc)" >&2
+cmake --build "$tmp/build" --target llama-bench ggml-rpc-server -j "$(nproc)" >&2
 mkdir -p "$tmp/bin"
-cp "$tmp/build/bin/llama-bench" "$tmp/build/bin/rpc-server" "$tmp/bin/"
+cp "$tmp/build/bin/llama-bench" "$tmp/bin/"
+cp "$tmp/build/bin/ggml-rpc-server" "$tmp/bin/rpc-server"
 rm -rf "$tmp/build" "$tmp"/llama_cpp_python-*
 rm -rf "$out"; mv "$tmp" "$out"
 echo "$out/bin"
