@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup reference test test-slow demo bench results parity lint clean
+.PHONY: setup reference test test-slow fuzz demo bench results parity lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -27,6 +27,10 @@ $(VENV)/.reference-done: $(VENV)/.setup-done
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fuzz suite with many more examples than make test runs.
+fuzz: setup
+	EDGEQWEN_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_hardening.py -k fuzzed
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -63,8 +63,8 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
                 and (max_rss is None or peak_rss(r) <= max_rss * 2**30))
     out = {"claim": claim}
     if claim.get("fits"):
-        return _judge_fit(claim, quant, rows, profile, out, matching, ok)
-    if matching:
+        _judge_fit(claim, quant, rows, profile, out, matching, ok)
+    elif matching:
         passing = [r for r in matching if ok(r)]
         best = max(passing or matching, key=lambda r: r["tg"]["mean"] if r.get("status") == "ok" else -1)
         out.update(verdict="PASS" if passing else "FAIL", row=best)

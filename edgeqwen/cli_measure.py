@@ -214,10 +214,11 @@ def fit_cmd(build, device, threads, lean, fraction, resolution, out):
             raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
         prof = (device, devs[device])
     fp = fingerprint()
-    rows = [fit(build, threads or physical_cores(), fp, lean=m, fraction=fraction, resolution=res, device=prof)
-            for m in ([lean] if lean is not None else [False, True])]
-    for row in rows:
-        if out:
+    rows = []
+    for mode in [lean] if lean is not None else [False, True]:
+        row = fit(build, threads or physical_cores(), fp, lean=mode, fraction=fraction, resolution=res, device=prof)
+        rows.append(row)
+        if out:   # as each search ends: a 7B search is long
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
         dc = row.get("device_check")

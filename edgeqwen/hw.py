@@ -126,9 +126,12 @@ def fingerprint(bandwidth: bool = True) -> dict:
 
 
 def device_id(fp: dict) -> str:
-    """Stable id of a machine kind: same CPU, cores, RAM size (to the GiB) and OS family."""
+    """Stable id of a machine kind: same CPU, ISA extensions, cores, RAM size (to the GiB) and OS family.
+
+    The ISA list is part of it because cloud VMs name different CPU generations alike ("Intel(R) Xeon(R)
+    Processor" with and without AMX), and their speeds must not be merged."""
     key = f"{fp['cpu']}|{fp['arch']}|{fp['physical_cores']}|{fp['logical_cores']}|{round(fp['ram_total'] / 2**30)}|" \
-          f"{fp['os'].split()[0]}"
+          f"{fp['os'].split()[0]}|{','.join(sorted(fp.get('isa', [])))}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

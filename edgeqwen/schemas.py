@@ -62,16 +62,21 @@ class Row(_Open):
         return self
 
 
-def check_row(data, where: str) -> dict:
+def _check(model: type[BaseModel], data, where: str, what: str) -> dict:
+    """data as read from a file, validated: one UsageError naming the file (and line) and the field."""
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: a row must be a JSON object")
+        raise UsageError(f"{where}: {what} must be a JSON object")
     try:
-        Row.model_validate(data)
+        model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "row"
+        field = ".".join(str(p) for p in err["loc"]) or what
         raise UsageError(f"{where}: {field}: {err['msg']}") from None
     return data
+
+
+def check_row(data, where: str) -> dict:
+    return _check(Row, data, where, "a row")
 
 
 class Manifest(_Open):
@@ -84,11 +89,4 @@ class Manifest(_Open):
 
 
 def check_manifest(data, where: str) -> dict:
-    if not isinstance(data, dict):
-        raise UsageError(f"{where}: not an edgeqwen manifest (a JSON object)")
-    try:
-        Manifest.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UsageError(f"{where}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
-    return data
+    return _check(Manifest, data, where, "an edgeqwen manifest")

@@ -4,6 +4,9 @@ One model is resident at a time (edge devices cannot hold two) and serves one se
 so requests wait in a bounded FIFO queue; a full queue is a 503 with Retry-After. Every model call
 (load, generate) runs on one worker thread, fed by the same runner stream `run` and `chat` consume.
 A client that disconnects mid-stream sets a flag the worker checks before each token.
+
+One module of ~550 lines on purpose: request schemas, the queue, the model thread and the SSE framing are
+one request's path, and they share the job and slot types.
 """
 from __future__ import annotations
 
@@ -320,6 +323,14 @@ def _record(server: Server, endpoint: str, status: str, n_prompt: int = 0, last=
             m.ttft.observe(last.ttft_s)
 
 
+def _failed(server: Server, endpoint: str, e: Exception) -> JSONResponse:
+    """An error response (a domain error from the model thread is a 500), counted in the metrics."""
+    if not isinstance(e, ApiError):
+        e = ApiError(500, str(e), "server_error")
+    _record(server, endpoint, str(e.status))
+    return _error(e)
+
+
 async def _read_json(request: Request, limit: int) -> dict:
     size = request.headers.get("content-length")
     if size and size.isdigit() and int(size) > limit:
@@ -382,12 +393,8 @@ def create_app(server: Server) -> Starlette:
             await _admit(server, req.model)
             q = _start(server, job)
             n_prompt = await _first(q)
-        except ApiError as e:
-            _record(server, endpoint, str(e.status))
-            return _error(e)
-        except EdgeqwenError as e:
-            _record(server, endpoint, "500")
-            return _error(ApiError(500, str(e), "server_error"))
+        except (ApiError, EdgeqwenError) as e:
+            return _failed(server, endpoint, e)
         rid = ("chatcmpl-" if kind.startswith("chat") else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         events = _events(q, job)
@@ -401,12 +408,8 @@ def create_app(server: Server) -> Starlette:
                     text.append(payload)
                 else:
                     last = payload
-        except ApiError as e:
-            _record(server, endpoint, str(e.status))
-            return _error(e)
-        except EdgeqwenError as e:
-            _record(server, endpoint, "500")
-            return _error(ApiError(500, str(e), "server_error"))
+        except (ApiError, EdgeqwenError) as e:
+            return _failed(server, endpoint, e)
         _record(server, endpoint, "200", n_prompt, last)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": last.generation_tokens,
                  "total_tokens": n_prompt + last.generation_tokens}

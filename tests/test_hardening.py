@@ -1,10 +1,14 @@
 """Bad input gets one clear line and a non-zero exit: GGUF metadata llama.cpp would abort on, argument ranges."""
 import math
+import os
 import shutil
 import struct
 
 import pytest
 from conftest import run_cli
+
+
+EXAMPLES = int(os.environ.get("EDGEQWEN_FUZZ_EXAMPLES", "300"))   # make fuzz runs many more
 
 
 def _patched(src, dst, key: bytes, fmt: str, value):
@@ -94,7 +98,7 @@ def test_fuzzed_gguf_headers_give_a_clean_error_or_load(tiny_builds, tmp_path_fa
     head = src[:1 << 16]
     work = tmp_path_factory.mktemp("fuzz") / "f.gguf"
 
-    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
     @hypothesis.given(st.lists(st.tuples(st.integers(0, len(head) - 1), st.integers(0, 255)), max_size=8),
                       st.integers(8, len(src)))
     def check(flips, cut):
@@ -146,3 +150,22 @@ def test_unusable_paths_are_one_line(tmp_path, tiny_ckpt):
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) >= 1
     r = run_cli("list", env={"EDGEQWEN_HOME": str(f)})
     assert "Traceback" not in r.stderr
+
+
+def test_fuzzed_arguments_give_success_or_a_usage_error():
+    """plan and table argument parsing: any values give exit 0 or a clean usage error, never another exception."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from click.testing import CliRunner
+    from hypothesis import strategies as st
+
+    from edgeqwen.cli import cli
+    values = st.one_of(st.integers(-2**40, 2**40).map(str), st.floats().map(str), st.text(max_size=12),
+                       st.sampled_from(["nan", "inf", "-0", "1e309", "0x10", "", " ", "4G"]))
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(st.sampled_from(["0.5b", "7b", "72b", "x", ""]), st.sampled_from(["q4", "q8_0", "int4", "zz"]),
+                      values)
+    def check(size, quant, ctx):
+        r = CliRunner().invoke(cli, ["plan", size, quant, "--ctx", ctx])
+        assert r.exit_code in (0, 1, 2) and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    check()
