@@ -180,12 +180,9 @@ def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, o
 
 def model_files(build: str) -> list[Path]:
     """The files a build's runner maps (what a memory limit must hold)."""
-    from .formats import detect
+    from .formats import hashed_paths
     path, manifest = resolve_build(build)
-    if not path.is_dir():
-        return [path]
-    fmt = detect(path, manifest)
-    return [path / n for n in fmt.hashed_files if (path / n).exists()]
+    return [p for p in hashed_paths(path, manifest) if p.exists()] if path.is_dir() else [path]
 
 
 def build_fields(build: str) -> tuple[Path, dict]:

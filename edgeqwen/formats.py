@@ -41,11 +41,6 @@ class Format:
         return self.load("runner")
 
 
-def _gguf_quants() -> tuple[str, ...]:
-    from .recipes import GGUF_QUANTS
-    return tuple(sorted(GGUF_QUANTS))
-
-
 FORMATS: dict[str, Format] = {
     "gguf": Format(
         name="gguf", quants=(), reference_quant="f16", model_file="model.gguf", hashed_files=("model.gguf",),
@@ -57,10 +52,6 @@ FORMATS: dict[str, Format] = {
         runner="edgeqwen.onnx_runner:OnnxRunner", needs="onnxruntime_genai", install="pip install 'edgeqwen[onnx]'",
         suffixes=(".onnx",), marker="genai_config.json"),
 }
-
-
-def quants(fmt: str) -> tuple[str, ...]:
-    return _gguf_quants() if fmt == "gguf" else FORMATS[fmt].quants
 
 
 def format_of_quant(quant: str) -> str:
@@ -81,14 +72,19 @@ def detect(path: Path, manifest: dict | None = None) -> Format:
     raise RunnerError(f"{path}: not a model file edgeqwen can run (.gguf, .onnx, or a build folder)")
 
 
+def hashed_paths(folder: Path, manifest: dict) -> list[Path]:
+    """The files a build's sha256 covers (its format's set, or just its model file if it names another)."""
+    fmt = detect(folder, manifest)
+    names = fmt.hashed_files if manifest.get("file") == fmt.model_file else (manifest["file"],)
+    return [folder / n for n in names]
+
+
 def build_hash(folder: Path, manifest: dict, on_bytes: Callable[[int], None] | None = None) -> str:
     """The sha256 a manifest records for its build: the file's for one file, else a hash of the files' hashes."""
     import hashlib
 
     from .checkpoint import sha256_file
-    fmt = detect(folder, manifest)
-    names = fmt.hashed_files if manifest.get("file") == fmt.model_file else (manifest["file"],)
-    paths = [folder / n for n in names]
+    paths = hashed_paths(folder, manifest)
     if len(paths) == 1:
         return sha256_file(paths[0], on_bytes)
     h = hashlib.sha256()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError, UsageError
-from .formats import FORMATS, build_hash, detect
+from .formats import FORMATS, build_hash, hashed_paths
 from .home import TMP_MARK, builds_dir, checkpoints_dir, home, list_builds, resolve_build, \
     write_json_atomic
 
@@ -26,13 +26,7 @@ def _cache_file() -> Path:
 
 
 def _stamp(folder: Path, manifest: dict) -> list:
-    fmt = detect(folder, manifest)
-    names = fmt.hashed_files if manifest.get("file") == fmt.model_file else (manifest["file"],)
-    out = []
-    for n in names:
-        st = (folder / n).stat()
-        out.append([n, st.st_size, st.st_mtime_ns])
-    return out
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in hashed_paths(folder, manifest)]
 
 
 def _read_cache() -> dict:
@@ -58,21 +52,20 @@ def verify(folder: Path, manifest: dict, force: bool = True) -> str:
     """Re-hash a build's files against its manifest; a mismatch is a BuildError naming the file."""
     if not manifest.get("sha256"):
         raise BuildError(f"{folder}: the manifest records no sha256; nothing to verify against")
-    fmt = detect(folder, manifest)
-    names = fmt.hashed_files if manifest.get("file") == fmt.model_file else (manifest["file"],)
-    for n in names:
-        if not (folder / n).is_file():
-            raise BuildError(f"{folder / n}: missing; the build is incomplete (rebuild it with --force)")
+    paths = hashed_paths(folder, manifest)
+    for p in paths:
+        if not p.is_file():
+            raise BuildError(f"{p}: missing; the build is incomplete (rebuild it with --force)")
     if not force:
         entry = _read_cache().get(str(folder.resolve()))
         if entry and entry.get("sha256") == manifest["sha256"] and entry.get("files") == _stamp(folder, manifest):
             return manifest["sha256"]
     from .progress import bar
-    total = sum((folder / n).stat().st_size for n in names)
+    total = sum(p.stat().st_size for p in paths)
     with bar(f"verify {folder.name}", total) as upd:
         got = build_hash(folder, manifest, upd)
     if got != manifest["sha256"]:
-        which = ", ".join(str(folder / n) for n in names)
+        which = ", ".join(map(str, paths))
         raise BuildError(f"{which} does not match its manifest's sha256 (corrupted or changed since it was built); "
                          "rebuild with --force")
     remember_verified(folder, manifest)
