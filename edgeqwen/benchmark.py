@@ -11,7 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
@@ -29,6 +29,8 @@ class BenchConfig:
     n_ctx: int = 4096
     seed: int = 0
     lean: bool = False        # no repacked / prepacked second copy of the weights (less memory, maybe slower)
+    workers: list[str] = field(default_factory=list)   # llama.cpp RPC workers HOST:PORT (several devices)
+    split: list[float] | None = None                    # layer shares: this machine, then each worker
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -47,7 +49,10 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     from .measure import PeakRSS, max_rss_bytes
     from .runner import load_runner
     with PeakRSS() as rss:
-        runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean)
+        from .rpc import parse_workers
+        # isolate=False: this child is already the process a lost worker may abort; the parent reports it
+        runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
+                             workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False)
         out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
         runner.close()
     out["peak_rss_sampled"] = rss.peak
@@ -206,6 +211,10 @@ def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict)
         "threads": threads, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens,
         "repeats": cfg.repeats, "lean": cfg.lean, **result,
     }
+    if cfg.workers:   # several devices: who took part, in what shares, and what each used (when it is local)
+        from .rpc import parse_endpoint, worker_peak_memory
+        row.update(workers=cfg.workers, split=cfg.split,
+                   worker_peak_rss={w: worker_peak_memory(parse_endpoint(w)) for w in cfg.workers})
     if result.get("status") == "ok" and model.suffix == ".gguf":
         per_token, total, shape = weight_bytes_per_token(model)
         kv = kv_bytes_per_position(shape) * (cfg.prompt_tokens + cfg.gen_tokens / 2)

@@ -134,6 +134,23 @@ def list_cmd(as_json):
     click.echo("ONNX quants: " + ", ".join(ONNX_QUANTS))
 
 
+def device_options(f):
+    """--lean, --workers and --split, shared by run, chat and serve (bench has its own --lean)."""
+    f = click.option("--split", help="Shares of the layers, this machine first, then each worker (e.g. 1,1,1). "
+                     "Default: every layer on the workers, by their free memory.")(f)
+    f = click.option("--workers", help="llama.cpp RPC workers to spread the model over: HOST:PORT,... "
+                     "(see `edgeqwen worker`).")(f)
+    f = click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, "
+                     "maybe slower).")(f)
+    return f
+
+
+def _devices(lean, workers, split) -> dict:
+    from .rpc import parse_split, parse_workers
+    eps = parse_workers(workers)
+    return {"lean": lean, "workers": eps or None, "split": parse_split(split, len(eps))}
+
+
 def _sampling(max_tokens, temperature, top_p, seed):
     from .runner import Sampling
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -152,7 +169,9 @@ def _sampling(max_tokens, temperature, top_p, seed):
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @click.option("--verbose", "-v", is_flag=True, help="Timing line on stderr.")
-def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_json, threads, ctx, verbose):
+@device_options
+def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_json, threads, ctx, verbose, lean,
+        workers, split):
     """Generate one answer to PROMPT (or stdin) with BUILD; only the answer goes to stdout.
 
     BUILD is a build name (see `edgeqwen list`), a build folder or a .gguf file.
@@ -160,6 +179,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     \b
       edgeqwen run qwen2-1.5b-q4_k_m "Why is the sky blue?"
       echo "Translate to French: cheese" | edgeqwen run qwen2-0.5b-q8_0 --temperature 0
+      edgeqwen run qwen2-7b-q4_k_m "Hi" --workers 192.168.1.21:50052,192.168.1.22:50052
     """
     from .errors import UsageError
     from .runner import display_text, generate_text, load_runner
@@ -169,7 +189,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    runner = load_runner(build, threads=threads, n_ctx=ctx)
+    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
     text, last = [], None
     for last in generate_text(runner, prompt, _sampling(max_tokens, temperature, top_p, seed), raw=raw,
                               system=system):
@@ -197,7 +217,8 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
 @click.option("--seed", type=int)
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
-def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
+@device_options
+def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean, workers, split):
     """Chat with BUILD in the terminal.
 
     /reset clears the history, /stats shows the last reply's speed, /quit or Ctrl-D leaves;
@@ -208,7 +229,7 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
     """
     from .chat import repl
     from .runner import load_runner
-    runner = load_runner(build, threads=threads, n_ctx=ctx)
+    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
     repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system)
     runner.close()
 
@@ -224,7 +245,8 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx):
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
-def serve(builds, host, port, api_key, max_queue, ctx, threads, cors):
+@device_options
+def serve(builds, host, port, api_key, max_queue, ctx, threads, cors, lean, workers, split):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     One build is resident at a time and swapped on demand; requests queue in FIFO order.
@@ -245,9 +267,43 @@ def serve(builds, host, port, api_key, max_queue, ctx, threads, cors):
     if not loopback and not api_key:
         click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model", err=True)
-    cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors)
+    cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
+                      load=_devices(lean, workers, split))
     click.echo(f"serving {', '.join(builds)} on http://{host}:{port}/ (OpenAI API at /v1)", err=True)
     run_server(cfg, host, port)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; any other than "
+              "loopback needs --allow-remote.")
+@click.option("--port", default=50052, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
+@click.option("--allow-remote", is_flag=True, help="Listen on a non-loopback address (read the warning it prints).")
+@click.option("--cache", "use_cache", is_flag=True, help="Keep received weights in the cache folder, so a model "
+              "reloads without sending them again (llama.cpp's rpc-server -c).")
+def worker(host, port, threads, allow_remote, use_cache):
+    """Serve this machine's CPU to another machine's run, chat, bench or serve (--workers).
+
+    llama.cpp's RPC backend: the client sends this worker its share of the layers and runs
+    them here for every token. One client at a time. The protocol is unauthenticated: keep
+    workers on 127.0.0.1, a trusted LAN or an SSH tunnel, never an open network.
+
+    \b
+      pi-2$ edgeqwen worker --host 0.0.0.0 --allow-remote
+      pi-1$ edgeqwen chat qwen2-7b-q4_k_m --workers pi-2.local:50052 --split 1,1
+    """
+    from .home import home
+    from .measure import physical_cores
+    from .rpc import UNSAFE_WARNING, is_loopback, serve_worker
+    if not is_loopback(host) and allow_remote:
+        click.echo(f"Warning: listening on {host}. {UNSAFE_WARNING}", err=True)
+    cache = home() / "rpc-cache" if use_cache else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+    n = threads or physical_cores()
+    serve_worker(host, port, n, allow_remote, cache_dir=cache,
+                 ready=lambda: click.echo(f"worker listening on {host}:{port} with {n} threads (Ctrl-C stops)",
+                                          err=True))
 
 
 def _register() -> None:

@@ -19,7 +19,9 @@ from .params import CTX, THREADS
 @click.option("--out", type=click.Path(path_type=Path), help="Append one JSON row per measurement to FILE.jsonl.")
 @click.option("--memory-limit", help="Also run each build inside a memory cgroup of this size (e.g. 4G, 7.2G).")
 @click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, maybe slower).")
-def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, memory_limit, lean):
+@click.option("--workers", help="llama.cpp RPC workers HOST:PORT,... to spread each build over (edgeqwen worker).")
+@click.option("--split", help="Layer shares, this machine first, then each worker (e.g. 1,1,1).")
+def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, memory_limit, lean, workers, split):
     """Measure BUILDS on this machine: load time, prefill and decode tok/s, TTFT, peak RSS.
 
     Each build and thread count runs in a fresh process, after one warm-up. A build that
@@ -27,6 +29,7 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
 
     \b
       edgeqwen bench qwen2-0.5b-q4_k_m qwen2-0.5b-q8_0 --threads 1,2 --out results.jsonl
+      edgeqwen bench qwen2-7b-q4_k_m --workers pi-2.local:50052 --split 1,1
     """
     from .benchmark import BenchConfig, bench, parse_threads
     from .hw import device_label, fingerprint
@@ -35,8 +38,13 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
         from .errors import UsageError
         raise UsageError("--prompt-tokens >= 1, --gen-tokens >= 2 and --repeats >= 1")
+    from .rpc import check_workers, parse_split, parse_workers
+    eps = parse_workers(workers)
+    if eps:
+        check_workers(eps)
     cfg = BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
-                      n_ctx=max(ctx, prompt_tokens + gen_tokens + 16), lean=lean)
+                      n_ctx=max(ctx, prompt_tokens + gen_tokens + 16), lean=lean, workers=[str(e) for e in eps],
+                      split=parse_split(split, len(eps)))
     limit = None
     if memory_limit:
         from .memlimit import MemoryCgroup, parse_size
@@ -117,8 +125,10 @@ def table(files, fmt, plot, claims, devices):
 @click.argument("quant", default="q4")
 @click.option("--ctx", default=4096, show_default=True, type=CTX, help="Context length to hold in the KV cache.")
 @click.option("--device", help="A device profile (list them with --device list).")
-@click.option("--devices", type=click.Path(path_type=Path), help="Device profiles file.")
-def plan_cmd(size, quant, ctx, device, devices):
+@click.option("--devices", "pool", help="Several devices sharing the model over llama.cpp RPC, this one first: "
+              "[COUNTx]PROFILE,... (e.g. 3xraspberry-pi-5-4gb).")
+@click.option("--profiles", "devices", type=click.Path(path_type=Path), help="Device profiles file.")
+def plan_cmd(size, quant, ctx, device, pool, devices):
     """Predict file size, peak RAM and decode speed of SIZE as QUANT, and whether it fits a device.
 
     SIZE is a recipe size (0.5b, 1.5b, 7b) or 72b / 57b-a14b, by arithmetic. Without --device
@@ -126,10 +136,16 @@ def plan_cmd(size, quant, ctx, device, devices):
 
     \b
       edgeqwen plan 7b q4 --ctx 32768 --device x86-laptop-ddr5-16gb
+      edgeqwen plan 72b q4 --devices 5xraspberry-pi-5-16gb
     """
     from .errors import UsageError
     from .hw import fingerprint
-    from .plan import describe, load_devices, plan
+    from .plan import describe, describe_pool, load_devices, parse_pool, plan, plan_pool
+    if pool:
+        if device:
+            raise UsageError("give --device or --devices, not both")
+        click.echo(describe_pool(plan_pool(size, quant, parse_pool(pool, load_devices(devices)), ctx=ctx)))
+        return
     devs = load_devices(devices) if device else {}
     if device == "list":
         for name, d in load_devices(devices).items():

@@ -83,7 +83,8 @@ class LlamaRunner:
     backend = "llama.cpp"
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
-                 manifest: dict | None = None, logits: bool = False, lean: bool = False, n_batch: int = 512):
+                 manifest: dict | None = None, logits: bool = False, lean: bool = False, n_batch: int = 512,
+                 workers: list | None = None, split: list[float] | None = None):
         import llama_cpp
         route_llama_logs()
         self._lc = llama_cpp
@@ -97,14 +98,22 @@ class LlamaRunner:
         # Metal on Apple Silicon when this llama-cpp-python has it; CPU everywhere else.
         gpu = -1 if (sys.platform == "darwin" and platform.machine() == "arm64"
                      and llama_cpp.llama_supports_gpu_offload()) else 0
+        if workers:   # the workers are llama.cpp "GPU" devices: see rpc.layer_params
+            from . import rpc
+            rpc.register(workers)
+            extra_split = rpc.layer_params(int(info.get("{arch}.block_count")), len(workers), split)
+            gpu = extra_split.pop("n_gpu_layers")
+        else:
+            extra_split = {}
         train_ctx = int(info.get("{arch}.context_length"))
         if n_ctx is None:  # the default, capped by what the model was trained for
             n_ctx = min(DEFAULT_CTX, train_ctx)
         elif n_ctx > train_ctx:
             raise RunnerError(f"--ctx {n_ctx} is more than this model's context length ({train_ctx})")
-        extra = {}
+        extra = dict(extra_split)
         if logits:  # eval: a whole window in one batch, logits at every position
-            n_batch, extra = n_ctx, {"n_ubatch": n_ctx, "logits_all": True}
+            n_batch = n_ctx
+            extra.update(n_ubatch=n_ctx, logits_all=True)
         else:
             # llama.cpp rounds the context up to a multiple of 256, but llama-cpp-python sizes its token
             # buffer by the number asked for: ask for the rounded size so the two agree.
@@ -128,6 +137,7 @@ class LlamaRunner:
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_vocab = self.llm.n_vocab()
         self.gpu_layers = gpu
+        self.workers = [str(w) for w in workers or []]
         self._pieces: dict[tuple[int, bool], bytes] = {}
         meta = self.llm.metadata
         self.chat_template = meta.get("tokenizer.chat_template")

@@ -271,3 +271,117 @@ def predicted_rss_for_row(row: dict) -> int | None:
         return None
 
 
+
+
+# --- several devices (llama.cpp RPC): `plan SIZE QUANT --devices 3xraspberry-pi-5-4gb` ----------------
+
+# The network model, assumed (not measured on boards): llama.cpp's RPC split is a pipeline, so each token
+# visits every device in turn. Each boundary costs the set-input / compute / get-output round trips of
+# ggml-rpc (HOP_S on a wired LAN), and the last device's logits (vocab x 4 bytes) come back over the link.
+HOP_S = 0.001
+LINK_BYTES_S = 125e6   # 1 Gb/s Ethernet
+MAX_POOL = 17          # this machine plus llama.cpp's 16 RPC servers
+
+
+def parse_pool(spec: str, profiles: dict[str, dict]) -> list[tuple[str, dict]]:
+    """'raspberry-pi-5-8gb,2xraspberry-pi-5-4gb' -> [(name, profile)] in order; the first runs the command."""
+    import re
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        m = re.fullmatch(r"(?:(\d{1,2})x)?([A-Za-z0-9._-]+)", part)
+        if not m:
+            raise UsageError(f"--devices: {part!r} is not [COUNTx]PROFILE, e.g. 3xraspberry-pi-5-4gb")
+        n, name = int(m.group(1) or 1), m.group(2)
+        if name not in profiles:
+            raise UsageError(f"--devices: unknown device {name!r}; see plan --device list")
+        if n < 1:
+            raise UsageError(f"--devices: {part!r}: a count of at least 1")
+        out += [(name, profiles[name])] * n
+    if not 2 <= len(out) <= MAX_POOL:
+        raise UsageError(f"--devices: between 2 and {MAX_POOL} devices (this machine and up to 16 workers)")
+    return out
+
+
+@dataclass
+class Share:
+    device: str
+    layers: int
+    need: int       # min RAM on this device: its layers, their KV, compute, runtime (+ embeddings / output)
+    budget: float
+    seconds: float  # its part of one token's decode
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.budget
+
+
+def plan_pool(size: str, quant: str, pool: list[tuple[str, dict]], ctx: int = 4096) -> dict:
+    """Per-device memory and a pipeline decode estimate for a model split by layers over a pool of devices.
+
+    Layers go to devices in proportion to the RAM each has left after its fixed costs, as llama.cpp's
+    free-memory split would; the first device also keeps the token embeddings, the last the output layer."""
+    from .recipes import DEFAULT_ALIASES, get_recipe
+    p = plan(size, quant, ctx=ctx)
+    cfg = model_config(size)
+    q = p.quant if size.lower() in EXTRA_MODELS else get_recipe(size).resolve_quant(quant, "gguf")
+    q = DEFAULT_ALIASES.get(q, q)
+    tensors = tensor_types(cfg, q)
+    n = cfg["num_hidden_layers"]
+    tied = cfg.get("tie_word_embeddings", False)
+    head = 2 if tied else 3
+    per_layer = (len(tensors) - head) // n
+    layer_bytes = [sum(nbytes(ne, t) for _, _, ne, t in tensors[head + i * per_layer: head + (i + 1) * per_layer])
+                   for i in range(n)]
+    embd = nbytes(tensors[0][2], tensors[0][3])
+    output = embd if tied else nbytes(tensors[2][2], tensors[2][3])
+    kv_layer = p.kv_bytes // n
+    fixed = [p.compute_bytes + p.runtime_bytes + (embd if i == 0 else 0) + (output if i == len(pool) - 1 else 0)
+             for i in range(len(pool))]
+    budgets = [d["ram_gib"] * 2**30 * d.get("usable_fraction", 0.8) for _, d in pool]
+    room = [max(b - f, 0.0) for b, f in zip(budgets, fixed)]
+    total = sum(room) or 1.0
+    counts = [int(n * r / total) for r in room]
+    for i in sorted(range(len(pool)), key=lambda i: -(n * room[i] / total - counts[i]))[: n - sum(counts)]:
+        counts[i] += 1
+    per_token_kv = 2 * p.kv_bytes // p.ctx * 512 // n   # KV read per layer per token at a 512-token context
+
+    def split(counts):
+        out, start = [], 0
+        for i, ((name, d), k) in enumerate(zip(pool, counts)):
+            w = sum(layer_bytes[start:start + k])
+            start += k
+            read = w + k * per_token_kv + (output if i == len(pool) - 1 else 0)
+            out.append(Share(f"{name} #{i + 1}" if i else f"{name} (this one)", k, fixed[i] + w + k * kv_layer,
+                             budgets[i], read / (d["bandwidth_gbs"] * 1e9 * d.get("efficiency", 0.6))))
+        return out
+    shares = split(counts)
+    for _ in range(n):   # layers differ in size (q4_k_m gives some more bits): move one from a full device
+        over = [i for i, s in enumerate(shares) if not s.fits and s.layers]
+        spare = max(range(len(shares)), key=lambda i: shares[i].budget - shares[i].need)
+        if not over or shares[spare].budget - shares[spare].need < max(layer_bytes) + kv_layer:
+            break
+        counts[over[0]] -= 1
+        counts[spare] += 1
+        shares = split(counts)
+    network = (len(pool) - 1) * HOP_S + 4 * cfg["vocab_size"] / LINK_BYTES_S
+    compute = sum(s.seconds for s in shares)
+    alone = [(name, verdict(p, d)["fits"]) for name, d in dict(pool).items()]
+    return {"plan": p, "shares": shares, "fits": all(s.fits for s in shares), "network_s": network,
+            "compute_s": compute, "tps": 1 / (compute + network), "alone": alone}
+
+
+def describe_pool(r: dict) -> str:
+    p = r["plan"]
+    lines = [f"{p.size} {p.quant} at context {p.ctx} over {len(r['shares'])} devices (llama.cpp RPC, split by layers):",
+             f"  {'device':32s} {'layers':>6s} {'needs':>10s} {'budget':>10s}"]
+    for s in r["shares"]:
+        lines.append(f"  {s.device:32s} {s.layers:>6d} {fmt_gib(s.need):>10s} {fmt_gib(s.budget):>10s}  "
+                     f"{'ok' if s.fits else 'DOES NOT FIT'}")
+    alone = ", ".join(f"{name} {'fits' if ok else 'does not'}" for name, ok in r["alone"])
+    lines += [f"  the pool: {'fits' if r['fits'] else 'does NOT fit'} (min RAM {fmt_gib(p.min_ram)} in all; "
+              f"alone: {alone})",
+              f"  decode: ~{r['tps']:.2f} tok/s = 1 / ({r['compute_s'] * 1e3:.0f} ms of weights read on each device "
+              f"in turn + {r['network_s'] * 1e3:.1f} ms network)",
+              f"  network model (assumed): {HOP_S * 1e3:.0f} ms per device boundary per token on a wired LAN, "
+              f"logits back over {LINK_BYTES_S * 8 / 1e9:.0f} Gb/s; a pipeline adds memory, not speed"]
+    return "\n".join(lines)

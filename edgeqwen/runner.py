@@ -71,19 +71,33 @@ class Runner(Protocol):
 
 
 def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
-                logits: bool = False, lean: bool = False) -> Runner:
+                logits: bool = False, lean: bool = False, workers: list | None = None,
+                split: list[float] | None = None, isolate: bool = True) -> Runner:
     """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
 
     lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
     logits=True loads it for `logits()` over whole windows (eval) rather than for streaming.
+    workers: llama.cpp RPC workers (rpc.Endpoint) to spread the layers over, in split proportions
+    (this machine first); the model then runs in a child process unless isolate=False (see rpc.py).
     """
     from .formats import detect
     from .manage import check_build
     path, manifest = resolve_build(str(build))
-    cls = detect(path, manifest).runner_class()
+    fmt = detect(path, manifest)
+    if workers:
+        if not fmt.workers:
+            raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")
+        from .rpc import IsolatedRunner, check_workers
+        check_workers(workers)
+        if isolate:
+            return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
+                                  workers=workers, split=split)
+    cls = fmt.runner_class()
     check_build(path, manifest)
     model = path / manifest["file"] if path.is_dir() else path
     extra = {"lean": True} if lean else {}
+    if workers:
+        extra.update(workers=workers, split=split)
     return cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
 
 

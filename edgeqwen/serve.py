@@ -100,6 +100,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body: int = MAX_BODY
     cors: str | None = None
+    load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
 
 
 @dataclass
@@ -164,7 +165,7 @@ class Server:
                     s.runner, s.resident = None, None
                 from .runner import load_runner
                 _log.info("loading %s", name)
-                s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx)
+                s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx, **self.cfg.load)
                 s.resident = name
             finally:
                 s.loading = False

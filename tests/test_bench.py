@@ -196,3 +196,30 @@ def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():
     mats = [(name, nbytes(ne, t)) for name, _, ne, t in tensor_types(tied, "q8_0") if t.name == "Q8_0"]
     assert plan("0.5b", "q8_0", config=tied, amx=True).repack_bytes == sum(b for _, b in mats)  # token_embd too
     assert plan("0.5b", "f16", config=cfg, amx=True).repack_bytes == 0
+
+
+def test_plan_over_several_devices():
+    from edgeqwen.plan import load_devices, parse_pool, plan, plan_pool
+    profiles = load_devices()
+    pool = parse_pool("3xraspberry-pi-5-4gb", profiles)
+    r = plan_pool("7b", "q4", pool)
+    p = plan("7b", "q4")
+    # every layer placed once; the shares add up to the whole model's weights, KV and one runtime per device
+    assert sum(s.layers for s in r["shares"]) == 28
+    fixed = 3 * (p.compute_bytes + p.runtime_bytes)
+    assert abs(sum(s.need for s in r["shares"]) - fixed - p.weights_bytes - p.kv_bytes) < 16 << 20
+    assert r["fits"] and r["alone"] == [("raspberry-pi-5-4gb", False)]
+    # a pipeline: no faster than one device holding it all, and slower by the network model
+    one = plan_pool("7b", "q4", parse_pool("2xraspberry-pi-5-8gb", profiles))
+    assert r["tps"] < 1 / one["compute_s"]
+    assert not plan_pool("72b", "q4", parse_pool("3xraspberry-pi-5-8gb", profiles))["fits"]
+    assert plan_pool("72b", "q4", parse_pool("8xraspberry-pi-5-8gb", profiles))["fits"]
+    assert plan_pool("72b", "q4", parse_pool("4xx86-laptop-ddr5-16gb", profiles))["fits"]
+
+
+@pytest.mark.parametrize("spec, msg", [("3xnope", "unknown device"), ("raspberry-pi-5-4gb", "between 2 and 17"),
+                                       ("18xraspberry-pi-5-4gb", "between 2 and 17"), ("3x;foo", "is not [COUNTx]")])
+def test_plan_devices_bad_input(spec, msg):
+    from conftest import run_cli
+    p = run_cli("plan", "7b", "q4", "--devices", spec)
+    assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1

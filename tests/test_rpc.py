@@ -1,0 +1,230 @@
+"""Several devices through llama.cpp's RPC backend: real workers on 127.0.0.1, free ports, the tiny model."""
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("llama_cpp")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """`edgeqwen worker` in its own process, ready once it answers the RPC handshake."""
+
+    def __init__(self, *extra: str):
+        self.port = free_port()
+        self.ep = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "worker", "--port", str(self.port),
+                                      "--threads", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        from edgeqwen.rpc import hello, parse_endpoint
+        deadline = time.time() + 30
+        while True:
+            try:
+                hello(parse_endpoint(self.ep), timeout=1)
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"worker did not start: {self.proc.stderr.read()}") from None
+                time.sleep(0.2)
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def workers():
+    ws = [Worker(), Worker()]
+    yield ws
+    for w in ws:
+        w.stop()
+
+
+def greedy(build, n=24, **kw):
+    from edgeqwen.runner import Sampling, generate_text, load_runner
+    r = load_runner(build, n_ctx=512, **kw)
+    try:
+        return [x.token for x in generate_text(r, "Hello there", Sampling(max_tokens=n, temperature=0,
+                                                                           ignore_eos=True), raw=True)]
+    finally:
+        r.close()
+
+
+def test_split_over_two_workers_gives_the_same_tokens(tiny_builds, workers):
+    from edgeqwen.rpc import parse_workers
+    eps = parse_workers(",".join(w.ep for w in workers))
+    for q in ("f16", "q8_0"):
+        alone = greedy(tiny_builds[q])
+        assert greedy(tiny_builds[q], workers=eps, split=[1, 1, 1]) == alone, q
+    # the default split: every layer on the workers
+    assert greedy(tiny_builds["q8_0"], workers=eps) == greedy(tiny_builds["q8_0"])
+
+
+def test_split_really_puts_layers_on_the_workers(tiny_builds, workers):
+    """Not just the same answer: the workers hold the weights (their memory grows), and the layer count is right."""
+    from edgeqwen.rpc import layer_params, parse_workers, worker_peak_memory
+    assert layer_params(2, 2, [1, 1, 1]) == {"n_gpu_layers": 2, "tensor_split": [1, 1]}
+    assert layer_params(24, 1, [3, 1]) == {"n_gpu_layers": 6, "tensor_split": [1]}
+    assert layer_params(24, 2, None) == {"n_gpu_layers": -1}
+    eps = parse_workers(",".join(w.ep for w in workers))
+    before = [worker_peak_memory(e) for e in eps]
+    from edgeqwen.runner import load_runner
+    r = load_runner(tiny_builds["f16"], n_ctx=512, workers=eps, split=[1, 1, 1])
+    assert r.gpu_layers == 2 and r.workers == [str(e) for e in eps]
+    after = [worker_peak_memory(e) for e in eps]
+    r.close()
+    # each worker received a layer of the tiny f16 model (~1.5 MB) plus its KV and compute buffers
+    assert all(b and a and a - b > 1 << 20 for a, b in zip(after, before)), (before, after)
+
+
+def test_worker_killed_mid_reply_ends_it_with_one_line(tiny_builds, workers):
+    from edgeqwen.errors import RunnerError
+    from edgeqwen.rpc import parse_workers
+    from edgeqwen.runner import Sampling, load_runner
+    eps = parse_workers(",".join(w.ep for w in workers))
+    r = load_runner(tiny_builds["f16"], n_ctx=4096, workers=eps, split=[1, 1, 1])
+    got = 0
+    t_kill = None
+    with pytest.raises(RunnerError) as e:
+        for _ in r.stream(r.tokenize("Hello"), Sampling(max_tokens=4000, temperature=0, ignore_eos=True)):
+            got += 1
+            if got == 5:
+                workers[1].kill()
+                t_kill = time.time()
+    assert time.time() - t_kill < 15
+    assert f"lost worker {workers[1].ep}" in str(e.value) and "\n" not in str(e.value)
+    r.close()
+
+
+def test_stalled_worker_is_a_deadline_not_a_hang(tiny_builds, workers, monkeypatch):
+    from edgeqwen.errors import RunnerError
+    from edgeqwen.rpc import parse_workers
+    from edgeqwen.runner import Sampling, load_runner
+    eps = parse_workers(",".join(w.ep for w in workers))
+    r = load_runner(tiny_builds["f16"], n_ctx=4096, workers=eps, split=[1, 1, 1])
+    monkeypatch.setenv("EDGEQWEN_WORKER_TIMEOUT", "3")   # read at each wait: loading keeps its own deadline
+    t0 = None
+    with pytest.raises(RunnerError, match="no progress in 3 s while generating"):
+        for i, _ in enumerate(r.stream(r.tokenize("Hello"), Sampling(max_tokens=4000, temperature=0,
+                                                                      ignore_eos=True))):
+            if i == 3:
+                workers[0].kill(signal.SIGSTOP)
+                t0 = time.time()
+    assert time.time() - t0 < 20
+    workers[0].kill(signal.SIGCONT)
+    r.close()
+
+
+def test_cli_run_with_workers_and_errors(tiny_builds, workers):
+    eps = ",".join(w.ep for w in workers)
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "-t", "0", "-n", "8", "--workers", eps, "--split", "1,1,1",
+                "--json")
+    assert p.returncode == 0, p.stderr
+    port = free_port()   # nobody listens here
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", f"127.0.0.1:{port}", timeout=30)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "connection refused" in p.stderr
+    for bad, msg in [("nohost", "is not HOST:PORT"), ("a:70000", "is not HOST:PORT"), (f"{workers[0].ep},{workers[0].ep}",
+                                                                                      "listed twice")]:
+        p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", bad)
+        assert p.returncode == 2 and msg in p.stderr, (bad, p.stderr)
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", eps, "--split", "1,1")
+    assert p.returncode == 2 and "needs 3 shares" in p.stderr
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--split", "1,1")
+    assert p.returncode == 2 and "--split needs --workers" in p.stderr
+
+
+def test_onnx_build_refuses_workers(onnx_builds, workers):
+    p = run_cli("run", onnx_builds["int8"], "Hello", "--workers", workers[0].ep)
+    assert p.returncode == 1 and "needs a build whose backend can use them (GGUF)" in p.stderr
+
+
+def test_non_loopback_bind_needs_allow_remote():
+    p = run_cli("worker", "--host", "0.0.0.0", "--port", str(free_port()), timeout=30)
+    assert p.returncode == 2 and "--allow-remote" in p.stderr and "unauthenticated" in p.stderr
+
+
+def test_remote_bind_prints_the_warning_every_start():
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "worker", "--host", "0.0.0.0", "--port", str(port),
+                          "--allow-remote", "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        first = p.stderr.readline()
+        assert first.startswith("Warning: listening on 0.0.0.0") and "unauthenticated" in first
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_busy_port_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        p = run_cli("worker", "--port", str(s.getsockname()[1]), timeout=30)
+    assert p.returncode == 1 and p.stderr.startswith("Error: cannot listen on")
+
+
+def _fake_server(answer: bytes | None):
+    """A listener that answers the handshake with `answer` (None: accepts, then never answers)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    conns = []
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            if answer is not None:
+                c.recv(1 + 8 + 24)
+                c.sendall(answer)
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_other_version_and_silent_worker_are_one_line_in_bounded_time(tiny_builds):
+    from edgeqwen.rpc import CONN_CAPS
+    srv, ep = _fake_server(struct.pack("<Q", 4 + CONN_CAPS) + bytes([8, 0, 0, 0]) + bytes(CONN_CAPS))
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", ep, timeout=30)
+    srv.close()
+    assert p.returncode == 1 and "protocol 8.0.0, this machine 7.0.0" in p.stderr and p.stderr.count("\n") == 1
+    srv, ep = _fake_server(None)
+    t0 = time.time()
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", ep, timeout=30)
+    srv.close()
+    assert p.returncode == 1 and "no answer within 5 s" in p.stderr and time.time() - t0 < 20
+
+
+def test_bench_row_records_workers(tiny_builds, workers, tmp_path):
+    import json
+    out = tmp_path / "rows.jsonl"
+    eps = ",".join(w.ep for w in workers)
+    p = run_cli("bench", tiny_builds["q8_0"], "--workers", eps, "--split", "1,1,1", "--prompt-tokens", "16",
+                "--gen-tokens", "8", "--repeats", "1", "--out", out, timeout=600)
+    assert p.returncode == 0, p.stderr
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["status"] == "ok" and row["workers"] == eps.split(",") and row["split"] == [1, 1, 1]
+    assert all(v and v > 10 << 20 for v in row["worker_peak_rss"].values())

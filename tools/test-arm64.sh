@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# make test-arm64: run the arm64-marked tests inside an emulated arm64 Debian (a Raspberry Pi 5's
+# Cortex-A76), so the ARM paths (llama.cpp's NEON/dotprod kernels and Q4_0 repack, onnxruntime's
+# aarch64 MatMulNBits, Pi detection) execute for real without a Pi. Proves correctness, never speed:
+# emulated SIMD runs ~400x slower.
+#
+# Idempotent; everything lives under ~/.cache/edgeqwen/arm64 (EDGEQWEN_ARM64_CACHE):
+#   rootfs/    Debian bookworm arm64 (debootstrap minbase + python3), made once
+#   wheel      llama-cpp-python cross-compiled for the A76 by tools/install-llama-cpp.sh --target aarch64
+#   venv       /opt/venv inside the rootfs, reinstalled when pyproject.toml or the wheel change
+# Needs root (chroot, mounts), qemu-user-static with its binfmt entry, debootstrap and
+# gcc-aarch64-linux-gnu (Debian: apt-get install qemu-user-static debootstrap gcc-aarch64-linux-gnu
+# g++-aarch64-linux-gnu patchelf).
+#
+# Usage: tools/test-arm64.sh [pytest args...]      (default: -m arm64 on the arm64 test files)
+#        tools/test-arm64.sh --shell                (a shell inside, for poking around)
+#        tools/test-arm64.sh --run CMD...           (one command inside, e.g. --run edgeqwen hw)
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+CACHE=${EDGEQWEN_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeqwen/arm64}
+ROOT=$CACHE/rootfs
+SUITE=bookworm
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CPU=${QEMU_CPU:-cortex-a76}
+say() { echo "test-arm64: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+[[ $(id -u) == 0 ]] || die "needs root (chroot and bind mounts)"
+command -v qemu-aarch64-static >/dev/null || die "qemu-aarch64-static is missing: apt-get install qemu-user-static"
+if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]]; then
+  update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+  [[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || die "no binfmt entry for aarch64: update-binfmts --enable qemu-aarch64"
+fi
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"; flock 9   # one run at a time: they share the rootfs
+
+# 1. The rootfs, made once (about 5 minutes; the second stage runs under emulation).
+if [[ ! -f $ROOT/.edgeqwen-rootfs ]]; then
+  command -v debootstrap >/dev/null || die "debootstrap is missing: apt-get install debootstrap"
+  say "creating a Debian $SUITE arm64 rootfs in $ROOT"
+  rm -rf "$ROOT.tmp"
+  # No libgomp1 on purpose: the cross-built wheel must carry its own, as it must on a bare Pi OS Lite.
+  debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
+    "$SUITE" "$ROOT.tmp" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1 \
+    || { tail -20 "$CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $CACHE/debootstrap.log)"; }
+  touch "$ROOT.tmp/.edgeqwen-rootfs"
+  rm -rf "$ROOT"; mv "$ROOT.tmp" "$ROOT"
+fi
+
+# 2. llama-cpp-python for the A76, cross-compiled on this machine (about 6 minutes, cached).
+wheel=$("$REPO/tools/install-llama-cpp.sh" --target aarch64)
+[[ -f $wheel ]] || die "no aarch64 wheel from install-llama-cpp.sh"
+
+# 3. A Pi 5's identity: its /proc/cpuinfo (qemu would pass the host's x86 one through, and
+#    onnxruntime's cpuinfo segfaults on it) and its device-tree model.
+fake=$CACHE/pi5
+mkdir -p "$fake/devicetree/base"
+cp "$REPO/tools/arm64/pi5-cpuinfo" "$fake/cpuinfo"
+printf 'Raspberry Pi 5 Model B Rev 1.0\0' > "$fake/devicetree/base/model"
+
+# The same CA bundle as the host's pip, and none of the host's PIP_* settings.
+cert=$(python3 -m pip config get global.cert 2>/dev/null || true)
+[[ -f ${cert:-} ]] || cert=/etc/ssl/certs/ca-certificates.crt
+cp "$cert" "$ROOT/etc/edgeqwen-pip-ca.crt"
+printf '[global]\ncert = /etc/edgeqwen-pip-ca.crt\ndisable-pip-version-check = true\n' > "$ROOT/etc/pip.conf"
+
+# The source tree, copied (the rootfs's pip writes egg-info beside it).
+mkdir -p "$ROOT/opt/edgeqwen"
+tar -C "$REPO" --exclude=.venv --exclude=.git --exclude='*.egg-info' --exclude=__pycache__ \
+    --exclude=.pytest_cache --exclude=.hypothesis -cf - . | tar -C "$ROOT/opt/edgeqwen" -xf -
+mkdir -p "$ROOT/opt/shared"
+mkdir -p "$ROOT/opt/wheel" && rm -f "$ROOT"/opt/wheel/*.whl && cp "$wheel" "$ROOT/opt/wheel/"
+
+inside() {  # run a command in the rootfs, in a private mount namespace so nothing outlives it
+  local shared_mount=""
+  [[ -d $REPO/../shared ]] && shared_mount="mount --bind -o ro '$(cd "$REPO/.." && pwd)/shared' '$ROOT/opt/shared';"
+  unshare --mount --propagation private bash -c "
+    set -e
+    mount -t proc proc '$ROOT/proc'
+    mount --bind '$fake/cpuinfo' '$ROOT/proc/cpuinfo'
+    mount -t sysfs sys '$ROOT/sys'
+    mount -t tmpfs tmpfs '$ROOT/sys/firmware'
+    mkdir -p '$ROOT/sys/firmware/devicetree'
+    mount --bind '$fake/devicetree' '$ROOT/sys/firmware/devicetree'
+    mount --bind /dev '$ROOT/dev'
+    mount -t devpts devpts '$ROOT/dev/pts' -o newinstance,ptmxmode=0666 2>/dev/null || mount --bind /dev/pts '$ROOT/dev/pts'
+    mount -t tmpfs tmpfs '$ROOT/tmp'
+    $shared_mount
+    exec chroot '$ROOT' /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8 \
+      QEMU_CPU='$CPU' TERM=dumb PYTHONDONTWRITEBYTECODE=1 \"\$@\"" inside "$@"
+}
+
+# 4. The venv: the wheel, then edgeqwen with its GGUF and ONNX extras and what the tests use.
+stamp=$(cat "$REPO/pyproject.toml" "$wheel" | sha256sum | cut -c1-16)
+if [[ ! -f $ROOT/opt/venv/.stamp ]] || [[ $(cat "$ROOT/opt/venv/.stamp") != "$stamp" ]]; then
+  say "installing edgeqwen into the rootfs (pip under emulation: several minutes)"
+  inside /bin/sh -c "rm -rf /opt/venv && python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install -q /opt/wheel/*.whl \
+    && /opt/venv/bin/pip install -q -e '/opt/edgeqwen[gguf,onnx]' pytest pexpect hypothesis tokenizers"
+  echo "$stamp" > "$ROOT/opt/venv/.stamp"
+fi
+
+case "${1:-}" in
+  --shell) inside /bin/bash ;;
+  --run) shift; inside "$@" ;;
+  *)
+    say "running the arm64 tests under qemu ($CPU)"
+    inside /bin/sh -c "cd /opt/edgeqwen && EDGEQWEN_EMULATED=qemu-$CPU python -m pytest -p no:cacheprovider $(printf '%q ' "${@:--m arm64}")"
+    ;;
+esac
