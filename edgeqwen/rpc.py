@@ -113,7 +113,8 @@ def parse_split(text: str | None, n_workers: int) -> list[float] | None:
     except ValueError:
         raise UsageError(f"--split {text!r}: give numbers, e.g. 1,1,2") from None
     if len(parts) != n_workers + 1:
-        raise UsageError(f"--split needs {n_workers + 1} shares (this machine first, then each worker); got {len(parts)}")
+        raise UsageError(f"--split needs {n_workers + 1} shares (this machine first, then each worker); "
+                         f"got {len(parts)}")
     if any(not (p >= 0 and p < 1e6) for p in parts) or sum(parts[1:]) <= 0:
         raise UsageError(f"--split {text!r}: shares must be finite, >= 0, and give the workers some layers")
     return parts
@@ -242,8 +243,8 @@ def layer_params(n_layer: int, n_workers: int, split: list[float] | None) -> dic
     """llama.cpp's n_gpu_layers and tensor_split for workers (its "GPU" devices) and this machine's CPU.
 
     llama.cpp puts the last n_gpu_layers layers (the output layer counts as one) on the devices, in
-    tensor_split proportions, and keeps the rest (and the token embeddings) here. Without --split every layer goes to the workers, split by
-    their free memory, as llama.cpp's own --rpc does."""
+    tensor_split proportions, and keeps the rest (and the token embeddings) here. Without --split every
+    layer goes to the workers, split by their free memory, as llama.cpp's own --rpc does."""
     if split is None:
         return {"n_gpu_layers": -1}
     local, remote = split[0], split[1:]
@@ -385,7 +386,8 @@ class IsolatedRunner:
             # Stop the child between tokens and hand back an "interrupted" end, as a local runner does.
             with contextlib.suppress(OSError, ValueError):
                 self._conn.send(("stop", ()))
-                while (r := self._recv(_deadline(TOKEN_TIMEOUT_S), "stopping")) is not None:   # the child answers a stop once
+                # the child answers a stop exactly once, with None
+                while (r := self._recv(_deadline(TOKEN_TIMEOUT_S), "stopping")) is not None:
                     last = r if not r.finish_reason else last
             if last is not None:
                 yield replace(last, text="", token=None, finish_reason="interrupted")

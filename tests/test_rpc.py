@@ -143,8 +143,8 @@ def test_cli_run_with_workers_and_errors(tiny_builds, workers):
     port = free_port()   # nobody listens here
     p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", f"127.0.0.1:{port}", timeout=30)
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "connection refused" in p.stderr
-    for bad, msg in [("nohost", "is not HOST:PORT"), ("a:70000", "is not HOST:PORT"), (f"{workers[0].ep},{workers[0].ep}",
-                                                                                      "listed twice")]:
+    twice = f"{workers[0].ep},{workers[0].ep}"
+    for bad, msg in [("nohost", "is not HOST:PORT"), ("a:70000", "is not HOST:PORT"), (twice, "listed twice")]:
         p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", bad)
         assert p.returncode == 2 and msg in p.stderr, (bad, p.stderr)
     p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", eps, "--split", "1,1")
