@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup reference test test-slow fuzz demo bench results parity lint clean
+.PHONY: setup reference test test-slow test-arm64 fuzz demo bench results parity lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -31,6 +31,12 @@ test: setup
 # The fuzz suite with many more examples than make test runs.
 fuzz: setup
 	EDGEQWEN_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_hardening.py -k fuzzed
+
+# The arm64-marked tests in an emulated Raspberry Pi 5 (qemu-user, Cortex-A76); root, Debian's qemu-user-static,
+# debootstrap and gcc-aarch64-linux-gnu. Cached under ~/.cache/edgeqwen/arm64. EDGEQWEN_ARM64_TABLE=bench/ARM64.md
+# also writes the x86-vs-arm64 agreement table there.
+test-arm64: setup
+	bash tools/test-arm64.sh
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -29,13 +29,14 @@ def load_claims(path: Path | None = None) -> list[dict]:
 
 
 def row_matches_device(row: dict, profile: dict) -> bool:
+    """A row is from such a device: its name and CPU match, and its RAM (an emulator's RAM is the host's)."""
     fp, m = row["device"], profile.get("match", {})
     if not m:
         return False
     for key in ("device", "cpu"):
         if key in m and not re.search(m[key], fp.get(key, "")):
             return False
-    if "ram_gib" in m and abs(fp["ram_total"] / 2**30 - m["ram_gib"]) > 0.1 * m["ram_gib"]:
+    if "ram_gib" in m and not fp.get("emulated") and abs(fp["ram_total"] / 2**30 - m["ram_gib"]) > 0.1 * m["ram_gib"]:
         return False
     return True
 
@@ -53,15 +54,18 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     from .recipes import DEFAULT_ALIASES
     quant = DEFAULT_ALIASES.get(claim["quant"], claim["quant"])
     ctx = claim.get("ctx", 4096)
-    matching = [r for r in rows if r.get("kind") == "bench" and r["build"].get("size") == claim["model"]
-                and r["build"].get("quant") == quant and (r.get("n_ctx") or 4096) >= ctx
-                and row_matches_device(r, profile)]
+    same = [r for r in rows if r.get("kind") == "bench" and r["build"].get("size") == claim["model"]
+            and r["build"].get("quant") == quant and (r.get("n_ctx") or 4096) >= ctx
+            and row_matches_device(r, profile)]
+    # An emulated run proves the build runs on that ISA, never how fast: kept apart, never a verdict on speed.
+    matching = [r for r in same if not r["device"].get("emulated")]
+    emulated = [r for r in same if r["device"].get("emulated") and r.get("status") == "ok"]
     min_tps, max_rss = claim.get("min_decode_tps"), claim.get("max_peak_rss_gib")
 
     def ok(r):
         return (r.get("status") == "ok" and (min_tps is None or r["tg"]["mean"] >= min_tps)
                 and (max_rss is None or peak_rss(r) <= max_rss * 2**30))
-    out = {"claim": claim}
+    out = {"claim": claim, "emulated_row": emulated[-1] if emulated else None}
     if claim.get("fits"):
         _judge_fit(claim, quant, rows, profile, out, matching, ok)
     elif matching:
@@ -122,6 +126,10 @@ def render_claims(results: list[dict]) -> str:
                    f"{peak_rss(row) / 2**30:.2f} GiB ({row['device']['cpu']})")
         else:
             dec = "no measurement on this device"
+            if r.get("emulated_row"):
+                e = r["emulated_row"]
+                dec = (f"runs on ARM (emulated, correctness): {e['build']['name']} under "
+                       f"{e['device'].get('emulator', 'an emulator')}; speed on the device UNTESTED")
         if fit:
             dec = (f"fits: min RAM {fit['min_ram'] / 2**30:.2f} GiB ({fit['build']['name']}"
                    f"{', lean' if fit.get('lean') else ''}), measured under a memory limit on "

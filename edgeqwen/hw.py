@@ -36,25 +36,58 @@ def _sysctl(key: str) -> str:
         return ""
 
 
-def cpu_info() -> dict:
-    """CPU model, ISA flags and device class (Raspberry Pi model, Apple chip, or generic)."""
-    machine = platform.machine().lower()
-    model, flags, device = "", set(), ""
+# Arm's own cores by "CPU part" (implementer 0x41): ARM kernels print no model name.
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78",
+             "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710", "0xd49": "Neoverse-N2",
+             "0xd4f": "Neoverse-V2"}
+# Where a board's model name lives: /proc/device-tree is a link to the second on a Pi's kernel.
+DT_MODEL = ("/proc/device-tree/model", "/sys/firmware/devicetree/base/model")
+
+
+def emulation() -> str | None:
+    """How this process is emulated, if it is: under qemu-user the kernel (and /proc/sys/kernel/arch) is the
+    host's while uname reports the guest's machine; Rosetta 2 says so in sysctl.proc_translated. EDGEQWEN_EMULATED
+    names the emulator when a harness knows better."""
+    if env := os.environ.get("EDGEQWEN_EMULATED"):
+        return env[:64]
     if sys.platform == "darwin":
+        return "rosetta" if _sysctl("sysctl.proc_translated") == "1" else None
+    kernel = _read("/proc/sys/kernel/arch")
+    norm = {"arm64": "aarch64", "amd64": "x86_64"}
+    machine = platform.machine().lower()
+    if kernel and norm.get(kernel, kernel) != norm.get(machine, machine):
+        return f"qemu-user ({kernel} kernel)"
+    return None
+
+
+def cpu_info(cpuinfo: str | None = None, machine: str | None = None, dt_model: str | None = None) -> dict:
+    """CPU model, ISA flags and device class (Raspberry Pi model, Apple chip, or generic).
+
+    cpuinfo, machine and dt_model stand in for /proc/cpuinfo, uname -m and the device-tree model (tests)."""
+    machine = (machine or platform.machine()).lower()
+    model, flags, device = "", set(), ""
+    if sys.platform == "darwin" and cpuinfo is None:
         model = _sysctl("machdep.cpu.brand_string")
         flags = {name for key, name in MAC_FLAGS.items() if _sysctl(key) == "1"}
         device = model if model.startswith("Apple") else f"Mac {machine}"
     else:
-        cpuinfo = _read("/proc/cpuinfo")
+        cpuinfo = _read("/proc/cpuinfo") if cpuinfo is None else cpuinfo
         m = re.search(r"^(model name|Hardware|Model)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
         model = m.group(2).strip() if m else platform.processor()
+        part = re.search(r"^CPU implementer\s*:\s*0x41\s*$.*?^CPU part\s*:\s*(0x[0-9a-f]+)", cpuinfo,
+                         re.MULTILINE | re.DOTALL)
+        if part and part.group(1) in ARM_PARTS and not (m and m.group(1) == "model name"):
+            model = ARM_PARTS[part.group(1)]
         fm = re.search(r"^(flags|Features)\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
         raw = set(fm.group(2).split()) if fm else set()
         table = X86_FLAGS if machine in ("x86_64", "amd64", "i686") else ARM_FLAGS
         flags = {name for key, name in table.items() if key in raw}
         if machine in ("aarch64", "arm64"):
             flags.add("neon")  # mandatory on AArch64
-        dt = _read("/proc/device-tree/model")
+        dt = dt_model if dt_model is not None else next((t for t in map(_read, DT_MODEL) if t), "")
+        dt = dt.strip("\x00\n ")
         if dt:
             device = dt
             if not m:
@@ -118,7 +151,10 @@ def fingerprint(bandwidth: bool = True) -> dict:
         "ram_available": vm.available,
         "os": f"{platform.system()} {platform.release()}",
         "versions": versions(),
+        "emulated": bool(emu := emulation()),
     }
+    if emu:
+        fp["emulator"] = emu
     if bandwidth:
         fp["bandwidth_gbs"] = memory_bandwidth()
     fp["device_id"] = device_id(fp)
@@ -131,9 +167,10 @@ def device_id(fp: dict) -> str:
     The ISA list is part of it because cloud VMs name different CPU generations alike ("Intel(R) Xeon(R)
     Processor" with and without AMX), and their speeds must not be merged."""
     key = f"{fp['cpu']}|{fp['arch']}|{fp['physical_cores']}|{fp['logical_cores']}|{round(fp['ram_total'] / 2**30)}|" \
-          f"{fp['os'].split()[0]}|{','.join(sorted(fp.get('isa', [])))}"
+          f"{fp['os'].split()[0]}|{','.join(sorted(fp.get('isa', [])))}" + ("|emulated" if fp.get("emulated") else "")
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def device_label(fp: dict) -> str:
-    return f"{fp['device']} · {fp['cpu']} · {fp['physical_cores']}C · {round(fp['ram_total'] / 2**30)} GiB"
+    emu = " · EMULATED (correctness only)" if fp.get("emulated") else ""
+    return f"{fp['device']} · {fp['cpu']} · {fp['physical_cores']}C · {round(fp['ram_total'] / 2**30)} GiB{emu}"

@@ -80,6 +80,9 @@ def bench_cells(row: dict, plan_rss=None) -> list[str]:
     model = (b.get("recipe") or b["name"]) + (" (synthetic)" if b.get("synthetic") else "")
     ok = row.get("status") == "ok"
     peak = max(row.get("peak_rss_sampled") or 0, row.get("max_rss") or 0) if ok else None
+    if row["device"].get("emulated"):   # ran, under an emulator: a correctness result, never a speed
+        return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
+                *["emulated"] * 4, "-", "-", "-", _status(row)]
     return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
             _ts(row.get("pp")) if ok else "-", _ts(row.get("tg")) if ok else "-",
             _ms((row.get("ttft_s") or {}).get("mean")) if ok else "-",
@@ -92,6 +95,10 @@ def bench_cells(row: dict, plan_rss=None) -> list[str]:
 def _status(row: dict) -> str:
     s = row.get("status", "?") if row.get("status") == "ok" else f"{row.get('status')}: {row.get('error', '')}"
     notes = [f"in {row['memory_limit'] / 2**30:.2f} GiB limit"] if row.get("memory_limit") else []
+    if row["device"].get("emulated"):
+        notes.append(f"emulated ({row['device'].get('emulator', '?')}): runs, speed not measured")
+    if row.get("workers"):
+        notes.append(f"with {len(row['workers'])} RPC worker(s), split {row.get('split') or 'by free memory'}")
     if row.get("lean"):
         notes.append("lean")
     return s + (f" ({', '.join(notes)})" if notes else "")
@@ -207,9 +214,10 @@ def plot(rows: list[dict], out: Path) -> None:
         from matplotlib.lines import Line2D
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    ok = [r for r in rows if r.get("kind", "bench") == "bench" and r.get("status") == "ok"]
+    ok = [r for r in rows if r.get("kind", "bench") == "bench" and r.get("status") == "ok"
+          and not r["device"].get("emulated")]
     if not ok:
-        raise UsageError("--plot: no successful bench rows to plot")
+        raise UsageError("--plot: no successful bench rows to plot (emulated rows have no speed)")
     sizes = sorted({r["build"].get("size") or r["build"]["name"] for r in ok}, key=_size_order)
     quants = sorted({r["build"].get("quant") or "?" for r in ok})
     series = sorted({(r.get("backend") or r["build"].get("format", "gguf"), r["device"].get("cpu", "?")[:32])

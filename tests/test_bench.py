@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 
 from edgeqwen.benchmark import BenchConfig, make_row, measure
-from edgeqwen.claims import judge, load_claims
+from edgeqwen.claims import judge, load_claims, render_claims
 from edgeqwen.gguf_info import read_gguf_info
 from edgeqwen.plan import load_devices, plan
 from edgeqwen.runner import Response
@@ -121,6 +121,46 @@ max_peak_rss_gib = 1
     assert verdicts["a"]["verdict"] == "PASS" and verdicts["a"]["row"]["device"]["device_id"] == "dev-a"
     assert verdicts["b"]["verdict"] == "FAIL"
     assert verdicts["c"]["verdict"] == "UNTESTED" and "row" not in verdicts["c"]
+
+
+def test_emulated_rows_never_count_for_speed(rows, tmp_path):
+    """A fast row from an emulated Pi 5 makes the claim neither PASS nor FAIL; it shows as correctness only."""
+    devices = tmp_path / "devices.toml"
+    devices.write_text("""
+[pi5]
+ram_gib = 8
+bandwidth_gbs = 17
+source = "test"
+match = { device = "Raspberry Pi 5", ram_gib = 8 }
+""")
+    emu = dict(rows[1], id="emu", device=dict(rows[1]["device"], device="Raspberry Pi 5 Model B Rev 1.0",
+                                               cpu="Cortex-A76", arch="aarch64", emulated=True, device_id="emu-pi",
+                                               emulator="qemu-user (x86_64 kernel)"))
+    claim = {"id": "x", "model": "tiny", "quant": "q4", "device": "pi5", "min_decode_tps": 1}
+    v = judge(claim, [emu], load_devices(devices))
+    assert v["verdict"] == "UNTESTED" and "row" not in v and v["emulated_row"]["id"] == "emu"
+    assert "runs on ARM (emulated, correctness)" in render_claims([v]) and "speed on the device UNTESTED" in \
+        render_claims([v])
+    table = render_rows([emu], "md")
+    assert "EMULATED" in table and "emulated" in table and "20.00" not in table
+    # the same row, not emulated, would have passed
+    real = dict(emu, device=dict(emu["device"], emulated=False, ram_total=8 << 30))
+    assert judge(claim, [real], load_devices(devices))["verdict"] == "PASS"
+
+
+def test_pi5_identity_from_cpuinfo_and_device_tree(monkeypatch):
+    from conftest import REPO
+    from edgeqwen import hw
+    info = hw.cpu_info((REPO / "tools/arm64/pi5-cpuinfo").read_text(), "aarch64", "Raspberry Pi 5 Model B Rev 1.0\0")
+    assert info == {"cpu": "Cortex-A76", "arch": "aarch64", "isa": ["dotprod", "fp16", "neon"],
+                    "device": "Raspberry Pi 5 Model B Rev 1.0"}
+    monkeypatch.delenv("EDGEQWEN_EMULATED", raising=False)
+    kernel = hw._read("/proc/sys/kernel/arch")
+    if kernel:   # a guest machine on this kernel is what qemu-user looks like from inside
+        monkeypatch.setattr(hw.platform, "machine", lambda: "aarch64" if kernel != "aarch64" else "x86_64")
+        assert hw.emulation().startswith("qemu-user")
+        monkeypatch.setattr(hw.platform, "machine", lambda: kernel)
+        assert hw.emulation() is None
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_k_m", "q4_0"])

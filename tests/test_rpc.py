@@ -25,12 +25,13 @@ def free_port() -> int:
 class Worker:
     """`edgeqwen worker` in its own process, ready once it answers the RPC handshake."""
 
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, preexec_fn=None):
         self.port = free_port()
         self.ep = f"127.0.0.1:{self.port}"
+        threads = [] if "--threads" in extra else ["--threads", "1"]
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "worker", "--port", str(self.port),
-                                      "--threads", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                                      *threads, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, preexec_fn=preexec_fn)
         from edgeqwen.rpc import hello, parse_endpoint
         deadline = time.time() + 30
         while True:
