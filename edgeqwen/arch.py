@@ -52,7 +52,8 @@ ARCHS: dict[str, Arch] = {
 
 def arch_for_config(config: dict) -> Arch | None:
     """The row whose model_type / architectures match a Hugging Face config.json."""
-    archs = set(config.get("architectures") or [])
+    names = config.get("architectures")
+    archs = {a for a in names if isinstance(a, str)} if isinstance(names, list) else set()
     for row in ARCHS.values():
         if config.get("model_type") == row.hf_model_type or archs & set(row.hf_architectures):
             return row

@@ -6,7 +6,6 @@ any checkpoint that asks for remote code.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ class Checkpoint:
     arch: Arch
     tensors: dict[str, TensorInfo]
     files: list[Path] = field(default_factory=list)
+    cfg: object = None   # schemas.ModelConfig: the same config, typed and range-checked
 
     @property
     def n_layers(self) -> int:
@@ -64,11 +64,12 @@ def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, block
     return h.hexdigest()
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: cannot read: {e}") from None
+def _load_json(path: Path, what: str) -> dict:
+    from .schemas import read_json
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: {what} must be a JSON object, not {type(data).__name__}")
+    return data
 
 
 def open_checkpoint(path: Path) -> Checkpoint:
@@ -78,7 +79,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
         raise SourceError(f"{path}: no such checkpoint folder")
     if not (path / "config.json").exists():
         raise SourceError(f"{path}: no config.json; is this a Hugging Face checkpoint folder?")
-    config = _load_json(path / "config.json")
+    config = _load_json(path / "config.json", "config.json")
     arch = arch_for_config(config)
     if arch is None:
         raise SourceError(f"{path}: config is model_type={config.get('model_type')!r} "
@@ -88,10 +89,12 @@ def open_checkpoint(path: Path) -> Checkpoint:
     missing = [k for k in arch.required_config if k not in config]
     if missing:
         raise SourceError(f"{path}: config.json lacks {', '.join(missing)}")
+    from .schemas import ModelConfig, WeightIndex, check_source
+    cfg = check_source(ModelConfig, config, path / "config.json", "config.json")
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = _load_json(index).get("weight_map") or {}
+        weight_map = check_source(WeightIndex, _load_json(index, "the weight index"), index, "the index").weight_map
         files = sorted({path / f for f in weight_map.values()})
     else:
         files = sorted(path.glob("*.safetensors"))
@@ -106,9 +109,18 @@ def open_checkpoint(path: Path) -> Checkpoint:
         if not f.exists():
             raise SourceError(f"{path}: the index names {f.name}, which is missing")
         tensors.update(read_header(f))
-    ckpt = Checkpoint(path=path, config=config, arch=arch, tensors=tensors, files=files)
+    _check_tokenizer_files(path)
+    ckpt = Checkpoint(path=path, config=config, arch=arch, tensors=tensors, files=files, cfg=cfg)
     check_tensors(ckpt)
     return ckpt
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """The tokenizer files a build reads, checked here, before any work (a build without one fails later)."""
+    from .schemas import TokenizerConfig, TokenizerFile, check_source, read_json
+    for name, model in (("tokenizer.json", TokenizerFile), ("tokenizer_config.json", TokenizerConfig)):
+        if (path / name).exists():
+            check_source(model, read_json(path / name, name), path / name, name)
 
 
 def expected_tensors(config: dict, arch: Arch) -> dict[str, tuple[int, ...]]:

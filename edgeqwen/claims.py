@@ -6,9 +6,6 @@ from pathlib import Path
 
 from .errors import UsageError
 
-KEYS = {"id", "text", "model", "quant", "device", "min_decode_tps", "max_peak_rss_gib", "ctx", "source", "format",
-        "fits"}
-
 
 def claims_file():
     from .resources import data
@@ -20,11 +17,19 @@ def load_claims(path: Path | None = None) -> list[dict]:
     path = path or claims_file()
     data = load_toml(path, "claims")
     claims = data.get("claim", [])
-    for c in claims:
-        unknown = set(c) - KEYS
-        if unknown or not {"id", "model", "quant", "device"} <= set(c):
-            raise UsageError(f"{path}: claim {c.get('id', '?')}: needs id, model, quant, device; "
-                             f"unknown keys {sorted(unknown)}")
+    if not isinstance(claims, list):
+        raise UsageError(f"{path}: claims are [[claim]] tables")
+    from pydantic import ValidationError
+
+    from .schemas import Claim
+    for i, c in enumerate(claims, 1):
+        try:
+            Claim.model_validate(c)
+        except ValidationError as e:
+            err = e.errors()[0]
+            who = c.get("id", f"#{i}") if isinstance(c, dict) else f"#{i}"
+            raise UsageError(f"{path}: claim {who}: {'.'.join(map(str, err['loc'])) or 'claim'}: {err['msg']}") \
+                from None
     return claims
 
 
@@ -36,7 +41,8 @@ def row_matches_device(row: dict, profile: dict) -> bool:
     for key in ("device", "cpu"):
         if key in m and not re.search(m[key], fp.get(key, "")):
             return False
-    if "ram_gib" in m and not fp.get("emulated") and abs(fp["ram_total"] / 2**30 - m["ram_gib"]) > 0.1 * m["ram_gib"]:
+    ram = fp.get("ram_total", 0) / 2**30
+    if "ram_gib" in m and not fp.get("emulated") and abs(ram - m["ram_gib"]) > 0.1 * m["ram_gib"]:
         return False
     return True
 

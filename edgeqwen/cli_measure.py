@@ -94,7 +94,8 @@ def hw(as_json, no_bandwidth):
 @click.option("--plot", type=click.Path(path_type=Path), help="Decode tok/s against peak RSS, as a PNG.")
 @click.option("--claims", is_flag=False, flag_value="-", type=click.Path(path_type=Path),
               help="Judge claims: the bundled ones (--claims alone) or those in a TOML file.")
-@click.option("--devices", type=click.Path(path_type=Path), help="Device profiles file (default: the bundled ones).")
+@click.option("--profiles", "--devices", "devices", type=click.Path(path_type=Path),
+              help="Device profiles file (default: the bundled ones).")
 def table(files, fmt, plot, claims, devices):
     """Merge result rows (JSONL) from any number of machines into one table, grouped by device.
 

@@ -6,7 +6,6 @@ TensorNameMap and metadata keys from its writer, as llama.cpp's own converter do
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import gguf
 import numpy as np
 
 from .checkpoint import Checkpoint
-from .errors import BuildError
+from .errors import BuildError, SourceError
 from .safetensors import Reader, TensorInfo, f32_to_bf16, to_f32
 
 T = gguf.GGMLQuantizationType
@@ -107,11 +106,14 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     path = ckpt.path / "tokenizer.json"
     if not path.exists():
         raise BuildError(f"{ckpt.path}: no tokenizer.json; a build needs the tokenizer")
-    tok = json.loads(path.read_text(encoding="utf-8"))
-    vocab: dict[str, int] = dict(tok["model"]["vocab"])
-    added = {a["id"]: a for a in tok.get("added_tokens", [])}
+    from .schemas import TokenizerFile, check_source, read_json
+    t = check_source(TokenizerFile, read_json(path, "tokenizer.json"), path, "tokenizer.json")
+    vocab: dict[str, int] = dict(t.model.vocab)
+    added = {a.id: {"id": a.id, "content": a.content, "special": a.special} for a in t.added_tokens}
     for a in added.values():
         vocab[a["content"]] = a["id"]
+    if not vocab:
+        raise SourceError(f"{path}: the tokenizer's vocabulary is empty")
     n_vocab = int(ckpt.config["vocab_size"])
     if max(vocab.values()) >= n_vocab:
         raise BuildError(f"tokenizer has ids up to {max(vocab.values())} but vocab_size is {n_vocab}")
@@ -133,8 +135,15 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     w.add_tokenizer_pre(ckpt.arch.tokenizer_pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=n_vocab)
-    special.add_to_gguf(w, quiet=True)
+    cfg_path = ckpt.path / "tokenizer_config.json"
+    if cfg_path.exists():
+        from .schemas import TokenizerConfig
+        check_source(TokenizerConfig, read_json(cfg_path, "tokenizer_config.json"), cfg_path, "tokenizer_config.json")
+    try:   # gguf-py reads merges, special tokens and the chat template from the tokenizer files itself
+        special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=n_vocab)
+        special.add_to_gguf(w, quiet=True)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError) as e:
+        raise SourceError(f"{ckpt.path}: the tokenizer files are malformed ({type(e).__name__}: {e})") from None
     if "bos" not in special.add_special_token:
         w.add_add_bos_token(False)  # Qwen2 adds no BOS
 

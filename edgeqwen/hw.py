@@ -173,4 +173,5 @@ def device_id(fp: dict) -> str:
 
 def device_label(fp: dict) -> str:
     emu = " · EMULATED (correctness only)" if fp.get("emulated") else ""
-    return f"{fp['device']} · {fp['cpu']} · {fp['physical_cores']}C · {round(fp['ram_total'] / 2**30)} GiB{emu}"
+    return (f"{fp.get('device', '?')} · {fp.get('cpu', '?')} · {fp.get('physical_cores', '?')}C · "
+            f"{round(fp.get('ram_total', 0) / 2**30)} GiB{emu}")

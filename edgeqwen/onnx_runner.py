@@ -16,10 +16,12 @@ from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, 
 
 
 def _json(path: Path) -> dict:
+    """An optional side file of a build: unreadable or not an object counts as absent."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _chat_template(folder: Path, tok_cfg: dict) -> str | None:

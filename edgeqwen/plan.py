@@ -210,10 +210,17 @@ def load_devices(path: Path | None = None) -> dict[str, dict]:
     from .recipes import load_toml
     path = path or devices_file()
     data = load_toml(path, "device profiles")
+    from pydantic import ValidationError
+
+    from .schemas import DeviceProfile
     for name, d in data.items():
-        for key in ("ram_gib", "bandwidth_gbs", "source"):
-            if key not in d:
-                raise UsageError(f"{path}: device {name} lacks {key}")
+        if not isinstance(d, dict):
+            raise UsageError(f"{path}: device {name} must be a table")
+        try:
+            DeviceProfile.model_validate(d)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise UsageError(f"{path}: device {name}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     return data
 
 

@@ -49,22 +49,34 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SourceError(f"{path}: cannot read safetensors header: {e}") from None
+    except RecursionError:
+        raise SourceError(f"{path}: safetensors header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: safetensors header must be a JSON object")
+    from .schemas import TensorEntry, check_source
     base = 8 + n
     out = {}
     for name, meta in header.items():
         if name == "__metadata__":
+            if not isinstance(meta, dict):
+                raise SourceError(f"{path}: __metadata__ must be an object")
             continue
-        dtype = meta.get("dtype")
-        if dtype not in DTYPES:
-            raise SourceError(f"{path}: tensor {name} has dtype {dtype}; only BF16, F16 and F32 are supported")
-        begin, end = meta["data_offsets"]
-        shape = tuple(int(d) for d in meta["shape"])
-        info = TensorInfo(name, dtype, shape, base + begin, base + end, path)
-        if end - begin != info.n_elements * DTYPES[dtype][1]:
+        e = check_source(TensorEntry, meta, path, f"tensor {name}")
+        if e.dtype not in DTYPES:
+            raise SourceError(f"{path}: tensor {name} has dtype {e.dtype}; only BF16, F16 and F32 are supported")
+        begin, end = e.data_offsets
+        shape = tuple(e.shape)
+        info = TensorInfo(name, e.dtype, shape, base + begin, base + end, path)
+        if end - begin != info.n_elements * DTYPES[e.dtype][1]:
             raise SourceError(f"{path}: tensor {name} size does not match its shape {shape}")
         if base + end > size:
             raise SourceError(f"{path} is truncated: tensor {name} ends at byte {base + end}, file has {size}")
         out[name] = info
+    # Tensors may not share bytes: overlapping offsets would read one tensor's data as another's.
+    spans = sorted((t.start, t.end, t.name) for t in out.values() if t.end > t.start)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise SourceError(f"{path}: tensors {a} and {b} overlap (data_offsets)")
     return out
 
 

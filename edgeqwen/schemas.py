@@ -6,11 +6,12 @@ UsageError naming the file, the line and the field.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
-from .errors import UsageError
+from .errors import SourceError, UsageError
 
 
 class _Open(BaseModel):
@@ -90,3 +91,164 @@ class Manifest(_Open):
 
 def check_manifest(data, where: str) -> dict:
     return _check(Manifest, data, where, "an edgeqwen manifest")
+
+
+# --- a checkpoint's files: config.json, the safetensors index and headers, the tokenizer --------------
+
+Pos = Annotated[StrictInt, Field(ge=1)]
+Num = StrictInt | StrictFloat
+
+
+class RopeScaling(_Open):
+    type: str | None = None
+    rope_type: str | None = None
+    factor: Num | None = Field(None, gt=0, le=1024)
+    original_max_position_embeddings: Annotated[StrictInt, Field(ge=1, le=1 << 24)] | None = None
+
+    @model_validator(mode="after")
+    def _needs_factor(self):
+        kind = self.rope_type or self.type
+        if kind in ("yarn", "linear", "dynamic", "longrope") and self.factor is None:
+            raise ValueError(f"{kind} rope scaling needs a factor")
+        return self
+
+
+class ModelConfig(_Open):
+    """A Qwen2-family config.json, typed and bounded: what every stage reads instead of the raw dict."""
+    model_type: str | None = None
+    architectures: list[str] | None = None
+    hidden_size: Annotated[StrictInt, Field(ge=1, le=1 << 16)]
+    intermediate_size: Annotated[StrictInt, Field(ge=1, le=1 << 20)]
+    num_hidden_layers: Annotated[StrictInt, Field(ge=1, le=1024)]
+    num_attention_heads: Annotated[StrictInt, Field(ge=1, le=1024)]
+    num_key_value_heads: Annotated[StrictInt, Field(ge=1, le=1024)]
+    vocab_size: Annotated[StrictInt, Field(ge=1, le=1 << 22)]
+    max_position_embeddings: Annotated[StrictInt, Field(ge=1, le=1 << 24)]
+    rope_theta: Annotated[Num, Field(gt=0, le=1e12)]
+    rms_norm_eps: Annotated[Num, Field(gt=0, lt=1)]
+    head_dim: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    tie_word_embeddings: StrictBool = False
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: Annotated[StrictInt, Field(ge=0)] | None = None
+    eos_token_id: Annotated[StrictInt, Field(ge=0)] | list[Annotated[StrictInt, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} does not divide into {self.num_attention_heads} heads")
+        return self
+
+
+class WeightIndex(_Open):
+    # each value is one file beside the index: a name, never a path (no folders, no "..")
+    weight_map: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")]]
+
+
+class TensorEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dtype: str
+    shape: Annotated[list[Annotated[StrictInt, Field(ge=0, le=1 << 32)]], Field(max_length=8)]
+    data_offsets: tuple[Annotated[StrictInt, Field(ge=0)], Annotated[StrictInt, Field(ge=0)]]
+
+    @field_validator("data_offsets")
+    @classmethod
+    def _ordered(cls, v):
+        if v[1] < v[0]:
+            raise ValueError("end before begin")
+        return v
+
+
+class TokenizerModel(_Open):
+    vocab: dict[str, Annotated[StrictInt, Field(ge=0, lt=1 << 22)]]
+    merges: list | None = None
+
+
+class AddedToken(_Open):
+    id: Annotated[StrictInt, Field(ge=0, lt=1 << 22)]
+    content: str
+    special: StrictBool = False
+
+
+class TokenizerFile(_Open):
+    model: TokenizerModel
+    added_tokens: list[AddedToken] = []
+
+
+class TokenizerConfig(_Open):
+    chat_template: str | list | None = None
+    eos_token: str | dict | None = None
+
+
+def check_source(model: type[BaseModel], data, where, what: str):
+    """Like _check, for a checkpoint's files: a SourceError naming the file and the field; returns the model."""
+    if not isinstance(data, dict):
+        raise SourceError(f"{where}: {what} must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or what
+        raise SourceError(f"{where}: {field}: {err['msg']}") from None
+
+
+def read_json(path, what: str, error=SourceError):
+    """A JSON file as read at the boundary: unreadable, not UTF-8, not JSON, or absurdly nested are one error."""
+    import json
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: {what} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise error(f"{path}: {what} is nested too deeply") from None
+
+
+# --- device profiles and claims (TOML) ----------------------------------------------------------------
+
+class _Match(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str | None = None
+    cpu: str | None = None
+    ram_gib: Annotated[Num, Field(gt=0, le=1 << 16)] | None = None
+
+    @field_validator("device", "cpu")
+    @classmethod
+    def _regex(cls, v):
+        import re
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression ({e})") from None
+        return v
+
+
+class DeviceProfile(_Open):
+    ram_gib: Annotated[Num, Field(gt=0, le=1 << 16)]
+    bandwidth_gbs: Annotated[Num, Field(gt=0, le=1e5)]
+    source: str
+    match: _Match | None = None
+    usable_fraction: Annotated[Num, Field(gt=0, le=1)] = 0.8
+    efficiency: Annotated[Num, Field(gt=0, le=1)] = 0.6
+    amx: StrictBool = False
+
+
+class Claim(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    text: str | None = None
+    model: str
+    quant: str
+    device: str
+    format: str | None = None
+    min_decode_tps: Annotated[Num, Field(gt=0, le=1e6)] | None = None
+    max_peak_rss_gib: Annotated[Num, Field(gt=0, le=1 << 16)] | None = None
+    ctx: Annotated[StrictInt, Field(ge=16, le=1 << 24)] | None = None
+    source: str | None = None
+    fits: StrictBool | None = None

@@ -113,7 +113,7 @@ def group_by_device(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         if r.get("kind") == "bench":
-            out.setdefault(r["device"]["device_id"], []).append(r)
+            out.setdefault(r["device"].get("device_id") or "unknown device", []).append(r)
     return out
 
 

@@ -169,3 +169,174 @@ def test_fuzzed_arguments_give_success_or_a_usage_error():
         r = CliRunner().invoke(cli, ["plan", size, quant, "--ctx", ctx])
         assert r.exit_code in (0, 1, 2) and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     check()
+
+
+# --- a checkpoint's files: safetensors headers, config.json, the index, the tokenizer ----------------------
+
+def _json_values():
+    """Any JSON value: what a hostile or corrupt file can hold where we expect an object or a number."""
+    from hypothesis import strategies as st
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64), st.floats(allow_nan=False),
+                        st.text(max_size=8), st.sampled_from([0, -1, 1, 2**40, 1e-300, "12", "nan"]))
+    return st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                     st.dictionaries(st.text(max_size=6), c, max_size=4)),
+                        max_leaves=12)
+
+
+def _write_safetensors(path, header: bytes, body: bytes = b"\0" * 64):
+    import struct
+    path.write_bytes(struct.pack("<Q", len(header)) + header + body)
+
+
+def test_fuzzed_safetensors_headers_give_a_source_error_or_tensors(tmp_path_factory):
+    """Header JSON of any shape and values: SourceError naming the file, or tensors inside the file, never another
+    exception; overlapping or out-of-file offsets are refused."""
+    hypothesis = pytest.importorskip("hypothesis")
+    import json
+
+    from hypothesis import strategies as st
+
+    from edgeqwen.errors import SourceError
+    from edgeqwen.safetensors import read_header
+    f = tmp_path_factory.mktemp("st") / "m.safetensors"
+    entry = st.fixed_dictionaries({"dtype": st.sampled_from(["F16", "F32", "BF16", "I8", "", 3]),
+                                   "shape": st.one_of(st.lists(st.integers(-2, 70), max_size=3), _json_values()),
+                                   "data_offsets": st.one_of(st.tuples(st.integers(-5, 90), st.integers(-5, 90)),
+                                                             _json_values())})
+    header = st.one_of(st.dictionaries(st.text(max_size=5), st.one_of(entry, _json_values()), max_size=4),
+                       _json_values())
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(header)
+    def check(h):
+        _write_safetensors(f, json.dumps(h).encode())
+        try:
+            tensors = read_header(f)
+        except SourceError as e:
+            assert str(f) in str(e)
+            return
+        spans = sorted((t.start, t.end) for t in tensors.values())
+        assert all(8 <= a <= b <= f.stat().st_size for a, b in spans)
+        for (a1, b1), (a2, b2) in zip(spans, spans[1:]):
+            assert b1 <= a2 or a2 == b2 or a1 == b1   # no two non-empty tensors share bytes
+    check()
+    overlapping = json.dumps({"a": {"dtype": "F16", "shape": [8], "data_offsets": [0, 16]},
+                              "b": {"dtype": "F16", "shape": [8], "data_offsets": [8, 24]}}).encode()
+    for bad, words in [(b"[1, 2]", "JSON object"), (b"[" * 100000, "nested too deeply"), (overlapping, "overlap")]:
+        _write_safetensors(f, bad)
+        with pytest.raises(SourceError, match=words):
+            read_header(f)
+
+
+def _tiny_copy(tiny_ckpt, dst):
+    shutil.copytree(tiny_ckpt, dst, dirs_exist_ok=True)
+    return dst
+
+
+@pytest.mark.parametrize("patch,words", [
+    ([1, 2], "must be a JSON object"), (None, "must be a JSON object"),
+    ({"num_attention_heads": 0}, "num_attention_heads"), ({"num_hidden_layers": 10**9}, "num_hidden_layers"),
+    ({"max_position_embeddings": -4}, "max_position_embeddings"),
+    ({"max_position_embeddings": 2**40}, "max_position_embeddings"), ({"hidden_size": "256"}, "hidden_size"),
+    ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"), ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rope_scaling": {"type": "yarn"}}, "needs a factor"), ({"auto_map": {"AutoModel": "x.Y"}}, "remote code"),
+])
+def test_bad_config_json_is_one_line(tiny_ckpt, tmp_path, patch, words):
+    import json
+    src = _tiny_copy(tiny_ckpt, tmp_path / "ckpt")
+    cfg = json.loads((src / "config.json").read_text())
+    text = json.dumps(patch) if not isinstance(patch, dict) else json.dumps({**cfg, **patch})
+    (src / "config.json").write_text(text)
+    r = run_cli("build", "tiny-qwen2", "q8", "--source", src, "--out", tmp_path / "out")
+    assert r.returncode == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuzzed_config_json_gives_a_source_error_or_opens(tiny_ckpt, tmp_path_factory):
+    hypothesis = pytest.importorskip("hypothesis")
+    import json
+
+    from hypothesis import strategies as st
+
+    from edgeqwen.checkpoint import open_checkpoint
+    from edgeqwen.errors import SourceError
+    src = _tiny_copy(tiny_ckpt, tmp_path_factory.mktemp("cfg") / "ckpt")
+    good = json.loads((src / "config.json").read_text())
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(st.dictionaries(st.sampled_from(sorted(good)), _json_values(), max_size=4))
+    def check(patch):
+        (src / "config.json").write_text(json.dumps({**good, **patch}))
+        try:
+            open_checkpoint(src)
+        except SourceError:
+            pass
+    check()
+
+
+@pytest.mark.parametrize("index,words", [
+    ({"weight_map": ["a"]}, "weight_map"), ({"weight_map": {"x": "../../etc/passwd"}}, "weight_map.x"),
+    ([1], "JSON object"), ({"weight_map": {"x": "missing.safetensors"}}, "missing"),
+])
+def test_bad_weight_index_is_one_line(tiny_ckpt, tmp_path, index, words):
+    import json
+
+    from edgeqwen.checkpoint import open_checkpoint
+    from edgeqwen.errors import SourceError
+    src = _tiny_copy(tiny_ckpt, tmp_path / "ckpt")
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SourceError, match=words):
+        open_checkpoint(src)
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("tokenizer.json", "", "not valid JSON"), ("tokenizer.json", "[]", "JSON object"),
+    ("tokenizer.json", '{"model": {}}', "model.vocab"), ("tokenizer.json", b"\xff\xfe", "not UTF-8"),
+    ("tokenizer.json", '{"model": {"vocab": {"a": -1}}}', "model.vocab.a"),
+    ("tokenizer.json", '{"model": {"vocab": {}}, "added_tokens": [{"content": "x"}]}', "added_tokens.0.id"),
+    ("tokenizer_config.json", "{", "not valid JSON"), ("tokenizer_config.json", '{"eos_token": 5}', "eos_token"),
+])
+def test_bad_tokenizer_files_are_one_line(tiny_ckpt, tmp_path, name, content, words):
+    src = _tiny_copy(tiny_ckpt, tmp_path / "ckpt")
+    (src / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = run_cli("build", "tiny-qwen2", "q8", "--source", src, "--out", tmp_path / "out", "--no-smoke")
+    assert r.returncode == 1 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- device profiles and claims -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("toml,words", [
+    ('[d]\nram_gib = "8"\nbandwidth_gbs = 17\nsource = "x"\n', "ram_gib"),
+    ("[d]\nram_gib = 8\nbandwidth_gbs = 17\n", "source"),
+    ('[d]\nram_gib = 8\nbandwidth_gbs = -1\nsource = "x"\n', "bandwidth_gbs"),
+    ('[d]\nram_gib = 8\nbandwidth_gbs = 17\nsource = "x"\nmatch = { device = "(" }\n', "regular expression"),
+    ("d = 3\n", "must be a table"), ("\xff", "cannot read"), ("[d\n", "cannot read"),
+])
+def test_bad_device_profiles_are_one_line(tmp_path, toml, words):
+    f = tmp_path / "devices.toml"
+    f.write_bytes(toml.encode("latin-1"))
+    r = run_cli("plan", "7b", "q4", "--device", "d", "--profiles", f)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("toml,words", [
+    ('[[claim]]\nid = "a"\nmodel = "7b"\nquant = "q4"\n', "device"),
+    ('[[claim]]\nid = "a"\nmodel = "7b"\nquant = "q4"\ndevice = "x"\nmin_decode_tps = "fast"\n', "min_decode_tps"),
+    ('[[claim]]\nid = "a"\nmodel = "7b"\nquant = "q4"\ndevice = "x"\nspeed = 1\n', "speed"),
+    ('claim = 3\n', "[[claim]] tables"),
+])
+def test_bad_claims_are_one_line(tmp_path, toml, words):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"schema": 1, "kind": "bench", "time": "t", "device": {}, "build": {"name": "x"}, '
+                    '"status": "failed", "threads": 1}\n')
+    f = tmp_path / "claims.toml"
+    f.write_text(toml)
+    r = run_cli("table", rows, "--claims", f)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bundled_profiles_and_claims_validate():
+    from edgeqwen.claims import load_claims
+    from edgeqwen.plan import load_devices
+    assert len(load_devices()) >= 10 and len(load_claims()) >= 5
