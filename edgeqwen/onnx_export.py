@@ -187,9 +187,10 @@ KQUANT_ELEMENTS = 1 << 21  # rows are k-quantized this many weights at a time: i
 
 
 def _kquant_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """onnxruntime's k_quant (llama.cpp's make_qkx search for each block's scale and minimum), packed as the
-    builder packs it: low nibble first, zero points two to a byte along the row."""
-    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+    """onnxruntime's k_quant (llama.cpp's make_qkx search for each block's scale and minimum; kquant.py computes
+    it bit for bit, faster), packed as the builder packs it: low nibble first, zero points two to a byte along
+    the row."""
+    from .kquant import kquant_search
     n, k = w.shape
     blocks = -(-k // BLOCK)
     if blocks * BLOCK != k:
@@ -197,7 +198,7 @@ def _kquant_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.n
     step = max(1, KQUANT_ELEMENTS // (blocks * BLOCK))
 
     def one(r: int):
-        q, sc, zp = quant_tensor_k_quant_cpu(w[r:r + step], bits, BLOCK)
+        q, sc, zp = kquant_search(w[r:r + step], bits, BLOCK)
         rows = min(step, n - r)
         return (q.astype(np.uint8).reshape(rows, blocks, BLOCK), sc.astype(np.float32).reshape(rows, blocks),
                 zp.astype(np.uint8).reshape(rows, blocks))

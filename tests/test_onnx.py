@@ -1,5 +1,6 @@
 """ONNX builds: the streamed exporter against Hugging Face and the genai builder, the genai runner, bench and eval."""
 import importlib.util
+from pathlib import Path
 import json
 import subprocess
 import sys
@@ -269,3 +270,37 @@ def test_eval_of_onnx_builds_against_fp32(onnx_builds, tmp_path):
     assert "tiny-qwen2-fp32" in row["reference"] and row["build"]["format"] == "onnx"
     assert row["kl_mean"] > 0 and 0 < row["top1"] <= 1 and row["ppl"] > 1
 
+
+
+def test_kquant_search_is_onnxruntimes_bit_for_bit():
+    """edgeqwen.kquant against onnxruntime's quant_tensor_k_quant_cpu: the same values, scales and zero points,
+    on random weights with the cases that take the search's other branches (constant, zero and outlier blocks),
+    int4 and int8, and on sampled rows of the real 0.5B when its checkpoint is on disk."""
+    import warnings
+
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    from edgeqwen.kquant import kquant_search
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((96, 512)) * 0.02).astype(np.float32)
+    w[0, :32] = 0.25          # a constant block
+    w[1, :64] = 0.0           # zero blocks
+    w[2, 5] = 40.0            # an outlier
+    w[3, :32] = np.linspace(-1, 1, 32)
+    samples = [w, (rng.standard_normal((7, 96)) * 3).astype(np.float32)]
+    real = Path.home() / ".cache/edgeqwen-real/qwen2.5-coder-0.5b-instruct"
+    if (real / "config.json").exists():
+        from edgeqwen.checkpoint import open_checkpoint
+        from edgeqwen.safetensors import to_f32
+        ck = open_checkpoint(real)
+        for name in ("model.layers.3.mlp.down_proj.weight", "model.layers.11.self_attn.q_proj.weight"):
+            chunk = next(ck.reader().chunks(name))
+            samples.append(to_f32(chunk, ck.tensors[name].dtype)[:64])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for data in samples:
+            for bits in (4, 8):
+                ours = kquant_search(data, bits, 32, chunk=37)   # an odd chunk: the seams too
+                theirs = quant_tensor_k_quant_cpu(data, bits, 32)
+                for a, b in zip(ours, theirs):
+                    assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
