@@ -7,7 +7,7 @@ For each build, on this machine, with 2 threads per process:
   2. alone inside --limit: the proof that one such device could not hold it (oom-killed or too slow);
   3. split: this process and --workers `edgeqwen worker` processes, every one in its own memory cgroup of
      --limit, the layers in equal shares (--split 1,1,...); each process's cgroup peak is recorded;
-  4. greedy tokens alone and split (32 tokens from one prompt): identical or not.
+  4. greedy tokens alone and split (32 tokens from one prompt, --lean on both: the same kernels): identical or not.
 --limit defaults to what a 4 GB Raspberry Pi 5 leaves a model (its profile's usable RAM). The processes share
 this machine's 2 cores and talk over loopback, so the split's speed here has no network latency in it: see plan
 --devices for a LAN's.
@@ -36,8 +36,10 @@ def gib(b) -> str:
 
 
 def greedy(build: str, workers: list[str], split: str | None, limit: int | None) -> str:
+    # --lean on both sides: the workers' CPU backend has no repacked (interleaved) weight layouts, so a normal
+    # load here would run different kernels (another summation order) on its own layers than the workers do
     cmd = [sys.executable, "-m", "edgeqwen.cli", "run", build, "The three primary colours are", "--raw", "-t", "0",
-           "-n", "32", "--json", "--threads", "2"]
+           "-n", "32", "--json", "--threads", "2", "--lean"]
     if workers:
         cmd += ["--workers", ",".join(workers), "--split", split]
     with MemoryCgroup(limit) if limit else _null() as cg:
