@@ -141,5 +141,8 @@ def test_same_builds_agree_with_x86(tiny_builds):
                   json.loads((root / "builds" / q / "manifest.json").read_text())["sha256"]
                   for q in agreement.GGUF}
     (root / "aarch64" / "same_bytes.json").write_text(json.dumps(same_bytes))
+    # measured under qemu (Cortex-A76) against AVX-512: KL at most 1.2e-5 nats, every greedy token the same
+    # (bench/ARM64.md); the bound leaves room for other hosts' kernels, not for a wrong kernel
     for q, r in res.items():
-        assert r["tokens_identical"] or r["kl_mean"] < 0.01, (q, r)
+        assert r["tokens_identical"] or r["kl_mean"] < 1e-3, (q, r)
+        assert r["kl_max"] < 1e-3 and r["top1_agree"] >= 0.95, (q, r)
