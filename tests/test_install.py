@@ -1,6 +1,7 @@
 """What `make setup` alone gives a new user: every module imports, every command's --help works,
 and the default ONNX precision (int4, whose k-quant search imports onnx_ir) builds."""
 import importlib
+import os
 import pkgutil
 
 import pytest
@@ -53,3 +54,27 @@ def test_build_output_is_quiet_and_generated_text_is_clean_utf8(tiny_ckpt, tmp_p
     assert p.returncode == 0, p.stderr
     text = p.stdout.decode("utf-8")   # strict: raises on invalid UTF-8
     assert not any(ord(c) < 32 and c not in "\n\t" for c in text)
+
+
+@pytest.mark.parametrize("arch,target,want,absent", [
+    # a Pi building for itself: -mcpu=native through GGML_NATIVE, no x86-only flags, RPC on
+    ("aarch64", None, ["cross=0", "-DGGML_NATIVE=ON", "-DGGML_RPC=ON"], ["-fno-tree-dse", "GGML_CPU_ARM_ARCH"]),
+    # x86 with gcc: the AMX-safe flags
+    ("x86_64", None, ["cross=0", "-DGGML_NATIVE=ON"], ["GGML_CPU_ARM_ARCH"]),
+    # cross for a Pi 5 from x86: Debian's cross gcc, no native tuning, the A76's dotprod and fp16
+    ("x86_64", "aarch64", ["cross=1", "aarch64-linux-gnu-gcc", "-DGGML_NATIVE=OFF",
+                           "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16", "-DGGML_RPC=ON"], ["-fno-tree-dse"]),
+])
+def test_install_script_flags_per_arch(arch, target, want, absent):
+    import shutil
+    import subprocess
+    from conftest import REPO
+    if target and not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("gcc-aarch64-linux-gnu is not installed")
+    env = dict(os.environ, EDGEQWEN_UNAME_M=arch, CC="gcc")
+    args = ["bash", str(REPO / "tools/install-llama-cpp.sh"), "--print-flags"]
+    args += ["--target", target] if target else []
+    out = subprocess.run(args, capture_output=True, text=True, env=env, check=True).stdout
+    assert all(w in out for w in want) and not any(a in out for a in absent), out
+    if arch == "x86_64" and not target:
+        assert "-fno-tree-dse -fno-dse" in out
