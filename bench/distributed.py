@@ -1,6 +1,7 @@
 """One model over several processes with llama.cpp's RPC backend, each inside a memory limit (a benchmark).
 
     python bench/distributed.py BUILD [BUILD...] [--limit 3G] [--workers 2] [--repeats 2] [--out bench/DISTRIBUTED.md]
+    python bench/distributed.py --plan-only bench/DISTRIBUTED.md   # only regenerate the plan section
 
 For each build, on this machine, with 2 threads per process:
   1. alone: one process, no limit (the speed to compare against);
@@ -66,7 +67,36 @@ def start_workers(n: int, limit: int) -> tuple[list, list]:
     return workers, groups
 
 
+PLAN_MARK = "## What plan predicts for real devices"
+POOLS = [("7b", "3xraspberry-pi-5-4gb"), ("7b", "2xraspberry-pi-5-8gb"), ("72b", "8xraspberry-pi-5-8gb"),
+         ("72b", "4xraspberry-pi-5-16gb"), ("72b", "4xx86-laptop-ddr5-16gb"), ("72b", "3xx86-laptop-ddr5-16gb")]
+
+
+def plan_section() -> str:
+    """`edgeqwen plan SIZE q4 --devices POOL` for the pools people ask about (a prediction, not a measurement)."""
+    from edgeqwen.plan import describe_pool, parse_pool, plan_pool
+    out = [PLAN_MARK, "", "Predictions (`edgeqwen plan SIZE q4 --devices POOL`), not measurements: per-device min RAM "
+           "from the same per-tensor model as `plan`, layers in proportion to each device's free RAM, and a "
+           "pipeline decode estimate with an assumed LAN (its model is printed with it).", ""]
+    profiles = load_devices()
+    for size, pool in POOLS:
+        out += [f"`edgeqwen plan {size} q4 --devices {pool}`", "", "```",
+                describe_pool(plan_pool(size, "q4", parse_pool(pool, profiles))), "```", ""]
+    return "\n".join(out)
+
+
+def replace_plan_section(path: Path) -> None:
+    text = path.read_text()
+    text = text.split(PLAN_MARK)[0].rstrip() + "\n\n" + plan_section()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main():
+    if sys.argv[1:2] == ["--plan-only"]:
+        replace_plan_section(Path(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("builds", nargs="+")
     ap.add_argument("--limit", help="memory limit per process (default: a 4 GB Pi 5's usable RAM)")
@@ -129,7 +159,7 @@ def main():
             "mmapped file included), in the order this process / worker 1 / worker 2. "
             f"pp{a.prompt} and tg{a.tokens}: edgeqwen bench's prefill and decode, {a.repeats} repeats.", "",
             "| build | setup | limit GiB | pp t/s | tg t/s | peak GiB |", "|---|---|---|---|---|---|"]
-    text = "\n".join(head + lines) + "\n"
+    text = "\n".join(head + lines) + "\n\n" + plan_section()
     print(text)
     if a.out:
         tmp = a.out.with_name(a.out.name + ".tmp")

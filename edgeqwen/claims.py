@@ -19,17 +19,10 @@ def load_claims(path: Path | None = None) -> list[dict]:
     claims = data.get("claim", [])
     if not isinstance(claims, list):
         raise UsageError(f"{path}: claims are [[claim]] tables")
-    from pydantic import ValidationError
-
-    from .schemas import Claim
+    from .schemas import Claim, check
     for i, c in enumerate(claims, 1):
-        try:
-            Claim.model_validate(c)
-        except ValidationError as e:
-            err = e.errors()[0]
-            who = c.get("id", f"#{i}") if isinstance(c, dict) else f"#{i}"
-            raise UsageError(f"{path}: claim {who}: {'.'.join(map(str, err['loc'])) or 'claim'}: {err['msg']}") \
-                from None
+        who = c.get("id", f"#{i}") if isinstance(c, dict) else f"#{i}"
+        check(Claim, c, f"{path}: claim {who}", "the claim", "a table")
     return claims
 
 

@@ -210,17 +210,9 @@ def load_devices(path: Path | None = None) -> dict[str, dict]:
     from .recipes import load_toml
     path = path or devices_file()
     data = load_toml(path, "device profiles")
-    from pydantic import ValidationError
-
-    from .schemas import DeviceProfile
+    from .schemas import DeviceProfile, check
     for name, d in data.items():
-        if not isinstance(d, dict):
-            raise UsageError(f"{path}: device {name} must be a table")
-        try:
-            DeviceProfile.model_validate(d)
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise UsageError(f"{path}: device {name}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        check(DeviceProfile, d, f"{path}: device {name}", "the profile", "a table")
     return data
 
 

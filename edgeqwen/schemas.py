@@ -63,10 +63,10 @@ class Row(_Open):
         return self
 
 
-def _check(model: type[BaseModel], data, where: str, what: str) -> dict:
+def check(model: type[BaseModel], data, where: str, what: str, kind: str = "a JSON object") -> dict:
     """data as read from a file, validated: one UsageError naming the file (and line) and the field."""
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: {what} must be a JSON object")
+        raise UsageError(f"{where}: {what} must be {kind}")
     try:
         model.model_validate(data)
     except ValidationError as e:
@@ -77,7 +77,7 @@ def _check(model: type[BaseModel], data, where: str, what: str) -> dict:
 
 
 def check_row(data, where: str) -> dict:
-    return _check(Row, data, where, "a row")
+    return check(Row, data, where, "a row")
 
 
 class Manifest(_Open):
@@ -90,7 +90,7 @@ class Manifest(_Open):
 
 
 def check_manifest(data, where: str) -> dict:
-    return _check(Manifest, data, where, "an edgeqwen manifest")
+    return check(Manifest, data, where, "an edgeqwen manifest")
 
 
 # --- a checkpoint's files: config.json, the safetensors index and headers, the tokenizer --------------

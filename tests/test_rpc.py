@@ -1,6 +1,7 @@
 """Several devices through llama.cpp's RPC backend: real workers on 127.0.0.1, free ports, the tiny model."""
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
@@ -231,3 +232,19 @@ def test_bench_row_records_workers(tiny_builds, workers, tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["status"] == "ok" and row["workers"] == eps.split(",") and row["split"] == [1, 1, 1]
     assert all(v and v > 10 << 20 for v in row["worker_peak_rss"].values())
+
+
+def test_serve_with_workers_answers_through_the_openai_client(tiny_builds, workers):
+    """The server's model slot loads through the same path: greedy text equals a local lean run's."""
+    pytest.importorskip("openai")
+    from test_serve import Served, _name
+    eps = ",".join(w.ep for w in workers)
+    s = Served([tiny_builds["q8_0"]], "--workers", eps, "--split", "1,1,1", "--lean")
+    try:
+        r = s.client().completions.create(model=_name(tiny_builds["q8_0"]), prompt="Hello", max_tokens=8,
+                                          temperature=0)
+        text = r.choices[0].text
+    finally:
+        s.stop()
+    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--raw", "-t", "0", "-n", "8", "--lean", "--json")
+    assert p.returncode == 0 and text == json.loads(p.stdout)["text"]
