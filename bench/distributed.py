@@ -156,7 +156,9 @@ def main():
             f"({time.strftime('%Y-%m-%d')}). Every process has 2 threads; they share this machine's cores and talk "
             "over loopback, so the split's figures carry the RPC protocol's cost but no network latency "
             "(plan --devices models a LAN's). Peaks are the memory cgroups' own maximum usage (page cache of the "
-            "mmapped file included), in the order this process / worker 1 / worker 2. "
+            "mmapped file included), in the order this process / worker 1 / worker 2: this process reads the whole "
+            "file to send the workers their layers, so its cgroup keeps as much of it cached as the limit allows and "
+            "its peak can sit at the limit; what matters is that it ran with no OOM kill. "
             f"pp{a.prompt} and tg{a.tokens}: edgeqwen bench's prefill and decode, {a.repeats} repeats.", "",
             "| build | setup | limit GiB | pp t/s | tg t/s | peak GiB |", "|---|---|---|---|---|---|"]
     text = "\n".join(head + lines) + "\n\n" + plan_section()
