@@ -340,3 +340,56 @@ def test_bundled_profiles_and_claims_validate():
     from edgeqwen.claims import load_claims
     from edgeqwen.plan import load_devices
     assert len(load_devices()) >= 10 and len(load_claims()) >= 5
+
+
+def test_fuzzed_run_arguments_give_a_usage_error_never_another_exception():
+    """run's sampling, context, thread and worker options, any values: exit 1 or 2 with a message, never another
+    exception (the build does not exist, so only the boundary is exercised)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from click.testing import CliRunner
+    from hypothesis import strategies as st
+
+    from edgeqwen.cli import cli
+    values = st.one_of(st.integers(-2**40, 2**40).map(str), st.floats().map(str), st.text(max_size=10),
+                       st.sampled_from(["nan", "inf", "0", "1", "1e309", "", "127.0.0.1:0", "a:1,a:1", "1,1,1"]))
+    opts = st.sampled_from(["-n", "-t", "--top-p", "--threads", "--ctx", "--workers", "--split", "--seed"])
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(st.lists(st.tuples(opts, values), max_size=4))
+    def check(pairs):
+        args = ["run", "no-such-build-here", "hi"] + [x for p in pairs for x in p]
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code in (1, 2) and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    check()
+
+
+def test_fuzzed_rows_and_manifests_give_a_usage_error_or_data(tmp_path_factory):
+    """A JSONL line or a manifest.json of any JSON shape: rows / a manifest, or one UsageError naming the file."""
+    hypothesis = pytest.importorskip("hypothesis")
+    import json
+
+    from hypothesis import strategies as st
+
+    from edgeqwen.errors import UsageError
+    from edgeqwen.home import read_manifest
+    from edgeqwen.table import load_rows, render_rows
+    d = tmp_path_factory.mktemp("rows")
+    row = st.fixed_dictionaries({"schema": st.sampled_from([1, 1, 2, "1"]), "kind": st.sampled_from(
+        ["bench", "eval", "fit", "x"]), "time": _json_values(), "device": _json_values(), "build": _json_values(),
+        "status": st.sampled_from(["ok", "failed", 3]), "threads": _json_values(), "tg": _json_values(),
+        "pp": _json_values()})
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(st.one_of(row, _json_values()), _json_values())
+    def check(r, manifest):
+        (d / "rows.jsonl").write_text(json.dumps(r) + "\n")
+        try:
+            render_rows(load_rows([d / "rows.jsonl"]))
+        except UsageError as e:
+            assert "rows.jsonl" in str(e)
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            read_manifest(d)
+        except UsageError as e:
+            assert "manifest.json" in str(e)
+    check()
