@@ -14,7 +14,9 @@ from edgeqwen.table import load_rows, plot, render_rows  # noqa: E402
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]
     within = total = 0
-    bench = [r for r in rows if r.get("kind") == "bench" and r.get("status") == "ok"]
+    # emulated rows ran under qemu-user, whose own memory is in their RSS: not a device's figure
+    bench = [r for r in rows if r.get("kind") == "bench" and r.get("status") == "ok"
+             and not r["device"].get("emulated")]
     for r in sorted(bench, key=lambda r: (r["build"]["name"], r["threads"])):
         pred, meas = predicted_rss_for_row(r), peak_rss(r)
         if not pred:

@@ -54,10 +54,10 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     quant = DEFAULT_ALIASES.get(claim["quant"], claim["quant"])
     ctx = claim.get("ctx", 4096)
     same = [r for r in rows if r.get("kind") == "bench" and r["build"].get("size") == claim["model"]
-            and r["build"].get("quant") == quant and (r.get("n_ctx") or 4096) >= ctx
-            and row_matches_device(r, profile)]
-    # An emulated run proves the build runs on that ISA, never how fast: kept apart, never a verdict on speed.
-    matching = [r for r in same if not r["device"].get("emulated")]
+            and r["build"].get("quant") == quant and row_matches_device(r, profile)]
+    # An emulated run proves the build runs on that ISA (at any context), never how fast: kept apart, never a
+    # verdict on speed.
+    matching = [r for r in same if not r["device"].get("emulated") and (r.get("n_ctx") or 4096) >= ctx]
     emulated = [r for r in same if r["device"].get("emulated") and r.get("status") == "ok"]
     min_tps, max_rss = claim.get("min_decode_tps"), claim.get("max_peak_rss_gib")
 
