@@ -72,11 +72,13 @@ fi
 # The x86 side of the agreement: the tiny model's builds and their outputs, made here with the setup venv.
 PY=${PYTHON:-$REPO/.venv/bin/python}
 agree=$CACHE/agree
-if [[ ! -f $agree/x86_64/int4.npz ]] || [[ $(cat "$agree/.stamp" 2>/dev/null) != "$(git -C "$REPO" rev-parse HEAD 2>/dev/null)" ]]; then
+# Rebuilt when the code that makes or runs the builds changes (its content, committed or not).
+astamp=$(cd "$REPO" && cat edgeqwen/*.py tools/arm64/agreement.py tests/conftest.py | sha256sum | cut -c1-16)
+if [[ ! -f $agree/x86_64/int4.npz ]] || [[ $(cat "$agree/.stamp" 2>/dev/null) != "$astamp" ]]; then
   say "building the tiny model on x86 and recording its outputs"
   rm -rf "$agree"; mkdir -p "$agree"
   "$PY" "$REPO/tools/arm64/agreement.py" prepare "$agree" >&2
-  git -C "$REPO" rev-parse HEAD > "$agree/.stamp" 2>/dev/null || true
+  echo "$astamp" > "$agree/.stamp"
 fi
 rm -rf "$agree/aarch64"
 
