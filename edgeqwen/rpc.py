@@ -352,6 +352,7 @@ class IsolatedRunner:
         return f"{who}: the model process died while {doing} ({how}){': ' + why if why else ''}"
 
     def _call(self, op: str, *args, timeout: float = 60.0):
+        timeout = _deadline(timeout)
         try:
             self._conn.send((op, args))
         except (OSError, ValueError):
@@ -372,25 +373,37 @@ class IsolatedRunner:
 
     def stream(self, tokens: list[int], sampling) -> Iterator:
         self._conn.send(("stream", (tokens, sampling)))
-        last, timeout = None, _deadline(FIRST_TOKEN_TIMEOUT_S)
+        last, timeout, done = None, _deadline(FIRST_TOKEN_TIMEOUT_S), False
         try:
             while True:
                 r = self._recv(timeout, "generating")
                 if r is None:   # the child's end of a stopped stream
+                    done = True
                     return
                 last, timeout = r, _deadline(TOKEN_TIMEOUT_S)
                 yield r
                 if r.finish_reason:
+                    done = True
                     return
         except KeyboardInterrupt:
             # Stop the child between tokens and hand back an "interrupted" end, as a local runner does.
-            with contextlib.suppress(OSError, ValueError):
-                self._conn.send(("stop", ()))
-                # the child answers a stop exactly once, with None
-                while (r := self._recv(_deadline(TOKEN_TIMEOUT_S), "stopping")) is not None:
-                    last = r if not r.finish_reason else last
+            done = True
+            last = self._stop_stream() or last
             if last is not None:
                 yield replace(last, text="", token=None, finish_reason="interrupted")
+        finally:
+            if not done and self._proc.is_alive():   # the consumer stopped early, or the child raised mid-stream
+                self._stop_stream()
+
+    def _stop_stream(self):
+        """Tell the child to stop generating and read up to its end marker (it answers a stop exactly once, with
+        None), so the next call starts in step; returns the last response it sent."""
+        last = None
+        with contextlib.suppress(OSError, ValueError):
+            self._conn.send(("stop", ()))
+            while (r := self._recv(_deadline(TOKEN_TIMEOUT_S), "stopping")) is not None:
+                last = r if not r.finish_reason else last
+        return last
 
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -440,7 +453,9 @@ def _child_main(conn, build: str, kw: dict, errlog: str) -> None:
             if op == "stream":
                 for r in runner.stream(*args):
                     conn.send(("ok", r))
-                    if conn.poll() and conn.recv()[0] == "stop":
+                    # Mid-stream the parent sends nothing but "stop"; after the last response it may already have
+                    # sent its next request, which must stay queued for the loop above, so look only before that.
+                    if not r.finish_reason and conn.poll() and conn.recv()[0] == "stop":
                         conn.send(("ok", None))
                         break
             else:

@@ -248,3 +248,26 @@ def test_serve_with_workers_answers_through_the_openai_client(tiny_builds, worke
         s.stop()
     p = run_cli("run", tiny_builds["q8_0"], "Hello", "--raw", "-t", "0", "-n", "8", "--lean", "--json")
     assert p.returncode == 0 and text == json.loads(p.stdout)["text"]
+
+
+def test_the_model_process_stays_in_step_after_a_closed_stream_or_an_error(tiny_builds, workers):
+    """A consumer that stops reading (a server's client hanging up) or a refused prompt must not leave the
+    child's replies queued for the next call."""
+    from edgeqwen.errors import RunnerError
+    from edgeqwen.rpc import parse_workers
+    from edgeqwen.runner import Sampling, load_runner
+    eps = parse_workers(",".join(w.ep for w in workers))
+    r = load_runner(tiny_builds["q8_0"], n_ctx=256, workers=eps, split=[1, 1, 1], lean=True)
+    try:
+        greedy5 = Sampling(max_tokens=5, temperature=0, ignore_eos=True)
+        want = [x.token for x in r.stream(r.tokenize("Hello"), greedy5)]
+        it = r.stream(r.tokenize("Hello"), Sampling(max_tokens=200, temperature=0, ignore_eos=True))
+        next(it), next(it)
+        it.close()
+        assert [x.token for x in r.stream(r.tokenize("Hello"), greedy5)] == want
+        with pytest.raises(RunnerError, match="the context holds"):
+            list(r.stream(list(range(300)), greedy5))
+        assert r.tokenize("Hello") == r.tokenize("Hello") and \
+            [x.token for x in r.stream(r.tokenize("Hello"), greedy5)] == want
+    finally:
+        r.close()
