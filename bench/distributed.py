@@ -16,6 +16,7 @@ this machine's 2 cores and talk over loopback, so the split's speed here has no 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -43,19 +44,11 @@ def greedy(build: str, workers: list[str], split: str | None, limit: int | None)
            "-n", "32", "--json", "--threads", "2", "--lean"]
     if workers:
         cmd += ["--workers", ",".join(workers), "--split", split]
-    with MemoryCgroup(limit) if limit else _null() as cg:
+    with MemoryCgroup(limit) if limit else contextlib.nullcontext() as cg:
         p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cg.enter if limit else None)
     if p.returncode:
         return f"(failed: {(p.stderr.strip().splitlines() or ['?'])[-1]})"
     return json.loads(p.stdout)["text"]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        pass
 
 
 def start_workers(n: int, limit: int) -> tuple[list, list]:

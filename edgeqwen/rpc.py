@@ -220,7 +220,7 @@ def _libs():
     return ggml, rpc
 
 
-_registered: dict[str, int] = {}
+_registered: set[str] = set()   # endpoints already given to llama.cpp in this process
 
 
 def register(eps: list[Endpoint]) -> None:
@@ -236,7 +236,7 @@ def register(eps: list[Endpoint]) -> None:
         if not reg:
             raise WorkerError(f"worker {ep} offers no devices")
         ggml.ggml_backend_register(reg)
-        _registered[addr] = 1
+        _registered.add(addr)
 
 
 def layer_params(n_layer: int, n_workers: int, split: list[float] | None) -> dict:

@@ -87,9 +87,9 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     if workers:
         if not fmt.workers:
             raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")
-        from .rpc import IsolatedRunner, check_workers
-        check_workers(workers)
-        if isolate:
+        if isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
+            from .rpc import IsolatedRunner, check_workers
+            check_workers(workers)
             return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
                                   workers=workers, split=split)
     cls = fmt.runner_class()

@@ -63,16 +63,21 @@ class Row(_Open):
         return self
 
 
-def check(model: type[BaseModel], data, where: str, what: str, kind: str = "a JSON object") -> dict:
-    """data as read from a file, validated: one UsageError naming the file (and line) and the field."""
+def _validate(model: type[BaseModel], data, where, what: str, kind: str, error: type[Exception]) -> BaseModel:
+    """data as read from a file, validated: one error naming the file (and line) and the field."""
     if not isinstance(data, dict):
-        raise UsageError(f"{where}: {what} must be {kind}")
+        raise error(f"{where}: {what} must be {kind}")
     try:
-        model.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or what
-        raise UsageError(f"{where}: {field}: {err['msg']}") from None
+        raise error(f"{where}: {field}: {err['msg']}") from None
+
+
+def check(model: type[BaseModel], data, where: str, what: str, kind: str = "a JSON object") -> dict:
+    """Result rows, manifests, profiles, claims: a UsageError on a bad one; the data itself when good."""
+    _validate(model, data, where, what, kind, UsageError)
     return data
 
 
@@ -183,15 +188,8 @@ class TokenizerConfig(_Open):
 
 
 def check_source(model: type[BaseModel], data, where, what: str):
-    """Like _check, for a checkpoint's files: a SourceError naming the file and the field; returns the model."""
-    if not isinstance(data, dict):
-        raise SourceError(f"{where}: {what} must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or what
-        raise SourceError(f"{where}: {field}: {err['msg']}") from None
+    """A checkpoint's files: a SourceError naming the file and the field; returns the typed model."""
+    return _validate(model, data, where, what, "a JSON object", SourceError)
 
 
 def read_json(path, what: str, error=SourceError):
