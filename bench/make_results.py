@@ -10,7 +10,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from edgeqwen.claims import judge, load_claims, peak_rss, render_claims  # noqa: E402
 from edgeqwen.plan import load_devices, predicted_min_ram_for_row, predicted_rss_for_row  # noqa: E402
-from edgeqwen.table import load_rows, plot, render_rows  # noqa: E402
+from edgeqwen.table import fit_plot, load_rows, plot, render_rows  # noqa: E402
+
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]
     within = total = 0
@@ -57,6 +58,7 @@ def main() -> None:
     fit_md, fit_within, fit_total = fit_section(rows)
     claims = [judge(c, rows, load_devices()) for c in load_claims()]
     plot(rows, HERE / "results.png")
+    fit_png = fit_plot(rows, HERE / "fit.png")
     out = [
         "# edgeqwen hardware results",
         "",
@@ -98,6 +100,7 @@ def main() -> None:
         f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF).",
         "",
         fit_md,
+        *(["![decode tok/s against the memory limit, 1.5B and 7B](fit.png)", ""] if fit_png else []),
         "Other benchmarks: " + ", ".join(f"[{p.name}]({p.name})" for p in sorted(HERE.glob("*.md"))
                                          if p.name != "RESULTS.md" and not p.name.startswith("ONNX_BUILD")) + ".",
         "",

@@ -31,6 +31,7 @@ class BenchConfig:
     lean: bool = False        # no repacked / prepacked second copy of the weights (less memory, maybe slower)
     workers: list[str] = field(default_factory=list)   # llama.cpp RPC workers HOST:PORT (several devices)
     split: list[float] | None = None                    # layer shares: this machine, then each worker
+    empty_tg: bool = True     # also decode from an empty context: llama-bench's tgN (tg is after the prompt)
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -61,7 +62,8 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
 
 
 def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
-    """Warm up, then `repeats` x (random prompt -> gen tokens greedy, EOS off; chat-prompt TTFT).
+    """Warm up, then `repeats` x (random prompt -> gen tokens greedy, EOS off: pp and tg at that depth; one
+    token -> gen tokens: tg from an empty context; chat-prompt TTFT).
 
     Every number is read off the runner's response stream.
     """
@@ -72,9 +74,11 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     vocab = 151643  # regular Qwen2 tokens: no special ids in random prompts
     greedy = Sampling(max_tokens=cfg.gen_tokens, temperature=0, ignore_eos=True)
     chat_tokens = runner.tokenize(runner.apply_chat_template(CHAT_PROMPT)) if runner.chat_template else None
-    list(runner.stream([rng.randrange(vocab) for _ in range(32)],
-                       Sampling(max_tokens=8, temperature=0, ignore_eos=True)))  # warm-up
-    pp, tg, pp_c, tg_c, ttft = [], [], [], [], []
+    # Warm up at the measured prompt length, as llama-bench does: the first prefill of a size touches
+    # its compute buffers for the first time (3-14% slower at 1.5B here), which is not its speed.
+    list(runner.stream([rng.randrange(vocab) for _ in range(cfg.prompt_tokens)],
+                       Sampling(max_tokens=8, temperature=0, ignore_eos=True)))
+    pp, tg, pp_c, tg_c, ttft, tg0 = [], [], [], [], [], []
     last = None
     import resource
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -88,6 +92,9 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
             pp_c.append(c["n_prompt"] / c["t_prompt_ms"] * 1000)
         if c.get("t_eval_ms"):
             tg_c.append(c["n_eval"] / c["t_eval_ms"] * 1000)
+        if cfg.empty_tg:   # one prompt token that differs from the last prompt's first: no KV reuse
+            first = (prompt[0] + 1 + rng.randrange(vocab - 1)) % vocab if prompt else rng.randrange(vocab)
+            tg0.append(list(runner.stream([first], greedy))[-1].generation_tps)
         if chat_tokens:  # differs from the random prompt at token 0: no KV reuse
             first = next(iter(runner.stream(chat_tokens, Sampling(max_tokens=1, temperature=0))))
             ttft.append(first.ttft_s)
@@ -96,7 +103,7 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults0
     return {"backend": runner.backend, "load_s": runner.load_s, "n_ctx": runner.n_ctx,
             "major_faults": faults, "major_faults_per_token": faults / max(1, cfg.repeats * cfg.gen_tokens),
-            "pp": mean_sd(pp), "tg": mean_sd(tg), "ttft_s": mean_sd(ttft),
+            "pp": mean_sd(pp), "tg": mean_sd(tg), "tg_empty": mean_sd(tg0) if tg0 else None, "ttft_s": mean_sd(ttft),
             "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss}
 
 

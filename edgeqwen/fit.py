@@ -4,7 +4,8 @@ Peak RSS is the wrong figure for "fits": it counts clean page-cache pages of the
 the kernel can drop and re-read, and repacked copies of weights that a lean load does without. So
 fit runs the build (fresh process, short prefill and decode) inside memory cgroups (memlimit.py) and
 bisects on the limit: the answer is the smallest limit, to `resolution`, at which it loads and decodes
-at >= `fraction` of its unlimited speed. One unlimited run gives the speed and the upper bound.
+at >= `fraction` of its unlimited speed. One unlimited run gives the speed and the upper bound; plan's
+prediction, where it has one, gives the first bracket.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import logging
 import time
 
 from .benchmark import SCHEMA, BenchConfig, build_fields, limited_row, run_one
+from .plan import predicted_min_ram_for_row
 
 _log = logging.getLogger("edgeqwen")
-FIT_CONFIG = BenchConfig(prompt_tokens=64, gen_tokens=48, repeats=2, n_ctx=4096)
+FIT_CONFIG = BenchConfig(prompt_tokens=64, gen_tokens=48, repeats=2, n_ctx=4096, empty_tg=False)
 
 
 def _passes(row: dict, base_tg: float, fraction: float) -> bool:
@@ -42,14 +44,28 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
         _log.info("fit %s%s: %.2f GiB -> %s%s", build, " (lean)" if lean else "", limit / 2**30, r["status"],
                   f", {r['tg']['mean']:.1f} tok/s" if r.get("tg") else "")
         return r
-    hi = _round(int(peak * 1.15) + (64 << 20))
-    best = probe(hi)
-    while not _passes(best, base_tg, fraction):   # rare: the peak was undersampled
-        hi *= 2
-        if hi > 4 * peak + (1 << 30):
-            raise RuntimeError(f"{build}: no limit up to {hi / 2**30:.1f} GiB runs at full speed")
+    _, fields = build_fields(build)
+    top = _round(int(peak * 1.15) + (64 << 20))
+    lo, hi, best = 64 << 20, top, None
+    guess = predicted_min_ram_for_row({"build": fields, "config": {"n_ctx": cfg.n_ctx,
+                                                                   "prompt_tokens": cfg.prompt_tokens}})
+    if guess and guess * 1.1 < top:
+        # plan's min RAM brackets the answer when it is within 10%: two probes there instead of a halving
+        # down from 64 MiB (a 7B probe that thrashes runs for minutes). Each bound is still measured.
+        for limit in (_round(int(guess * 1.1)), _round(int(guess * 0.9))):
+            r = probe(limit)
+            if not _passes(r, base_tg, fraction):
+                lo = limit
+                break
+            hi, best = limit, r
+    if best is None:
         best = probe(hi)
-    lo = 64 << 20
+        while not _passes(best, base_tg, fraction):   # rare: the peak was undersampled
+            lo = max(lo, hi)
+            hi *= 2
+            if hi > 4 * peak + (1 << 30):
+                raise RuntimeError(f"{build}: no limit up to {hi / 2**30:.1f} GiB runs at full speed")
+            best = probe(hi)
     while hi - lo > max(resolution, hi // 50):
         mid = _round((lo + hi) // 2)
         if mid in (lo, hi):
@@ -59,7 +75,6 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
             hi, best = mid, r
         else:
             lo = mid
-    _, fields = build_fields(build)
     row = {"schema": SCHEMA, "kind": "fit", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "device": fp, "build": fields, "threads": threads, "lean": lean, "fraction": fraction,
            "resolution": resolution, "min_ram": hi, "tg_at_min": best["tg"]["mean"], "baseline_tg": base_tg,

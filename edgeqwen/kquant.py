@@ -9,31 +9,76 @@ bit for bit (tests/test_onnx.py compares them), about twice as fast:
 - blocks in cache-sized chunks, and every temporary written in place;
 - no record of each step's best quantized block (onnxruntime keeps one with a scatter per step and then
   recomputes the output from the scale and zero point, as here).
+
+With numba installed (the onnx extra has it) the same search runs compiled, a block at a time on every core
+(_kquant_jit.py); this numpy version is the fallback and the readable statement of the order of operations.
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
-CHUNK_BLOCKS = 8192    # 1 MiB of float32 weights per array: the step's five arrays stay near the core (fastest here)
+CHUNK_BLOCKS = 2048    # 256 KiB of float32 weights per array: the step's arrays stay in L2 (fastest on one core here)
 STEPS = 20
 
 
-def kquant_search(data: np.ndarray, num_bits: int = 4, group_size: int = 32, chunk: int = CHUNK_BLOCKS):
+def kquant_search(data: np.ndarray, num_bits: int = 4, group_size: int = 32, chunk: int = CHUNK_BLOCKS,
+                  impl: str | None = None):
     """data -> (quantized values as float64 [nb, group], scales float64 [nb, 1], zero points uint8 [nb, 1]),
-    with nb = data.size // group_size: onnxruntime's return values, for its callers."""
-    if group_size != 32:
-        raise ValueError("kquant_search spells out numpy's summation order for blocks of 32")
-    data = np.reshape(data, (-1, group_size)).astype(np.float32)
+    with nb = data.size // group_size: onnxruntime's return values, for its callers. impl: "jit" (numba),
+    "numpy", or None for jit when numba is installed."""
+    data, factors, maxq = _prepare(data, num_bits, group_size)
     nb = data.shape[0]
-    maxq, minq = 2**num_bits - 1, 0
     out_q = np.empty((nb, group_size), dtype=np.float64)
     out_scale = np.empty((nb, 1), dtype=np.float64)
     out_zp = np.empty((nb, 1), dtype=np.uint8)
-    factors = [np.array([-1 + 0.1 * i + maxq - minq]).astype(np.float32)[0] for i in range(STEPS)]
+    if (impl or ("jit" if jit() else "numpy")) == "jit":
+        jit().search(data, maxq, np.array(factors, dtype=np.float32), out_q, out_scale, out_zp)
+        return out_q, out_scale, out_zp
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):   # constant blocks divide by zero there too
         for c0 in range(0, nb, chunk):
-            _chunk(data[c0:c0 + chunk], c0, maxq, minq, factors, out_q, out_scale, out_zp)
+            _chunk(data[c0:c0 + chunk], c0, maxq, 0, factors, out_q, out_scale, out_zp)
     return out_q, out_scale, out_zp
+
+
+def _prepare(data, num_bits, group_size):
+    if group_size != 32:
+        raise ValueError("kquant_search spells out numpy's summation order for blocks of 32")
+    maxq = 2**num_bits - 1
+    factors = [np.array([-1 + 0.1 * i + maxq]).astype(np.float32)[0] for i in range(STEPS)]
+    return np.ascontiguousarray(np.reshape(data, (-1, group_size)), dtype=np.float32), factors, maxq
+
+
+@functools.cache
+def jit():
+    """The numba-compiled search (edgeqwen/_kquant_jit.py), or None without numba
+    (EDGEQWEN_KQUANT=numpy also says no)."""
+    if os.environ.get("EDGEQWEN_KQUANT") == "numpy":
+        return None
+    try:
+        from . import _kquant_jit
+    except ImportError:
+        return None
+    return _kquant_jit
+
+
+def quantize_rows(rows: np.ndarray, num_bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[n, k] float32 rows -> (values uint8 [n, k/group, group], scales float32 [n, k/group], zero points uint8
+    [n, k/group]): the search in the shapes MatMulNBits packs, small enough to send between processes."""
+    n, k = rows.shape
+    blocks = k // group_size
+    if jit():   # straight into uint8: the values are whole numbers in [0, maxq]
+        data, factors, maxq = _prepare(rows, num_bits, group_size)
+        q = np.empty((n * blocks, group_size), dtype=np.uint8)
+        sc = np.empty((n * blocks, 1), dtype=np.float64)
+        zp = np.empty((n * blocks, 1), dtype=np.uint8)
+        jit().search(data, maxq, np.array(factors, dtype=np.float32), q, sc, zp)
+    else:
+        q, sc, zp = kquant_search(rows, num_bits, group_size, impl="numpy")
+    return (q.astype(np.uint8).reshape(n, blocks, group_size), sc.astype(np.float32).reshape(n, blocks),
+            zp.reshape(n, blocks))
 
 
 def _sum32(a: np.ndarray) -> np.ndarray:

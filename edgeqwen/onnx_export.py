@@ -4,9 +4,10 @@ The graph is the one onnxruntime-genai's model builder writes for Qwen2 on the C
 MatMul + bias, GroupQueryAttention with rotary embedding, Skip/SimplifiedLayerNormalization,
 int4/int8 MatMulNBits with accuracy level 4, a tied embedding read through GatherBlockQuantized),
 quantized as the builder's options would (PRECISIONS). Unlike the builder it never holds the
-model: each weight is read from memory-mapped safetensors in row blocks, quantized block by block
-with onnxruntime's own functions and appended to the external-data file, so peak RSS is a few
-hundred MB at any size
+model: each weight is read from memory-mapped safetensors in row blocks (the next block read ahead in a
+thread), quantized block by block with onnxruntime's own functions (round-to-nearest) or kquant.py's
+bit-exact k-quant search, and appended to the external-data file, so peak RSS is a few hundred MB at any
+size
 (fp32, which transposes whole matrices, is the exception and is only a reference).
 
 One module of ~490 lines on purpose: the graph's node names and the weight writer's initializer
@@ -65,31 +66,44 @@ MS = "com.microsoft"
 
 def output_size(ckpt: Checkpoint, precision: str) -> int:
     """Bytes the model files will take (exact up to alignment padding)."""
-    c = ckpt.config
+    return files_size(ckpt.config, {n: i.shape for n, i in ckpt.tensors.items()}, ckpt.tied, ckpt.n_layers,
+                      precision)
+
+
+def planned_size(config: dict, precision: str) -> int:
+    """output_size for a checkpoint of this config that is not on disk (plan's ONNX rows)."""
+    from .arch import ARCHS, arch_for_config
+    from .checkpoint import expected_tensors
+    shapes = expected_tensors(config, arch_for_config(config) or ARCHS["qwen2"])
+    return files_size(config, shapes, bool(config.get("tie_word_embeddings", False)),
+                      int(config["num_hidden_layers"]), precision)
+
+
+def files_size(c: dict, shapes: dict[str, tuple[int, ...]], tied: bool, n_layers: int, precision: str) -> int:
     h, v = int(c["hidden_size"]), int(c["vocab_size"])
     sc = PRECISIONS[precision]
     bits, zp = sc.bits, sc.algo == "k_quant"
-    promoted = {f"model.layers.{i}.{t}" for i in (promoted_layers(ckpt.n_layers) if sc.mixed else ())
+    promoted = {f"model.layers.{i}.{t}" for i in (promoted_layers(n_layers) if sc.mixed else ())
                 for t in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
                           "mlp.down_proj.weight")}
     total = 0
-    for name, info in ckpt.tensors.items():
-        if len(info.shape) == 1:
-            total += info.n_elements * 4
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            total += shape[0] * 4
         elif name == "model.embed_tokens.weight":
-            if not (ckpt.tied and bits == 4):
+            if not (tied and bits == 4):
                 total += v * h * 4  # an fp32 table (fp32 tied: lm_head is its transpose)
-            if ckpt.tied and bits is not None:
+            if tied and bits is not None:
                 total += _matrix_bytes(v, h, sc.head_bits(), zp)
-            if ckpt.tied and bits == 4 and (sc.head_bits() != 4 or zp):
+            if tied and bits == 4 and (sc.head_bits() != 4 or zp):
                 total += _matrix_bytes(v, h, 4, False)  # the embedding's own int4 table
         elif name == "lm_head.weight":
             total += _matrix_bytes(v, h, sc.head_bits(), zp)
         else:
-            total += _matrix_bytes(info.shape[0], info.shape[1], sc.mixed if name in promoted else bits, zp)
+            total += _matrix_bytes(shape[0], shape[1], sc.mixed if name in promoted else bits, zp)
     head = h // int(c["num_attention_heads"])
     total += 2 * int(c["max_position_embeddings"]) * head // 2 * 4
-    return total + ALIGN * (20 * ckpt.n_layers + 12)  # page padding: at most 20 tensors a layer, 12 others
+    return total + ALIGN * (20 * n_layers + 12)  # page padding: at most 20 tensors a layer, 12 others
 
 
 def _matrix_bytes(n: int, k: int, bits: int | None, zero_points: bool = False) -> int:
@@ -128,11 +142,14 @@ class _DataFile:
         if pos % ALIGN:
             self.f.write(b"\0" * (ALIGN - pos % ALIGN))
         off = self.f.tell()
-        for c in chunks:
-            c = np.ascontiguousarray(c, dtype=dtype)
-            self.f.write(memoryview(c).cast("B"))
-            if self.on_bytes:
-                self.on_bytes(c.nbytes)
+        try:
+            for c in chunks:
+                c = np.ascontiguousarray(c, dtype=dtype)
+                self.f.write(memoryview(c).cast("B"))
+                if self.on_bytes:
+                    self.on_bytes(c.nbytes)
+        finally:   # a failed write stops the threads reading ahead now, not when the traceback is freed
+            getattr(chunks, "close", lambda: None)()
         length = self.f.tell() - off
         want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if length != want:
@@ -190,20 +207,24 @@ def _kquant_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.n
     """onnxruntime's k_quant (llama.cpp's make_qkx search for each block's scale and minimum; kquant.py computes
     it bit for bit, faster), packed as the builder packs it: low nibble first, zero points two to a byte along
     the row."""
-    from .kquant import kquant_search
+    from .kquant import jit, quantize_rows
     n, k = w.shape
     blocks = -(-k // BLOCK)
     if blocks * BLOCK != k:
         w = np.pad(w, ((0, 0), (0, blocks * BLOCK - k)))
     step = max(1, KQUANT_ELEMENTS // (blocks * BLOCK))
-
-    def one(r: int):
-        q, sc, zp = kquant_search(w[r:r + step], bits, BLOCK)
-        rows = min(step, n - r)
-        return (q.astype(np.uint8).reshape(rows, blocks, BLOCK), sc.astype(np.float32).reshape(rows, blocks),
-                zp.astype(np.uint8).reshape(rows, blocks))
-    # numpy drops the GIL inside each operation, so threads share the search across cores
-    parts = list(_pool().map(one, range(0, n, step)))
+    starts = range(0, n, step)
+    pool = None if jit() else _kquant_pool()   # compiled, the search already runs on every core
+    if pool is None:
+        parts = [quantize_rows(w[r:r + step], bits, BLOCK) for r in starts]
+    else:
+        from concurrent.futures.process import BrokenProcessPool
+        try:
+            parts = list(pool.map(quantize_rows, (w[r:r + step] for r in starts), [bits] * len(starts),
+                                  [BLOCK] * len(starts)))
+        except BrokenProcessPool:
+            _kquant_pool.cache_clear()
+            raise BuildError("a k-quant worker process died (killed for memory?); nothing was installed") from None
     q, zp = np.concatenate([p[0] for p in parts]), np.concatenate([p[2] for p in parts])
     if bits == 4:
         q = q[..., ::2] | (q[..., 1::2] << 4)
@@ -214,11 +235,59 @@ def _kquant_rows(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 @functools.cache
-def _pool():
-    from concurrent.futures import ThreadPoolExecutor
+def _kquant_pool():
+    """Worker processes for the numpy k-quant search (without numba), one per core (None on one core). Not
+    threads: the search is ~30 numpy calls per step on small arrays, and two threads spent most of their time
+    waiting for the GIL (1.2x one thread on two cores, measured); processes get ~2x. Spawned, not forked: the
+    exporter has threads and mapped files open."""
+    import multiprocessing
 
     from .measure import physical_cores
-    return ThreadPoolExecutor(max_workers=physical_cores())
+    n = physical_cores()
+    if n < 2:
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _ahead(items: Iterable) -> Iterator:
+    """`items`, produced one step ahead in a thread: the next rows are read and converted (and the next
+    blobs quantized) while this thread quantizes (writes) the current ones. numpy drops the GIL inside
+    each operation, so on two cores the serial parts of the export hide behind the k-quant search."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=1)
+    end = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+            q.put((end, None))
+        except BaseException as e:  # noqa: BLE001  handed to the consumer, which raises it
+            q.put((end, e))
+        finally:   # a generator ends here, in its own thread: its own read-ahead stops before the reader closes
+            getattr(items, "close", lambda: None)()
+    t = threading.Thread(target=produce, daemon=True, name="edgeqwen-ahead")
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:   # the consumer stopped early (or failed): unblock the producer and let it end
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
 
 class _Graph:
@@ -256,7 +325,7 @@ class _Graph:
 
         def blobs():
             for s in sources:
-                for rows in self.w.rows(s):
+                for rows in _ahead(self.w.rows(s)):
                     packed, sc, zp = _quantize_rows(rows, bits, algo)
                     scales.append(sc)
                     if zp is not None:
@@ -264,7 +333,7 @@ class _Graph:
                     yield packed
         # the builder's initializer names for each algorithm, so graphs stay comparable
         suffix = f"_Q{bits}" if algo == "rtn" else f"_Q{bits}G{BLOCK}"
-        q = self.tensor(f"{base}{suffix}", np.uint8, (n, blocks, BLOCK * bits // 8), blobs())
+        q = self.tensor(f"{base}{suffix}", np.uint8, (n, blocks, BLOCK * bits // 8), _ahead(blobs()))
         s = self.tensor(f"{base}_scale{'s' if algo == 'rtn' else ''}", np.float32, (n, blocks), scales)
         zp = ""
         if zps:
@@ -414,6 +483,11 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
     finally:
         reader.close()
         data.close()
+        if _kquant_pool.cache_info().currsize:   # its workers end with the export, not at interpreter exit
+            pool = _kquant_pool()
+            _kquant_pool.cache_clear()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
     f32 = TensorProto.FLOAT
     kv_shape = ["batch_size", n_kv, "past_sequence_length", head]

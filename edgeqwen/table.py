@@ -50,8 +50,19 @@ def _ts(d) -> str:
     return f"{d['mean']:.2f} ± {d['sd']:.2f}" if d and d.get("n") else "-"
 
 
-COLUMNS = ["model", "quant", "backend", "file GiB", "threads", "pp t/s", "tg t/s", "TTFT ms", "load s",
+COLUMNS = ["model", "quant", "backend", "file GiB", "threads", "pp t/s", "tg t/s", "tg@d t/s", "TTFT ms", "load s",
            "peak RSS GiB", "plan RSS GiB", "roofline %", "status"]
+
+
+def columns_for(rows: list[dict]) -> list[str]:
+    """COLUMNS with llama-bench's test names when the rows ran one test shape (pp512, tg128, tg128@d512):
+    tg is decode from an empty context, tg@d decode after the prompt (rows older than tg_empty show -)."""
+    shapes = {(r.get("prompt_tokens"), r.get("gen_tokens")) for r in rows}
+    if len(shapes) != 1 or None in next(iter(shapes)):
+        return COLUMNS
+    p, g = next(iter(shapes))
+    names = {"pp t/s": f"pp{p} t/s", "tg t/s": f"tg{g} t/s", "tg@d t/s": f"tg{g}@d{p} t/s"}
+    return [names.get(c, c) for c in COLUMNS]
 
 
 QUALITY = ["PPL en", "PPL zh", "KL en / zh", "top-1 en / zh"]
@@ -82,9 +93,10 @@ def bench_cells(row: dict, plan_rss=None) -> list[str]:
     peak = max(row.get("peak_rss_sampled") or 0, row.get("max_rss") or 0) if ok else None
     if row["device"].get("emulated"):   # ran, under an emulator: a correctness result, never a speed
         return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
-                *["emulated"] * 4, "-", "-", "-", _status(row)]
+                *["emulated"] * 5, "-", "-", "-", _status(row)]
     return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
-            _ts(row.get("pp")) if ok else "-", _ts(row.get("tg")) if ok else "-",
+            _ts(row.get("pp")) if ok else "-", _ts(row.get("tg_empty")) if ok else "-",
+            _ts(row.get("tg")) if ok else "-",
             _ms((row.get("ttft_s") or {}).get("mean")) if ok else "-",
             f"{row['load_s']:.2f}" if ok else "-", _gib(peak) if ok else "-",
             _gib(plan_rss) if plan_rss else "-",
@@ -131,7 +143,8 @@ def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
     """
     groups = group_by_device(rows)
     quality = quality_index(rows)
-    columns = COLUMNS + (QUALITY if quality else [])
+    extra = QUALITY if quality else []
+    columns = columns_for([r for rs in groups.values() for r in rs]) + extra
 
     def cells_of(r):
         c = bench_cells(r, plan_fn(r) if plan_fn else None)
@@ -150,11 +163,12 @@ def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
         cells = [cells_of(r) for r in sorted(rs, key=_sort_key)]
         title = device_title(rs[0]["device"])
         if fmt == "html":
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+            head = "".join(f"<th>{html.escape(c)}</th>" for c in columns_for(rs) + extra)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
             parts.append(f"<h3>{html.escape(title)}</h3>\n<table><tr>{head}</tr>{body}</table>")
         elif fmt == "md":
-            lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            cols = columns_for(rs) + extra
+            lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             lines += ["| " + " | ".join(c) + " |" for c in cells]
             parts.append("\n".join(lines))
         else:
@@ -250,6 +264,49 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(out)
+
+
+def fit_plot(rows: list[dict], out: Path, sizes: tuple[str, ...] = ("1.5b", "7b")) -> bool:
+    """Decode tok/s against the memory limit, from `fit` rows' probes: one panel per size, colour per quant,
+    solid for normal loads and dashed for lean, hollow markers for probes below 90% of unlimited speed and
+    crosses on the axis for those that were OOM-killed or did not finish. False when there is nothing to plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fits = [r for r in rows if r.get("kind") == "fit" and not r["device"].get("emulated")
+            and (r["build"].get("size") or "").lower() in sizes]
+    shown = [s for s in sizes if any(r["build"]["size"].lower() == s for r in fits)]
+    if not shown:
+        return False
+    quants = sorted({r["build"].get("quant") or "?" for r in fits})
+    colours = {q: plt.get_cmap("tab10")(i % 10) for i, q in enumerate(quants)}
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4.6), squeeze=False)
+    for ax, size in zip(axes[0], shown):
+        for r in sorted((r for r in fits if r["build"]["size"].lower() == size), key=lambda r: r["time"]):
+            q, c = r["build"].get("quant") or "?", colours[r["build"].get("quant") or "?"]
+            style = "--" if r["lean"] else "-"
+            probes = sorted(r["probes"], key=lambda p: p["limit"])
+            pts = [(p["limit"] / 2**30, p["tg"] or 0.0, p["pass"]) for p in probes]
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], style, color=c, alpha=0.7,
+                    label=f"{q}{' lean' if r['lean'] else ''}: min {r['min_ram'] / 2**30:.2f} GiB")
+            for x, y, ok in pts:
+                ax.plot(x, y, "x" if not y else "o", color=c, markerfacecolor=c if ok else "white", markersize=6)
+            ax.axvline(r["min_ram"] / 2**30, color=c, linestyle=style, linewidth=0.6, alpha=0.5)
+        cpus = sorted({r["device"].get("cpu", "?")[:40] for r in fits if r["build"]["size"].lower() == size})
+        ax.set_title(f"{size} ({'; '.join(cpus)})", fontsize=9)
+        ax.set_xlabel("memory limit (GiB)")
+        ax.set_ylabel("decode tok/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("edgeqwen fit: decode speed against the memory limit (filled: >= 90% of unlimited)")
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return True
 
 
 def _size_order(s: str) -> float:

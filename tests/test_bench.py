@@ -47,10 +47,14 @@ def test_measure_reads_everything_off_the_stream():
     fake = FakeRunner(pp=200.0, tg=20.0)
     out = measure(fake, BenchConfig(prompt_tokens=64, gen_tokens=16, repeats=3))
     assert out["pp"]["mean"] == 200.0 and out["tg"]["mean"] == 20.0 and out["tg"]["n"] == 3
-    assert out["ttft_s"]["n"] == 3 and out["stream_peak_rss"] == 123 << 20
-    # warm-up, then per repeat: the random prompt of the asked length and a 1-token chat TTFT run
-    assert fake.calls[0] == (32, 8) and fake.calls[1] == (64, 16) and fake.calls[2][1] == 1
-    assert len(fake.calls) == 1 + 2 * 3
+    assert out["ttft_s"]["n"] == 3 and out["stream_peak_rss"] == 123 << 20 and out["tg_empty"]["mean"] == 20.0
+    # warm-up at the prompt length, then per repeat: the random prompt of the asked length, one token from an
+    # empty context, and a 1-token chat TTFT run
+    assert fake.calls[0] == (64, 8) and fake.calls[1] == (64, 16) and fake.calls[2] == (1, 16)
+    assert fake.calls[3][1] == 1 and len(fake.calls) == 1 + 3 * 3
+    fake = FakeRunner(pp=200.0, tg=20.0)
+    assert measure(fake, BenchConfig(prompt_tokens=64, gen_tokens=16, repeats=2, empty_tg=False))["tg_empty"] is None
+    assert len(fake.calls) == 1 + 2 * 2
 
 
 @pytest.fixture
@@ -263,3 +267,13 @@ def test_plan_devices_bad_input(spec, msg):
     from conftest import run_cli
     p = run_cli("plan", "7b", "q4", "--devices", spec)
     assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_table_columns_use_llama_bench_test_names(rows):
+    from edgeqwen.table import render_rows
+    md = render_rows(rows, "md")
+    assert "| pp64 t/s | tg16 t/s | tg16@d64 t/s |" in md   # tg16 from an empty context, tg16@d64 after the prompt
+    line = next(ln for ln in md.splitlines() if "q8_0" in ln and "20.00" in ln)
+    assert line.count("20.00 ± 0.00") == 2   # FakeRunner decodes at 20 tok/s at either depth
+    mixed = [dict(rows[0]), dict(rows[1], prompt_tokens=512)]
+    assert "| pp t/s | tg t/s | tg@d t/s |" in render_rows(mixed, "md")

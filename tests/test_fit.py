@@ -91,3 +91,18 @@ def test_bad_sizes(bad):
     from edgeqwen.errors import UsageError
     with pytest.raises(UsageError):
         memlimit.parse_size(bad)
+
+
+def test_fit_plot_draws_speed_against_the_limit(tmp_path):
+    from edgeqwen.table import fit_plot
+
+    def row(size, quant, lean):
+        probes = [{"limit": g << 30, "tg": tg, "pass": ok} for g, tg, ok in ((4, 2.4, True), (2, None, False),
+                                                                               (3, 1.9, False))]
+        return {"kind": "fit", "time": "2026-11-26T00:00:00Z", "device": {"cpu": "Test CPU"}, "lean": lean,
+                "build": {"size": size, "quant": quant}, "min_ram": 4 << 30, "probes": probes}
+    out = tmp_path / "fit.png"
+    assert fit_plot([row("7b", "q4_k_m", False), row("7b", "q4_k_m", True), row("1.5b", "q4_0", False)], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    assert not fit_plot([row("0.5b", "q4_k_m", False)], tmp_path / "none.png")   # only 1.5B and 7B are drawn
+    assert not (tmp_path / "none.png").exists()

@@ -272,15 +272,17 @@ def test_eval_of_onnx_builds_against_fp32(onnx_builds, tmp_path):
 
 
 
-def test_kquant_search_is_onnxruntimes_bit_for_bit():
-    """edgeqwen.kquant against onnxruntime's quant_tensor_k_quant_cpu: the same values, scales and zero points,
-    on random weights with the cases that take the search's other branches (constant, zero and outlier blocks),
-    int4 and int8, and on sampled rows of the real 0.5B when its checkpoint is on disk."""
+@pytest.mark.parametrize("impl", ["jit", "numpy"])
+def test_kquant_search_is_onnxruntimes_bit_for_bit(impl):
+    """edgeqwen.kquant (compiled and numpy) against onnxruntime's quant_tensor_k_quant_cpu: the same values,
+    scales and zero points on random weights with the cases that take the search's other branches (constant,
+    zero and outlier blocks), int4 and int8, and on sampled rows of the real 0.5B when its checkpoint is on disk."""
     import warnings
 
     from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
 
-    from edgeqwen.kquant import kquant_search
+    from edgeqwen.kquant import jit, kquant_search
+    assert impl == "numpy" or jit(), "numba is in the onnx extra: make setup installs it"
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((96, 512)) * 0.02).astype(np.float32)
     w[0, :32] = 0.25          # a constant block
@@ -300,7 +302,27 @@ def test_kquant_search_is_onnxruntimes_bit_for_bit():
         warnings.simplefilter("ignore")
         for data in samples:
             for bits in (4, 8):
-                ours = kquant_search(data, bits, 32, chunk=37)   # an odd chunk: the seams too
+                ours = kquant_search(data, bits, 32, chunk=37, impl=impl)   # an odd chunk: the seams too
                 theirs = quant_tensor_k_quant_cpu(data, bits, 32)
                 for a, b in zip(ours, theirs):
                     assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=True)
+
+
+def test_read_ahead_keeps_order_raises_and_ends_its_thread():
+    import threading
+
+    from edgeqwen.onnx_export import _ahead
+    assert list(_ahead(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError(28, "No space left on device")
+    got = []
+    with pytest.raises(OSError, match="No space"):
+        for x in _ahead(failing()):
+            got.append(x)
+    assert got == [1]
+    it = _ahead(iter(range(1000)))   # the consumer stops early: the producer must not stay blocked
+    assert next(it) == 0
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "edgeqwen-ahead"]
