@@ -200,8 +200,8 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
 @click.argument("build")
 @click.option("--device", help="Also run once at this device profile's usable RAM (see plan --device list).")
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
-@click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both, and the "
-              "smaller need wins.")
+@click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both (GGUF), "
+              "and the smaller need wins.")
 @click.option("--fraction", default=0.9, show_default=True, type=click.FloatRange(0.1, 1.0),
               help="Full speed means at least this share of the unlimited decode speed.")
 @click.option("--resolution", default="64M", show_default=True, help="Stop bisecting at this interval.")
@@ -232,7 +232,10 @@ def fit_cmd(build, device, threads, lean, fraction, resolution, out):
         prof = (device, devs[device])
     fp = fingerprint()
     rows = []
-    for mode in [lean] if lean is not None else [False, True]:
+    from .formats import detect
+    from .home import resolve_build
+    can_lean = detect(*resolve_build(build)).lean
+    for mode in [lean] if lean is not None else [False, True] if can_lean else [False]:
         row = fit(build, threads or physical_cores(), fp, lean=mode, fraction=fraction, resolution=res, device=prof)
         rows.append(row)
         if out:   # as each search ends: a 7B search is long

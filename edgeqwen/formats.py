@@ -29,6 +29,7 @@ class Format:
     marker: str | None = None        # a file whose presence makes a folder this format
     plan: bool = False               # `edgeqwen plan` can predict it
     workers: bool = False            # can spread layers over llama.cpp RPC workers (--workers)
+    lean: bool = False               # can load without a second (repacked / prepacked) copy of the weights
 
     def load(self, what: str):
         module, attr = getattr(self, what).split(":")
@@ -46,7 +47,8 @@ FORMATS: dict[str, Format] = {
     "gguf": Format(
         name="gguf", quants=(), reference_quant="f16", model_file="model.gguf", hashed_files=("model.gguf",),
         builder="edgeqwen.build:build_gguf", runner="edgeqwen.llama_runner:LlamaRunner", needs="llama_cpp",
-        install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), plan=True, workers=True),
+        install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), plan=True, workers=True,
+        lean=True),
     "onnx": Format(
         name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.build:build_onnx",

@@ -38,7 +38,7 @@ class OnnxRunner:
     backend = "onnxruntime-genai"
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
-                 manifest: dict | None = None, logits: bool = False, lean: bool = False):
+                 manifest: dict | None = None, logits: bool = False):
         import onnxruntime_genai as og
         self._og = og
         model = Path(model)
@@ -56,8 +56,6 @@ class OnnxRunner:
             cfg = og.Config(str(self.folder))
             cfg.clear_providers()  # CPU, whatever the folder's config asks for
             opts = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
-            if lean:  # no prepacked copy of the MatMulNBits weights beside the originals
-                opts["config_entries"] = {"session.disable_prepacking": "1"}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
             self.model = og.Model(cfg)
             self.tokenizer = og.Tokenizer(self.model)

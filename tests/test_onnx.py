@@ -326,3 +326,10 @@ def test_read_ahead_keeps_order_raises_and_ends_its_thread():
     assert next(it) == 0
     it.close()
     assert not [t for t in threading.enumerate() if t.name == "edgeqwen-ahead"]
+
+
+def test_lean_is_refused_for_onnx_in_one_line(onnx_builds):
+    # onnxruntime-genai takes no session config entries, so prepacking cannot be turned off through it
+    r = run_cli("run", onnx_builds["int4"], "hi", "-n", "2", "--lean")
+    assert r.returncode != 0 and "--lean needs a GGUF build" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
