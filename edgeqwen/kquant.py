@@ -35,6 +35,8 @@ def kquant_search(data: np.ndarray, num_bits: int = 4, group_size: int = 32, chu
     out_scale = np.empty((nb, 1), dtype=np.float64)
     out_zp = np.empty((nb, 1), dtype=np.uint8)
     if (impl or ("jit" if jit() else "numpy")) == "jit":
+        if not jit():
+            raise RuntimeError("the compiled k-quant search needs numba")
         jit().search(data, maxq, np.array(factors, dtype=np.float32), out_q, out_scale, out_zp)
         return out_q, out_scale, out_zp
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):   # constant blocks divide by zero there too
