@@ -66,20 +66,8 @@ MS = "com.microsoft"
 
 def output_size(ckpt: Checkpoint, precision: str) -> int:
     """Bytes the model files will take (exact up to alignment padding)."""
-    return files_size(ckpt.config, {n: i.shape for n, i in ckpt.tensors.items()}, ckpt.tied, ckpt.n_layers,
-                      precision)
-
-
-def planned_size(config: dict, precision: str) -> int:
-    """output_size for a checkpoint of this config that is not on disk (plan's ONNX rows)."""
-    from .arch import ARCHS, arch_for_config
-    from .checkpoint import expected_tensors
-    shapes = expected_tensors(config, arch_for_config(config) or ARCHS["qwen2"])
-    return files_size(config, shapes, bool(config.get("tie_word_embeddings", False)),
-                      int(config["num_hidden_layers"]), precision)
-
-
-def files_size(c: dict, shapes: dict[str, tuple[int, ...]], tied: bool, n_layers: int, precision: str) -> int:
+    c, tied, n_layers = ckpt.config, ckpt.tied, ckpt.n_layers
+    shapes = {n: i.shape for n, i in ckpt.tensors.items()}
     h, v = int(c["hidden_size"]), int(c["vocab_size"])
     sc = PRECISIONS[precision]
     bits, zp = sc.bits, sc.algo == "k_quant"

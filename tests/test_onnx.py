@@ -333,3 +333,15 @@ def test_lean_is_refused_for_onnx_in_one_line(onnx_builds):
     r = run_cli("run", onnx_builds["int4"], "hi", "-n", "2", "--lean")
     assert r.returncode != 0 and "--lean needs a GGUF build" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_numpy_fallback_in_worker_processes_writes_the_same_int4(tiny_ckpt, tmp_path):
+    """Without numba the k-quant search runs in spawned processes: the same bytes as the compiled search."""
+    data = {}
+    for impl in ("jit", "numpy"):
+        out = tmp_path / impl
+        r = run_cli("build", "tiny", "int4", "--source", tiny_ckpt, "--out", out, "--no-smoke",
+                    env={"EDGEQWEN_KQUANT": impl})
+        assert r.returncode == 0, r.stderr
+        data[impl] = (out / "model.onnx.data").read_bytes()
+    assert data["jit"] == data["numpy"]
