@@ -10,7 +10,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from edgeqwen.claims import judge, load_claims, peak_rss, render_claims  # noqa: E402
 from edgeqwen.plan import load_devices, predicted_min_ram_for_row, predicted_rss_for_row  # noqa: E402
-from edgeqwen.table import fit_plot, load_rows, plot, render_rows  # noqa: E402
+from edgeqwen.table import fit_plot, latest_fits, load_rows, plot, render_rows  # noqa: E402
 
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]
@@ -32,7 +32,7 @@ def plan_check(rows: list[dict]) -> tuple[str, int, int]:
 
 def fit_section(rows: list[dict]) -> tuple[str, int, int]:
     """`fit` rows: measured min RAM against peak RSS and file size, and plan's min RAM beside each."""
-    fits = sorted((r for r in rows if r.get("kind") == "fit"),
+    fits = sorted(latest_fits(rows),
                   key=lambda r: (float((r["build"].get("size") or "0").rstrip("b")), r["build"]["quant"], r["lean"]))
     lines = ["| build | load | file GiB | peak RSS unlimited GiB | **min RAM GiB** | tok/s at min / unlimited | "
              "plan min RAM GiB | plan error | CPU |", "|---|---|---|---|---|---|---|---|---|"]
@@ -96,7 +96,10 @@ def main() -> None:
         "",
         "`edgeqwen fit` rows: the least memory-cgroup limit (bisected, to 64 MiB or 2%) at which the build "
         "loads and decodes at >= 90% of its unlimited speed, each probe a fresh process with the model's "
-        "pages evicted from the page cache first. `lean` loads without repacked weight copies. "
+        "pages evicted from the page cache first; a probe found too slow although its cgroup never reached the "
+        "limit is measured again (up to 3 attempts, the fastest counts). `lean` loads without repacked (GGUF) "
+        "or prepacked (ONNX) weight copies. Only the newest row per build and load mode is shown (older rows "
+        "stay in the JSONL files). "
         f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF).",
         "",
         fit_md,

@@ -11,7 +11,7 @@ those paired ratios: on these VMs the speed drifts by 10-30% over minutes, and p
 the ratio. Raw figures go to a JSON file beside the table (--json), which --render turns into the table again
 without measuring.
 
-    python bench/parity.py BUILD... [--rounds 5] [--threads 2] [--out bench/PARITY.md]
+    python bench/parity.py BUILD... [--rounds 11] [--reps 1] [--threads 2] [--out bench/PARITY.md]
     python bench/parity.py --render bench/results/parity-DEVICE.json [--out bench/PARITY.md]
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from edgeqwen.home import resolve_build  # noqa: E402
 GENAI_LOOP = r'''
 import sys, time, json, random
 import numpy as np, onnxruntime_genai as og
-folder, threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+folder = sys.argv[1]
+threads, n_prompt, n_gen, reps = (int(x) for x in sys.argv[2:6])
 cfg = og.Config(folder); cfg.clear_providers()
 cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
                                                                    "inter_op_num_threads": 1}}}}))
@@ -52,14 +53,14 @@ def once(n_prompt):
     t2 = time.perf_counter()
     return n_prompt / (t1 - t0), (n_gen - 1) / (t2 - t1)
 once(32)
-pp, tg = once(n_prompt)
-print(json.dumps({"pp": pp, "tg": tg}))
+runs = [once(n_prompt) for _ in range(reps)]
+print(json.dumps({"pp": sum(p for p, _ in runs) / reps, "tg": sum(t for _, t in runs) / reps}))
 '''
 
 
-def llama_bench(binary: str, model: Path, threads: int) -> dict:
+def llama_bench(binary: str, model: Path, threads: int, reps: int) -> dict:
     p = subprocess.run([binary, "-m", str(model), "-p", "512", "-n", "128", "-d", "0,512", "-t", str(threads),
-                        "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+                        "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
     out = {}
     for t in json.loads(p.stdout):
         key = ("pp512" if t["n_prompt"] else "tg128") + (f"@d{t['n_depth']}" if t.get("n_depth") else "")
@@ -67,23 +68,23 @@ def llama_bench(binary: str, model: Path, threads: int) -> dict:
     return {"pp512": out["pp512"], "tg128": out["tg128"], "tg128@d512": out["tg128@d512"]}
 
 
-def ours(build: str, threads: int) -> dict:
+def ours(build: str, threads: int, reps: int) -> dict:
     """One bench child: a 512-token prompt then 128 tokens (pp512, tg128@d512), then 128 tokens from an empty
     context (tg128), after bench's warm-up at 512 tokens."""
-    r = run_one(build, threads, BenchConfig(prompt_tokens=512, gen_tokens=128, repeats=1, empty_tg=True))
+    r = run_one(build, threads, BenchConfig(prompt_tokens=512, gen_tokens=128, repeats=reps, empty_tg=True))
     if r["status"] != "ok":
         sys.exit(f"{build}: {r['error']}")
     return {"pp512": r["pp"]["mean"], "tg128": r["tg_empty"]["mean"], "tg128@d512": r["tg"]["mean"]}
 
 
-def genai(folder: Path, threads: int, n_prompt: int) -> dict:
-    p = subprocess.run([sys.executable, "-c", GENAI_LOOP, str(folder), str(threads), str(n_prompt), "128"],
+def genai(folder: Path, threads: int, n_prompt: int, reps: int) -> dict:
+    p = subprocess.run([sys.executable, "-c", GENAI_LOOP, str(folder), str(threads), str(n_prompt), "128", str(reps)],
                        capture_output=True, text=True, check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def onnx_ref(folder: Path, threads: int) -> dict:
-    deep, empty = genai(folder, threads, 512), genai(folder, threads, 1)
+def onnx_ref(folder: Path, threads: int, reps: int) -> dict:
+    deep, empty = genai(folder, threads, 512, reps), genai(folder, threads, 1, reps)
     return {"pp512": deep["pp"], "tg128": empty["tg"], "tg128@d512": deep["tg"]}
 
 
@@ -94,19 +95,19 @@ def cell(xs: list[float]) -> str:
     return f"{statistics.median(xs):.1f} [{min(xs):.1f}–{max(xs):.1f}]"
 
 
-def measure(builds: list[str], rounds: int, threads: int, lb: str) -> list[dict]:
+def measure(builds: list[str], rounds: int, threads: int, lb: str, reps: int = 1) -> list[dict]:
     out = []
     for b in builds:
         path, m = resolve_build(b)
         entry = {"name": m["name"], "quant": m.get("quant"), "format": m.get("format", "gguf"),
                  "ref": {k: [] for k in KEYS}, "ours": {k: [] for k in KEYS}}
-        reference = (functools.partial(onnx_ref, path, threads) if entry["format"] == "onnx"
-                     else functools.partial(llama_bench, lb, path / m["file"], threads))
+        reference = (functools.partial(onnx_ref, path, threads, reps) if entry["format"] == "onnx"
+                     else functools.partial(llama_bench, lb, path / m["file"], threads, reps))
         for i in range(rounds):
             if i % 2:
-                o, r = ours(b, threads), reference()
+                o, r = ours(b, threads, reps), reference()
             else:
-                r, o = reference(), ours(b, threads)
+                r, o = reference(), ours(b, threads, reps)
             for k in KEYS:
                 entry["ref"][k].append(r[k])
                 entry["ours"][k].append(o[k])
@@ -118,7 +119,8 @@ def measure(builds: list[str], rounds: int, threads: int, lb: str) -> list[dict]
 def render(data: dict) -> str:
     lines = ["# Speed parity: edgeqwen's runner against the engine underneath", "",
              f"Generated by `bench/parity.py` (`make parity`) on {data['date']}: {data['device_label']}, "
-             f"{data['threads']} threads, {data['rounds']} rounds of fresh processes, the two sides alternating "
+             f"{data['threads']} threads, {data['rounds']} rounds of fresh processes "
+             f"({data.get('reps', 1)} run(s) of each test per side and round), the two sides alternating "
              "which goes first. Reference: llama-bench from the same vendored llama.cpp and flags (defaults: flash "
              "attention auto, batch 2048, ubatch 512) for GGUF; a plain onnxruntime-genai Generator loop for ONNX. "
              "tg128 starts from an empty context; tg128@d512 after a 512-token prompt. Speeds are medians "
@@ -144,7 +146,8 @@ def main() -> None:
     ap.add_argument("builds", nargs="*")
     ap.add_argument("--llama-bench", help="default: tools/build-llama-tools.sh's build")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--reps", type=int, default=1, help="runs of each test per side and round (averaged)")
     ap.add_argument("--out", type=Path, default=HERE / "PARITY.md")
     ap.add_argument("--json", type=Path, help="raw figures (default: bench/results/parity-DEVICE.json)")
     ap.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the table from a raw-figures file")
@@ -161,9 +164,9 @@ def main() -> None:
         fp = fingerprint(bandwidth=False)
         dest = a.json or HERE / "results" / f"parity-{fp['device_id']}.json"
         data = {"date": time.strftime("%Y-%m-%d"), "device_label": device_label(fp), "device_id": fp["device_id"],
-                "threads": a.threads, "rounds": a.rounds, "json": str(dest.relative_to(HERE.parent)
+                "threads": a.threads, "rounds": a.rounds, "reps": a.reps, "json": str(dest.relative_to(HERE.parent)
                                                                      if dest.is_relative_to(HERE.parent) else dest),
-                "builds": measure(a.builds, a.rounds, a.threads, lb)}
+                "builds": measure(a.builds, a.rounds, a.threads, lb, a.reps)}
         tmp = dest.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
         tmp.replace(dest)

@@ -93,7 +93,8 @@ def usable_ram(profile: dict) -> int:
 def _judge_fit(claim, quant, rows, profile, out, matching, ok) -> dict:
     """fits = true: memory from a `fit` row (measured min RAM <= the device's usable RAM, on whatever CPU it was
     measured under a memory limit); speed, if the claim asks for one, only from a row of that device."""
-    fits = [r for r in rows if r.get("kind") == "fit" and r["build"].get("size") == claim["model"]
+    from .table import latest_fits
+    fits = [r for r in latest_fits(rows) if r["build"].get("size") == claim["model"]
             and r["build"].get("quant") == quant]
     if not fits:
         out["verdict"] = "UNTESTED"

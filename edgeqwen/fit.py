@@ -6,6 +6,11 @@ fit runs the build (fresh process, short prefill and decode) inside memory cgrou
 bisects on the limit: the answer is the smallest limit, to `resolution`, at which it loads and decodes
 at >= `fraction` of its unlimited speed. One unlimited run gives the speed and the upper bound; plan's
 prediction, where it has one, gives the first bracket.
+
+A probe judged too slow although its cgroup never reached the limit was not slowed by memory (nothing was
+reclaimed): on these VMs decode speed moves by 10-30% from minute to minute, and such probes wrongly raised
+min RAM above the unlimited peak RSS. They are measured again (up to RETRIES times) and the fastest attempt
+counts; a probe that reached its limit is judged once.
 """
 from __future__ import annotations
 
@@ -17,6 +22,14 @@ from .plan import predicted_min_ram_for_row
 
 _log = logging.getLogger("edgeqwen")
 FIT_CONFIG = BenchConfig(prompt_tokens=64, gen_tokens=48, repeats=2, n_ctx=4096, empty_tg=False)
+RETRIES = 2
+
+
+def _limit_not_reached(row: dict, limit: int) -> bool:
+    """A too-slow decode in a cgroup whose usage never came within 1 MiB of its limit (v1 and v2 report the
+    high-water mark): the limit cannot have caused it."""
+    peak = row.get("cgroup_peak")
+    return row.get("status") == "too-slow" and bool(row.get("tg")) and peak is not None and peak < limit - (1 << 20)
 
 
 def _passes(row: dict, base_tg: float, fraction: float) -> bool:
@@ -38,9 +51,18 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
 
     def probe(limit: int) -> dict:
         r = limited_row(build, threads, cfg, fp, limit, {**base, "status": "ok"}, slow_fraction=fraction)
+        attempts = 1
+        while not _passes(r, base_tg, fraction) and _limit_not_reached(r, limit) and attempts <= RETRIES:
+            _log.info("fit %s: %.2f GiB too slow (%.1f tok/s) without reaching the limit; measuring again",
+                      build, limit / 2**30, r["tg"]["mean"])
+            again = limited_row(build, threads, cfg, fp, limit, {**base, "status": "ok"}, slow_fraction=fraction)
+            attempts += 1
+            if _passes(again, base_tg, fraction) or (again.get("tg") and again["tg"]["mean"] > r["tg"]["mean"]):
+                r = again
         ok = _passes(r, base_tg, fraction)
         probes.append({"limit": limit, "status": r["status"], "tg": (r.get("tg") or {}).get("mean"),
-                       "major_faults": r.get("major_faults"), "cgroup_peak": r.get("cgroup_peak"), "pass": ok})
+                       "major_faults": r.get("major_faults"), "cgroup_peak": r.get("cgroup_peak"), "pass": ok,
+                       "attempts": attempts})
         _log.info("fit %s%s: %.2f GiB -> %s%s", build, " (lean)" if lean else "", limit / 2**30, r["status"],
                   f", {r['tg']['mean']:.1f} tok/s" if r.get("tg") else "")
         return r

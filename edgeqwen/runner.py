@@ -85,10 +85,7 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
     if lean and not fmt.lean:
-        # onnxruntime has session.disable_prepacking, but onnxruntime-genai (0.18) takes no session config
-        # entries ("Unknown value config_entries"), so there is no way to ask for it through genai
-        raise RunnerError(f"--lean needs a GGUF build: onnxruntime-genai cannot turn off weight prepacking; "
-                          f"{path.name} is {fmt.name}")
+        raise RunnerError(f"--lean: {fmt.name} builds have no lean load ({path.name})")
     if workers:
         if not fmt.workers:
             raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")

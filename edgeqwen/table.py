@@ -38,6 +38,19 @@ def load_rows(files: list[Path]) -> list[dict]:
     return rows
 
 
+def latest_fits(rows: list[dict]) -> list[dict]:
+    """`fit` rows, only the newest per device, build file, load mode and speed fraction: rows are appended,
+    never rewritten, so a later fit of the same build (e.g. after fit learned to re-measure noise) supersedes."""
+    newest: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("kind") != "fit":
+            continue
+        key = (r["device"].get("device_id"), r["build"].get("sha256"), r["lean"], r.get("fraction"))
+        if key not in newest or r["time"] > newest[key]["time"]:
+            newest[key] = r
+    return list(newest.values())
+
+
 def _gib(b) -> str:
     return f"{b / 2**30:.2f}" if b else "-"
 
@@ -273,7 +286,7 @@ def fit_plot(rows: list[dict], out: Path, sizes: tuple[str, ...] = ("1.5b", "7b"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fits = [r for r in rows if r.get("kind") == "fit" and not r["device"].get("emulated")
+    fits = [r for r in latest_fits(rows) if not r["device"].get("emulated")
             and (r["build"].get("size") or "").lower() in sizes]
     shown = [s for s in sizes if any(r["build"]["size"].lower() == s for r in fits)]
     if not shown:

@@ -65,6 +65,18 @@ def test_fit_converges_on_the_tiny_model(tiny_builds):
     assert row["tg_at_min"] >= 0.5 * row["baseline_tg"]
 
 
+@pytest.mark.parametrize("row,limit,retried", [
+    ({"status": "too-slow", "tg": {"mean": 9.0}, "cgroup_peak": 1200 << 20}, 1300 << 20, True),   # never bound
+    ({"status": "too-slow", "tg": {"mean": 9.0}, "cgroup_peak": 1300 << 20}, 1300 << 20, False),  # at the limit
+    ({"status": "too-slow", "tg": None, "cgroup_peak": 100 << 20}, 1300 << 20, False),   # stopped: thrashing
+    ({"status": "oom-killed", "tg": None, "cgroup_peak": 1300 << 20}, 1300 << 20, False),
+    ({"status": "too-slow", "tg": {"mean": 9.0}, "cgroup_peak": None}, 1300 << 20, False),   # no reading
+])
+def test_only_probes_the_limit_never_touched_are_measured_again(row, limit, retried):
+    from edgeqwen.fit import _limit_not_reached
+    assert _limit_not_reached(row, limit) is retried
+
+
 def test_without_permission_or_controller_one_clear_line(tiny_builds, monkeypatch):
     from edgeqwen.cli import cli
 
@@ -106,3 +118,16 @@ def test_fit_plot_draws_speed_against_the_limit(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
     assert not fit_plot([row("0.5b", "q4_k_m", False)], tmp_path / "none.png")   # only 1.5B and 7B are drawn
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_later_fit_of_the_same_build_supersedes_the_earlier():
+    from edgeqwen.table import latest_fits
+
+    def row(t, lean, sha="a", dev="d1", min_ram=1):
+        return {"kind": "fit", "time": t, "device": {"device_id": dev}, "build": {"sha256": sha}, "lean": lean,
+                "fraction": 0.9, "min_ram": min_ram}
+    rows = [row("2026-11-25T10:00:00Z", False, min_ram=2), row("2026-11-26T10:00:00Z", False, min_ram=1),
+            row("2026-11-25T10:00:00Z", True), row("2026-11-25T10:00:00Z", False, sha="b"),
+            row("2026-11-25T10:00:00Z", False, dev="d2"), {"kind": "bench"}]
+    got = latest_fits(rows)
+    assert len(got) == 4 and rows[0] not in got and rows[1] in got
