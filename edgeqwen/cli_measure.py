@@ -200,7 +200,7 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
 @click.argument("build")
 @click.option("--device", help="Also run once at this device profile's usable RAM (see plan --device list).")
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
-@click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both, "
+@click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both (GGUF), "
               "and the smaller need wins.")
 @click.option("--fraction", default=0.9, show_default=True, type=click.FloatRange(0.1, 1.0),
               help="Full speed means at least this share of the unlimited decode speed.")

@@ -29,7 +29,7 @@ class Format:
     marker: str | None = None        # a file whose presence makes a folder this format
     plan: bool = False               # `edgeqwen plan` can predict it
     workers: bool = False            # can spread layers over llama.cpp RPC workers (--workers)
-    lean: bool = False               # can load without a second (repacked / prepacked) copy of the weights
+    lean: bool = False               # a load without a second (repacked / prepacked) copy of the weights pays
 
     def load(self, what: str):
         module, attr = getattr(self, what).split(":")
@@ -53,7 +53,7 @@ FORMATS: dict[str, Format] = {
         name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.build:build_onnx",
         runner="edgeqwen.onnx_runner:OnnxRunner", needs="onnxruntime_genai", install="pip install 'edgeqwen[onnx]'",
-        suffixes=(".onnx",), marker="genai_config.json", lean=True),
+        suffixes=(".onnx",), marker="genai_config.json"),
 }
 
 

@@ -38,7 +38,7 @@ class OnnxRunner:
     backend = "onnxruntime-genai"
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
-                 manifest: dict | None = None, logits: bool = False, lean: bool = False):
+                 manifest: dict | None = None, logits: bool = False):
         import onnxruntime_genai as og
         self._og = og
         model = Path(model)
@@ -56,17 +56,12 @@ class OnnxRunner:
             cfg = og.Config(str(self.folder))
             cfg.clear_providers()  # CPU, whatever the folder's config asks for
             opts = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
-            if lean:
-                # genai passes any other string-valued session option to onnxruntime as a session config entry;
-                # without prepacking, MatMulNBits keeps only the weights as written in the file
-                opts["session.disable_prepacking"] = "1"
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
             self.model = og.Model(cfg)
             self.tokenizer = og.Tokenizer(self.model)
         except Exception as e:  # genai raises plain RuntimeError/OSError for every load failure
             raise RunnerError(f"{self.folder}: onnxruntime-genai cannot load this build ({e})") from None
         self.load_s = time.perf_counter() - t0
-        self.lean = lean
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         tok_cfg = _json(self.folder / "tokenizer_config.json")
         self.chat_template = _chat_template(self.folder, tok_cfg)

@@ -328,17 +328,11 @@ def test_read_ahead_keeps_order_raises_and_ends_its_thread():
     assert not [t for t in threading.enumerate() if t.name == "edgeqwen-ahead"]
 
 
-def test_lean_onnx_load_has_no_prepacked_copy_and_the_same_tokens(onnx_builds):
-    """--lean on ONNX: session.disable_prepacking reaches onnxruntime through genai's session options (a key
-    that did not would change nothing): MatMulNBits keeps no packed second copy of the tied int4 lm_head
-    (151936 x 256, ~20 MB), so the process is smaller, and greedy tokens do not change."""
-    def once(*lean):
-        r = run_cli("run", onnx_builds["int4"], "Tell me a story.", "-n", "12", "-t", "0", "--json", *lean)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-    normal, lean = once(), once("--lean")
-    assert lean["text"] == normal["text"]
-    assert lean["peak_rss"] < normal["peak_rss"] - (8 << 20), (lean["peak_rss"], normal["peak_rss"])
+def test_lean_is_refused_for_onnx_in_one_line(onnx_builds):
+    # without prepacking, onnxruntime's MatMulNBits dequantizes every call: ~50x slower and larger (README)
+    r = run_cli("run", onnx_builds["int4"], "hi", "-n", "2", "--lean")
+    assert r.returncode != 0 and "--lean needs a GGUF build" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_numpy_fallback_in_worker_processes_writes_the_same_int4(tiny_ckpt, tmp_path):
