@@ -29,7 +29,7 @@ class Format:
     marker: str | None = None        # a file whose presence makes a folder this format
     plan: bool = False               # `edgeqwen plan` can predict it
     workers: bool = False            # can spread layers over llama.cpp RPC workers (--workers)
-    lean: bool = False               # a load without a second (repacked / prepacked) copy of the weights pays
+    lean: bool = False               # has a useful load without a second (repacked / prepacked) weight copy
 
     def load(self, what: str):
         module, attr = getattr(self, what).split(":")
