@@ -96,9 +96,10 @@ def main() -> None:
         "",
         "`edgeqwen fit` rows: the least memory-cgroup limit (bisected, to 64 MiB or 2%) at which the build "
         "loads and decodes at >= 90% of its unlimited speed, each probe a fresh process with the model's "
-        "pages evicted from the page cache first; a probe found too slow although its cgroup never reached the "
-        "limit is measured again (up to 3 attempts, the fastest counts). `lean` loads without repacked (GGUF) "
-        "or prepacked (ONNX) weight copies. Only the newest row per build and load mode is shown (older rows "
+        "pages evicted from the page cache first; a probe found too slow is measured again (up to 3 attempts, "
+        "the fastest counts) when its cgroup never reached the limit, or it missed the bar by less than 15% "
+        "without a major page fault. `lean` loads without llama.cpp's repacked weight copies. Only the newest "
+        "row per build and load mode is shown (older rows "
         "stay in the JSONL files). "
         f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF).",
         "",
