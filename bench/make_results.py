@@ -99,8 +99,7 @@ def main() -> None:
         "pages evicted from the page cache first; a probe found too slow is measured again (up to 3 attempts, "
         "the fastest counts) when its cgroup never reached the limit, or it missed the bar by less than 15% "
         "without a major page fault. `lean` loads without llama.cpp's repacked weight copies. Only the newest "
-        "row per build and load mode is shown (older rows "
-        "stay in the JSONL files). "
+        "row per build and load mode is shown (older rows stay in the JSONL files). "
         f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF).",
         "",
         fit_md,
