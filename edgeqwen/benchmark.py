@@ -104,7 +104,8 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     return {"backend": runner.backend, "load_s": runner.load_s, "n_ctx": runner.n_ctx,
             "major_faults": faults, "major_faults_per_token": faults / max(1, cfg.repeats * cfg.gen_tokens),
             "pp": mean_sd(pp), "tg": mean_sd(tg), "tg_empty": mean_sd(tg0) if tg0 else None, "ttft_s": mean_sd(ttft),
-            "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss}
+            "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss,
+            "released_bytes": getattr(runner, "released", 0)}
 
 
 # --- the parent ----------------------------------------------------------------------------------

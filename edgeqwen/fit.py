@@ -11,9 +11,10 @@ Decode speed on these VMs moves by 10-30% from minute to minute, and one wrong "
 the wrong way for good (it raised min RAM above the unlimited peak RSS). So a too-slow probe is measured again
 (up to RETRIES times, the fastest attempt counts) when noise can explain it: its cgroup never reached the limit
 (nothing was reclaimed, so memory cannot have slowed it), or it missed the bar narrowly (within NEAR_MISS)
-without a single major page fault while measuring (nothing was read back from disk). A probe that paged or
-was stopped at its time budget is judged once: near its real need a 7B decodes at 91-99% of the bar with
-hundreds of major faults, and retrying those would let luck pass them.
+with too few major page faults to account for the time it lost, even at FAULT_S each (a 1.5B q4_0 missed by 13%
+with 4 faults in 96 tokens). A probe that paged enough to explain its loss, or was stopped at its time budget,
+is judged once: near its real need a 7B decodes at 91-99% of the bar with hundreds of major faults, and
+retrying those would let luck pass them.
 """
 from __future__ import annotations
 
@@ -28,16 +29,19 @@ FIT_CONFIG = BenchConfig(prompt_tokens=64, gen_tokens=48, repeats=2, n_ctx=4096,
 RETRIES = 2
 BASELINE_RUNS = 3
 NEAR_MISS = 0.85   # share of the bar
+FAULT_S = 0.01     # the most one major fault costs here: an 8 MiB read-ahead window from this VM's disk
 
 
-def _noise_can_explain(row: dict, limit: int, bar: float) -> bool:
-    """A too-slow decode that finished, in a cgroup whose usage never came within 1 MiB of its limit (v1 and
-    v2 report the high-water mark, so the limit cannot have caused it), or close to the bar without paging."""
+def _noise_can_explain(row: dict, limit: int, bar: float, tokens: int) -> bool:
+    """A too-slow decode of `tokens` that finished, in a cgroup whose usage never came within 1 MiB of its limit
+    (v1 and v2 report the high-water mark, so the limit cannot have caused it), or close to the bar with fewer
+    major faults than it would take to lose the time it lost."""
     if row.get("status") != "too-slow" or not row.get("tg"):
         return False
-    peak = row.get("cgroup_peak")
+    peak, tg, faults = row.get("cgroup_peak"), row["tg"]["mean"], row.get("major_faults")
+    lost_s = tokens * (1 / tg - 1 / bar)
     return ((peak is not None and peak < limit - (1 << 20))
-            or (row["tg"]["mean"] >= NEAR_MISS * bar and row.get("major_faults") == 0))
+            or (tg >= NEAR_MISS * bar and faults is not None and faults * FAULT_S < lost_s))
 
 
 def _passes(row: dict, base_tg: float, fraction: float) -> bool:
@@ -63,11 +67,12 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
     base_tg = base["tg"]["mean"]
     peak = max(max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) for r in runs)
     probes = []
+    tokens = cfg.gen_tokens * cfg.repeats
 
     def probe(limit: int) -> dict:
         r = limited_row(build, threads, cfg, fp, limit, {**base, "status": "ok"}, slow_fraction=fraction)
         attempts = 1
-        while not _passes(r, base_tg, fraction) and _noise_can_explain(r, limit, fraction * base_tg) \
+        while not _passes(r, base_tg, fraction) and _noise_can_explain(r, limit, fraction * base_tg, tokens) \
                 and attempts <= RETRIES:
             _log.info("fit %s: %.2f GiB too slow (%.1f tok/s), which noise can explain; measuring again",
                       build, limit / 2**30, r["tg"]["mean"])

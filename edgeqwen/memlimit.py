@@ -49,6 +49,18 @@ def _version() -> int | None:
     return None
 
 
+def _reap(parent: Path) -> None:
+    """Remove the cgroups an earlier run left behind when it was killed outright (SIGKILL skips __exit__):
+    empty ones whose process is gone."""
+    for d in parent.glob("edgeqwen-*-*"):
+        pid = d.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            try:
+                d.rmdir()
+            except OSError:   # still has a process, or not ours to remove
+                pass
+
+
 class MemoryCgroup:
     """with MemoryCgroup(limit) as cg: Popen(..., preexec_fn=cg.enter); cg.oom_kills(); cg.peak()"""
 
@@ -65,6 +77,7 @@ class MemoryCgroup:
             parent = _own_cgroup(self.version)
             if self.version == 2:   # a v2 cgroup with processes cannot have children with controllers
                 parent = V2_ROOT
+            _reap(parent)
             self.path = parent / f"edgeqwen-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.path.mkdir()
             if self.version == 2:

@@ -32,8 +32,9 @@ BASE_TYPE = {
 # K-quants need rows that are a multiple of 256; llama.cpp falls back to these otherwise.
 FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1,
             T.Q6_K: T.Q8_0, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
-# Types llama.cpp's CPU backend copies into an interleaved layout at load time; the mmapped
-# original stays resident too, so these weights count twice (seen in bench rows: q4_0 vs q8_0).
+# Types llama.cpp's CPU backend copies into an interleaved layout at load time. The mmapped original stays
+# resident too, so these weights counted twice in peak RSS (bench rows: q4_0 vs q8_0) until the runner gave
+# each original back as soon as it was copied (pagecache.py, Linux); `release` says which case to predict.
 # token_embd is only gathered from, never repacked.
 REPACKED = {T.Q4_0, T.Q4_K, T.IQ4_NL}
 # On CPUs with AMX-INT8 (Sapphire Rapids and newer) the AMX buffer type repacks these as well, every
@@ -130,10 +131,12 @@ class Plan:
     bytes_per_token: int
     params: int
     gathered_bytes: int = 0   # an untied token_embd: read one row per token, so not resident at full speed
+    released: bool = True     # the repacked originals are given back as they are copied (pagecache.py)
 
     @property
     def peak_ram(self) -> int:
-        return self.weights_bytes + self.repack_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+        copies = 0 if self.released else self.repack_bytes
+        return self.weights_bytes + copies + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
     @property
     def min_ram(self) -> int:
@@ -141,9 +144,10 @@ class Plan:
         tensor's original pages are read once at load and then are clean page cache the kernel may drop, and a
         lean load has no copy at all, so either way the weights count once, not twice as in peak RSS. An untied
         token_embd is only gathered from, a row per token, so its pages may go too (fit rows of the untied real
-        0.5B: q8_0 needed 0.64 GiB where counting the table predicted 0.79). This is a lean load's need (within
-        6% of all seven lean fit rows here); a normal load of repacked types measured 0.03-0.5 GiB more, by an
-        amount that did not follow the repacked bytes, so it is not modelled."""
+        0.5B: q8_0 needed 0.64 GiB where counting the table predicted 0.79). A lean load's need (within 6% of all
+        seven lean fit rows here), and a normal load's since it gives back each repacked original as it copies
+        it and reads no window around a fault (pagecache.py): before that, normal loads of repacked types needed
+        0.03-0.5 GiB more, dead originals and 8 MiB read-ahead windows around faults crowding out live pages."""
         return self.weights_bytes - self.gathered_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
 
@@ -159,11 +163,12 @@ def model_config(size: str) -> dict:
 
 
 def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None,
-         amx: bool = False) -> Plan:
+         amx: bool = False, release: bool = True) -> Plan:
     """Predict a build of `size` (a recipe size or one of EXTRA_MODELS) as `quant`.
 
     config overrides the recipe's shape (a build's manifest records its checkpoint's own); amx: the CPU
-    has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types.
+    has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types; release=False: the runner keeps
+    the repacked originals resident (before pagecache.py, or where it cannot release them).
     """
     from .recipes import get_recipe
     cfg = model_config(size)
@@ -201,7 +206,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
     params = sum(ne for _, _, ne, _ in tensors)
     return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, repack, ctx * kv_pos, compute, RUNTIME_BYTES,
-                per_token + kv_pos * prompt_tokens, params, 0 if tied else embd)
+                per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, release)
 
 
 # --- device profiles ---------------------------------------------------------------------------
@@ -236,9 +241,11 @@ def fmt_gib(b: float) -> str:
 def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
     lines = [f"{p.size} {p.quant} at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
              f"  file size        {fmt_gib(p.file_bytes)}",
-             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + repacked copies "
-             f"{fmt_gib(p.repack_bytes)} + KV {fmt_gib(p.kv_bytes)} + compute {fmt_gib(p.compute_bytes)} + "
-             f"runtime {fmt_gib(p.runtime_bytes)}",
+             f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + KV {fmt_gib(p.kv_bytes)}"
+             f" + compute {fmt_gib(p.compute_bytes)} + runtime {fmt_gib(p.runtime_bytes)}"
+             + (f" ({fmt_gib(p.repack_bytes)} of the weights repacked as loaded, each original given back)"
+                if p.released and p.repack_bytes else
+                f" + repacked copies {fmt_gib(p.repack_bytes)}" if p.repack_bytes else ""),
              f"  min RAM          {fmt_gib(p.min_ram)} (full speed inside a memory limit, --lean; weights counted once"
              + (", the untied embedding table not at all)" if p.gathered_bytes else ")"),
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
@@ -269,9 +276,10 @@ def predicted_rss_for_row(row: dict) -> int | None:
     size, quant = b.get("size"), b.get("quant")
     if not size or not quant or row.get("backend") != "llama.cpp":
         return None
-    try:
+    try:   # rows from before the runner gave repacked originals back (no released_bytes) kept both copies
         return plan(size, quant, ctx=row.get("n_ctx") or 4096, prompt_tokens=row.get("prompt_tokens", 512),
-                    config=b.get("config"), amx="amx_int8" in row.get("device", {}).get("isa", [])).peak_ram
+                    config=b.get("config"), amx="amx_int8" in row.get("device", {}).get("isa", []),
+                    release=bool(row.get("released_bytes")) or bool(row.get("lean"))).peak_ram
     except Exception:
         return None
 

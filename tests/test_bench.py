@@ -210,6 +210,7 @@ def test_real_tiny_bench_run_with_a_failure_row(tiny_builds, tmp_path):
     ok = rows[0]
     assert ok["tg"]["mean"] > 0 and ok["pp"]["mean"] > 0 and ok["load_s"] > 0 and ok["max_rss"] > 0
     assert ok["counters"]["tg"]["mean"] > 0 and ok["device"]["physical_cores"] >= 1
+    assert ok["released_bytes"] > 0   # the Q4_0 originals given back as they were repacked (pagecache.py)
     # merges with itself without duplicates, renders, plots
     png = tmp_path / "p.png"
     t = run_cli("table", out, out, "--plot", png, "--claims")
@@ -224,6 +225,15 @@ def test_hw_fingerprint_cli():
     assert {"cpu", "arch", "isa", "device", "physical_cores", "logical_cores", "ram_total", "os", "versions",
             "device_id"} <= set(fp)
     assert fp["physical_cores"] >= 1 and fp["ram_total"] > 2**30 and fp["versions"]["edgeqwen"]
+
+
+def test_plan_peak_counts_repacked_copies_only_where_the_originals_stay():
+    from edgeqwen.plan import plan, predicted_rss_for_row
+    given, kept = plan("1.5b", "q4_0"), plan("1.5b", "q4_0", release=False)
+    assert given.repack_bytes > 0 and kept.peak_ram - given.peak_ram == given.repack_bytes
+    row = {"backend": "llama.cpp", "build": {"size": "1.5b", "quant": "q4_0"}, "n_ctx": 4096, "prompt_tokens": 512}
+    assert predicted_rss_for_row(row) == kept.peak_ram   # a row from before the runner released them
+    assert predicted_rss_for_row({**row, "released_bytes": 1 << 20}) == given.peak_ram
 
 
 def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():

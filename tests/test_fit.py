@@ -36,6 +36,20 @@ def test_a_limit_far_below_the_need_is_an_oom_killed_row_and_the_cgroup_goes(tin
 
 
 @needs_cgroups
+def test_a_cgroup_left_by_a_killed_run_is_removed_by_the_next():
+    v = memlimit._version()
+    parent = memlimit.V2_ROOT if v == 2 else memlimit._own_cgroup(1)
+    stale = parent / "edgeqwen-999999999-deadbeef"   # above any pid_max: that process cannot exist
+    stale.mkdir()
+    try:
+        with memlimit.MemoryCgroup(64 << 20):
+            assert not stale.exists()
+    finally:
+        if stale.exists():
+            stale.rmdir()
+
+
+@needs_cgroups
 def test_a_generous_limit_gives_the_same_tokens(tiny_builds):
     cmd = [sys.executable, "-m", "edgeqwen.cli", "run", str(tiny_builds["q4_k_m"]), "Tell me a story.", "-t", "0",
            "-n", "24", "--json"]
@@ -68,7 +82,8 @@ def test_fit_converges_on_the_tiny_model(tiny_builds):
 @pytest.mark.parametrize("tg,peak,faults,retried", [
     (7.0, 1200, 50, True),    # never reached its 1300 MiB limit: memory cannot have slowed it
     (9.0, 1300, 0, True),     # reached it, missed the bar (10 tok/s) by 10%, read nothing back: noise
-    (9.0, 1300, 200, False),  # the same miss while paging: memory, judged once
+    (8.7, 1300, 4, True),     # 4 faults cannot lose 1.4 s over 96 tokens: noise
+    (9.0, 1300, 200, False),  # the same miss while paging (200 faults can cost 2 s): memory, judged once
     (7.0, 1300, 0, False),    # reached it and missed by 30%
     (None, 100, None, False), # stopped at its time budget
     (7.0, None, 0, False),    # no cgroup reading, far below the bar
@@ -77,8 +92,8 @@ def test_only_probes_noise_can_explain_are_measured_again(tg, peak, faults, retr
     from edgeqwen.fit import _noise_can_explain
     row = {"status": "too-slow", "tg": {"mean": tg} if tg else None, "cgroup_peak": peak and peak << 20,
            "major_faults": faults}
-    assert _noise_can_explain(row, 1300 << 20, 10.0) is retried
-    assert not _noise_can_explain({**row, "status": "oom-killed"}, 1300 << 20, 10.0)
+    assert _noise_can_explain(row, 1300 << 20, 10.0, 96) is retried
+    assert not _noise_can_explain({**row, "status": "oom-killed"}, 1300 << 20, 10.0, 96)
 
 
 def test_without_permission_or_controller_one_clear_line(tiny_builds, monkeypatch):
