@@ -98,7 +98,9 @@ def main() -> None:
         "loads and decodes at >= 90% of its unlimited speed, each probe a fresh process with the model's "
         "pages evicted from the page cache first; a probe found too slow is measured again (up to 3 attempts, "
         "the fastest counts) when its cgroup never reached the limit, or it missed the bar by less than 15% "
-        "without a major page fault. `lean` loads without llama.cpp's repacked weight copies. Only the newest "
+        "with too few major page faults (at 10 ms each) to account for the time it lost. `lean` loads without "
+        "llama.cpp's repacked weight copies; a normal load gives back each repacked original as it is copied "
+        "(since 2026-11-26 11:49 UTC; normal rows before that kept them). Only the newest "
         "row per build and load mode is shown (older rows stay in the JSONL files). "
         f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF).",
         "",

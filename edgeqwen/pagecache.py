@@ -59,15 +59,18 @@ class Releaser:
         return self.released
 
     def _mappings(self) -> list[tuple[int, int, int]]:
-        """(start, end, file offset) of every mapping of this file in this process (by device and inode)."""
+        """(start, end, file offset) of every mapping of this file in this process: by device and inode, or by
+        path (overlay filesystems show the lower file's device in /proc/self/maps)."""
         if self._maps is None:
             st = os.stat(self.path)
             dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+            real = os.path.realpath(self.path)
             self._maps = []
             with open("/proc/self/maps") as f:
                 for line in f:
                     parts = line.split(None, 5)
-                    if len(parts) >= 5 and parts[4] == str(st.st_ino) and parts[3] == dev:
+                    if len(parts) >= 5 and ((parts[4] == str(st.st_ino) and parts[3] == dev)
+                                            or (len(parts) == 6 and parts[5].rstrip("\n") == real)):
                         lo, hi = (int(x, 16) for x in parts[0].split("-"))
                         self._maps.append((lo, hi, int(parts[2], 16)))
         return self._maps

@@ -246,7 +246,7 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
              + (f" ({fmt_gib(p.repack_bytes)} of the weights repacked as loaded, each original given back)"
                 if p.released and p.repack_bytes else
                 f" + repacked copies {fmt_gib(p.repack_bytes)}" if p.repack_bytes else ""),
-             f"  min RAM          {fmt_gib(p.min_ram)} (full speed inside a memory limit, --lean; weights counted once"
+             f"  min RAM          {fmt_gib(p.min_ram)} (full speed inside a memory limit; weights counted once"
              + (", the untied embedding table not at all)" if p.gathered_bytes else ")"),
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
     if device:
