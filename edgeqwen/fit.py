@@ -122,7 +122,8 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
            "device": fp, "build": fields, "threads": threads, "lean": lean, "fraction": fraction,
            "resolution": resolution, "min_ram": hi, "tg_at_min": best["tg"]["mean"], "baseline_tg": base_tg,
            "baseline_runs": [r["tg"]["mean"] for r in runs],
-           "peak_rss_unlimited": peak, "released_bytes": base.get("released_bytes"), "probes": probes, "seconds": round(time.time() - t0, 1),
+           "peak_rss_unlimited": peak, "released_bytes": base.get("released_bytes"), "probes": probes,
+           "seconds": round(time.time() - t0, 1),
            "config": {"prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens, "repeats": cfg.repeats,
                       "n_ctx": cfg.n_ctx}}
     if device:
