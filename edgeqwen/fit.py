@@ -22,6 +22,7 @@ import logging
 import time
 
 from .benchmark import SCHEMA, BenchConfig, build_fields, limited_row, run_one
+from .memlimit import read_ahead_kb
 from .plan import predicted_min_ram_for_row
 
 _log = logging.getLogger("edgeqwen")
@@ -87,7 +88,7 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
         _log.info("fit %s%s: %.2f GiB -> %s%s", build, " (lean)" if lean else "", limit / 2**30, r["status"],
                   f", {r['tg']['mean']:.1f} tok/s" if r.get("tg") else "")
         return r
-    _, fields = build_fields(build)
+    model, fields = build_fields(build)
     top = _round(int(peak * 1.15) + (64 << 20))
     lo, hi, best = 64 << 20, top, None
     guess = predicted_min_ram_for_row({"build": fields, "config": {"n_ctx": cfg.n_ctx,
@@ -123,7 +124,7 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
            "resolution": resolution, "min_ram": hi, "tg_at_min": best["tg"]["mean"], "baseline_tg": base_tg,
            "baseline_runs": [r["tg"]["mean"] for r in runs],
            "peak_rss_unlimited": peak, "released_bytes": base.get("released_bytes"), "probes": probes,
-           "seconds": round(time.time() - t0, 1),
+           "seconds": round(time.time() - t0, 1), "read_ahead_kb": read_ahead_kb(model),
            "config": {"prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens, "repeats": cfg.repeats,
                       "n_ctx": cfg.n_ctx}}
     if device:

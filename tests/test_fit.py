@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,6 +78,8 @@ def test_fit_converges_on_the_tiny_model(tiny_builds):
     below = max(failing + [64 << 20])   # the search starts from 64 MiB, taken as too little
     assert row["min_ram"] - below <= max(res, row["min_ram"] // 50)
     assert row["tg_at_min"] >= 0.5 * row["baseline_tg"]
+    # the read-ahead window of the model's disk is part of the result (8 MiB here, 128 KiB on most devices)
+    assert row["read_ahead_kb"] == memlimit.read_ahead_kb(next(Path(tiny_builds["q8_0"]).glob("*.gguf")))
 
 
 @pytest.mark.parametrize("tg,peak,faults,retried", [
