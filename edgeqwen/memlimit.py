@@ -136,7 +136,7 @@ class MemoryCgroup:
 
 def read_ahead_kb(path) -> int | None:
     """The read-ahead window of the block device holding `path` (what a fault under a memory limit reads
-    around itself: 8 MiB on this project's VMs, 128 KiB on most laptops and SD cards); None if unknown."""
+    around itself: 8 MiB on this project's VMs, the kernel's default 128 KiB); None if unknown."""
     try:
         st = os.stat(path)
         dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")

@@ -19,7 +19,7 @@ import os
 import re
 
 _log = logging.getLogger("edgeqwen")
-REPACK_LINE = re.compile(r"repack tensor (\S+)")   # ggml-cpu's repack and AMX buffers both say it this way
+REPACK_LINE = re.compile(r"repack tensor (\S+)")   # ggml-cpu's repack buffer; the AMX buffer's wording is unchecked
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -33,6 +33,7 @@ class Releaser:
         self.released = 0
         self._maps: list[tuple[int, int, int]] | None = None
         self._libc = None
+        self._fd: int | None = None   # for fadvise, open while the load lasts
 
     def line(self, msg: str) -> None:
         m = REPACK_LINE.search(msg)
@@ -46,6 +47,9 @@ class Releaser:
         if self.pending:
             self._release(self.pending)
             self.pending = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self.released:
             # Without read-ahead around faults: under a memory limit a fault on a page still in use (a bias, a
             # norm, the embedding table between repacked matrices) would otherwise read its whole window back
@@ -87,11 +91,9 @@ class Releaser:
             for lo, hi, off in self._mappings():
                 if off <= a and b <= off + (hi - lo):
                     self._libc.madvise(lo + a - off, b - a, 4)   # MADV_DONTNEED
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, a, b - a, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            os.posix_fadvise(self._fd, a, b - a, os.POSIX_FADV_DONTNEED)
             self.released += b - a
         except (OSError, AttributeError) as e:   # an optimisation only: never fail a load over it
             _log.debug("cannot release %s's original pages: %s", name, e)
