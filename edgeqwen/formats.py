@@ -53,7 +53,7 @@ FORMATS: dict[str, Format] = {
         name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.build:build_onnx",
         runner="edgeqwen.onnx_runner:OnnxRunner", needs="onnxruntime_genai", install="pip install 'edgeqwen[onnx]'",
-        suffixes=(".onnx",), marker="genai_config.json"),
+        suffixes=(".onnx",), marker="genai_config.json", plan=True),
 }
 
 

@@ -10,8 +10,8 @@ bit-exact k-quant search, and appended to the external-data file, so peak RSS is
 size
 (fp32, which transposes whole matrices, is the exception and is only a reference).
 
-One module of ~490 lines on purpose: the graph's node names and the weight writer's initializer
-names must agree one for one, and keeping both beside PRECISIONS is what makes that checkable.
+One module on purpose: the graph's node names and the weight writer's initializer names must agree one
+for one. What each precision writes, and how many bytes, is data in onnx_layout.py (plan reads it too).
 """
 from __future__ import annotations
 
@@ -30,35 +30,13 @@ from onnxruntime.capi import _pybind_state as ort_c
 
 from .checkpoint import Checkpoint
 from .errors import BuildError
+from .onnx_layout import ALIGN, BLOCK, PRECISIONS, initializers, padding, promoted_layers  # noqa: F401
 from .safetensors import Reader, to_f32
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """How an ONNX precision quantizes each MatMul (the builder's algo_config and mixed precision, as data)."""
-    bits: int | None  # the body's MatMuls; None = fp32
-    algo: str = "rtn"  # rtn: symmetric round-to-nearest; k_quant: asymmetric, scale and zero point searched per block
-    lm_head: int | None = None  # lm_head bits when they differ from the body's
-    mixed: int | None = None  # bits for the quantization-sensitive MatMuls llama.cpp's Q4_K_M promotes
-
-    def head_bits(self) -> int | None:
-        return self.lm_head or self.bits
-
-
-PRECISIONS = {
-    # int4: the builder's k_quant_mixed, the counterpart of Q4_K_M (lm_head, and qkv/down_proj of
-    # every third layer and the first and last eighth, at int8). int4_rtn: the builder's default,
-    # lm_head included at int4: smaller and faster, but on a real 0.5B worse than q2_k.
-    "int4": Scheme(4, "k_quant", lm_head=8, mixed=8),
-    "int4_rtn": Scheme(4),
-    "int8": Scheme(8),
-    "fp32": Scheme(None),
-}
-BLOCK = 32
 # MatMulNBits with int8 activations; lower levels decode many times slower on CPU.
 ACCURACY_LEVEL = 4
 DATA_FILE = "model.onnx.data"
-ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can map them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "generation_config.json", "config.json")
 MS = "com.microsoft"
@@ -66,40 +44,8 @@ MS = "com.microsoft"
 
 def output_size(ckpt: Checkpoint, precision: str) -> int:
     """Bytes the model files will take (exact up to alignment padding)."""
-    c, tied, n_layers = ckpt.config, ckpt.tied, ckpt.n_layers
-    shapes = {n: i.shape for n, i in ckpt.tensors.items()}
-    h, v = int(c["hidden_size"]), int(c["vocab_size"])
-    sc = PRECISIONS[precision]
-    bits, zp = sc.bits, sc.algo == "k_quant"
-    promoted = {f"model.layers.{i}.{t}" for i in (promoted_layers(n_layers) if sc.mixed else ())
-                for t in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                          "mlp.down_proj.weight")}
-    total = 0
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            total += shape[0] * 4
-        elif name == "model.embed_tokens.weight":
-            if not (tied and bits == 4):
-                total += v * h * 4  # an fp32 table (fp32 tied: lm_head is its transpose)
-            if tied and bits is not None:
-                total += _matrix_bytes(v, h, sc.head_bits(), zp)
-            if tied and bits == 4 and (sc.head_bits() != 4 or zp):
-                total += _matrix_bytes(v, h, 4, False)  # the embedding's own int4 table
-        elif name == "lm_head.weight":
-            total += _matrix_bytes(v, h, sc.head_bits(), zp)
-        else:
-            total += _matrix_bytes(shape[0], shape[1], sc.mixed if name in promoted else bits, zp)
-    head = h // int(c["num_attention_heads"])
-    total += 2 * int(c["max_position_embeddings"]) * head // 2 * 4
-    return total + ALIGN * (20 * n_layers + 12)  # page padding: at most 20 tensors a layer, 12 others
-
-
-def _matrix_bytes(n: int, k: int, bits: int | None, zero_points: bool = False) -> int:
-    if bits is None:
-        return n * k * 4
-    blocks = -(-k // BLOCK)
-    zp = n * -(-blocks * bits // 8) if zero_points else 0
-    return n * blocks * (BLOCK * bits // 8) + n * blocks * 4 + zp
+    shapes = {n: tuple(i.shape) for n, i in ckpt.tensors.items()}
+    return sum(b for _, _, b in initializers(shapes, ckpt.config, precision)) + padding(ckpt.n_layers)
 
 
 def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
@@ -352,13 +298,6 @@ def _rope_cache(config: dict, head: int) -> tuple[np.ndarray, np.ndarray]:
     t = np.arange(int(config["max_position_embeddings"]), dtype=np.float32)
     freqs = np.outer(t, inv).astype(np.float32)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
-
-
-def promoted_layers(n_layers: int) -> set[int]:
-    """Layers whose qkv and down_proj a mixed scheme keeps at higher precision: llama.cpp's Q4_K_M choice
-    (first and last eighth, and every third layer between), as the builder's mixed_layers applies it."""
-    eighth = n_layers / 8
-    return {i for i in range(n_layers) if i < eighth or i >= 7 * eighth or (i - round(eighth)) % 3 == 2}
 
 
 def _check_supported(ckpt: Checkpoint) -> None:

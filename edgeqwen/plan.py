@@ -132,9 +132,12 @@ class Plan:
     params: int
     gathered_bytes: int = 0   # an untied token_embd: read one row per token, so not resident at full speed
     released: bool = True     # the repacked originals are given back as they are copied (pagecache.py)
+    held_bytes: int | None = None   # ONNX: what onnxruntime holds of the weights (ONNX_HELD); None for GGUF
 
     @property
     def peak_ram(self) -> int:
+        if self.held_bytes is not None:   # onnxruntime reads its file into what it holds; no second copy
+            return self.min_ram
         copies = 0 if self.released else self.repack_bytes
         return self.weights_bytes + copies + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
@@ -148,7 +151,8 @@ class Plan:
         seven lean fit rows here), and a normal load's since it gives back each repacked original as it copies
         it and reads no window around a fault (pagecache.py): before that, normal loads of repacked types needed
         0.03-0.5 GiB more, dead originals and 8 MiB read-ahead windows around faults crowding out live pages."""
-        return self.weights_bytes - self.gathered_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+        held = self.weights_bytes - self.gathered_bytes if self.held_bytes is None else self.held_bytes
+        return held + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
 
 METADATA_BYTES = 6 << 20  # vocabulary, merges and chat template in the GGUF header
@@ -170,15 +174,18 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types; release=False: the runner keeps
     the repacked originals resident (before pagecache.py, or where it cannot release them).
     """
+    from .formats import format_of_quant
     from .recipes import get_recipe
     cfg = model_config(size)
     if config:
         cfg.update({k: v for k, v in config.items() if v is not None})
     if size.lower() not in EXTRA_MODELS:
-        quant = get_recipe(size).resolve_quant(quant, "gguf")
+        quant = get_recipe(size).resolve_quant(quant)
     else:
         from .recipes import DEFAULT_ALIASES
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
+    if format_of_quant(quant) == "onnx":
+        return plan_onnx(size, quant, cfg, ctx, prompt_tokens)
     tensors = tensor_types(cfg, quant)
     weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
     tied = cfg.get("tie_word_embeddings", False)
@@ -207,6 +214,41 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     params = sum(ne for _, _, ne, _ in tensors)
     return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, repack, ctx * kv_pos, compute, RUNTIME_BYTES,
                 per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, release)
+
+
+# --- ONNX builds (onnxruntime-genai on the CPU) --------------------------------------------------------
+
+# What onnxruntime holds of each initializer role (onnx_layout.ROLES) while it decodes, per byte of the file.
+# MatMulNBits weights are prepacked into anonymous memory as the blobs plus two float arrays per block (the
+# scales and the block sums that fold the zero points in) and the mapped originals are let go: loaded 0.5B,
+# 1.5B and 7B int4 builds held 451, 1410 and 5896 MiB of anonymous memory against blobs + 2 x scales of 449,
+# 1328 and 5880 (the 1.5B's other 82 MiB: its GatherBlockQuantized table, 111 MiB, which the graph passes
+# through a Reshape that onnxruntime folds into a copy). An fp32 embedding table stays mapped, a row read per
+# token; the whole process beyond the weights held was 63-100 MiB of anonymous memory at load.
+ONNX_HELD = {"blobs": 1, "scales": 2, "zp": 0, "gbq": 1, "table": 0, "dense": 1, "small": 1}
+# Python, onnxruntime and genai: the tiny int4 build (2 layers, hidden 256) needed 224 MiB under `fit`
+# (208 was too little), of which plan's weights, KV cache and prompt logits account for 124.
+ONNX_RUNTIME_BYTES = 100 << 20
+
+
+def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) -> Plan:
+    """An ONNX build: the exporter's own initializer list (onnx_layout), what onnxruntime holds of each role,
+    an fp32 KV cache genai allocates for the whole context, and the prompt's logits (the graph returns a row
+    per prompt token)."""
+    from .onnx_layout import initializers, qwen2_shapes
+    if cfg.get("num_experts"):
+        raise UsageError(f"{size} is a mixture of experts; ONNX builds are of dense models only")
+    shapes = qwen2_shapes(cfg)
+    parts = list(initializers(shapes, cfg, quant))
+    total = sum(b for _, _, b in parts)
+    held = sum(b * ONNX_HELD[role] for _, role, b in parts)
+    gathered = sum(b for _, role, b in parts if role in ("table", "gbq"))
+    h, n = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
+    kv_pos = 2 * n * int(cfg["num_key_value_heads"]) * (h // int(cfg["num_attention_heads"])) * 4
+    ctx = min(ctx, 32768)
+    params = sum(a * (b[0] if b else 1) for a, *b in shapes.values())
+    return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, prompt_tokens * int(cfg["vocab_size"]) * 4,
+                ONNX_RUNTIME_BYTES, total - gathered + kv_pos * prompt_tokens, params, gathered, True, held)
 
 
 # --- device profiles ---------------------------------------------------------------------------
@@ -239,6 +281,17 @@ def fmt_gib(b: float) -> str:
 
 
 def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
+    if p.held_bytes is not None:
+        lines = [f"{p.size} {p.quant} (ONNX, onnxruntime-genai) at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
+                 f"  file size        {fmt_gib(p.file_bytes)}",
+                 f"  RAM              {fmt_gib(p.min_ram)} = weights held {fmt_gib(p.held_bytes)} + KV (fp32) "
+                 f"{fmt_gib(p.kv_bytes)} + prompt logits {fmt_gib(p.compute_bytes)} + runtime "
+                 f"{fmt_gib(p.runtime_bytes)}"
+                 " (MatMulNBits prepacked with two float arrays per block"
+                 + (f"; {fmt_gib(p.gathered_bytes)} of embedding table read a row per token)"
+                    if p.gathered_bytes else ")"),
+                 f"  read per token   {fmt_gib(p.bytes_per_token)}"]
+        return "\n".join(lines + _device_lines(p, device_name, device))
     lines = [f"{p.size} {p.quant} at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
              f"  file size        {fmt_gib(p.file_bytes)}",
              f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + KV {fmt_gib(p.kv_bytes)}"
@@ -249,19 +302,23 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
              f"  min RAM          {fmt_gib(p.min_ram)} (full speed inside a memory limit; weights counted once"
              + (", the untied embedding table not at all)" if p.gathered_bytes else ")"),
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
-    if device:
-        v = verdict(p, device)
-        fits = "fits" if v["fits"] else "does NOT fit"
-        lines += [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s; {device['source']}):",
-                  f"    {fits} (min RAM against a budget of {fmt_gib(v['budget'])}); "
-                  f"decode ceiling {v['ceiling_tps']:.1f} tok/s, expect ~{v['expected_tps']:.1f}"]
-    return "\n".join(lines)
+    return "\n".join(lines + _device_lines(p, device_name, device))
+
+
+def _device_lines(p: Plan, device_name: str | None, device: dict | None) -> list[str]:
+    if not device:
+        return []
+    v = verdict(p, device)
+    fits = "fits" if v["fits"] else "does NOT fit"
+    return [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s; {device['source']}):",
+            f"    {fits} (min RAM against a budget of {fmt_gib(v['budget'])}); "
+            f"decode ceiling {v['ceiling_tps']:.1f} tok/s, expect ~{v['expected_tps']:.1f}"]
 
 
 def predicted_min_ram_for_row(row: dict) -> int | None:
-    """Plan's min RAM for a fit row's build (GGUF sizes plan knows; None otherwise)."""
+    """Plan's min RAM for a fit row's build (sizes plan knows; None otherwise)."""
     b = row.get("build", {})
-    if not b.get("size") or not b.get("quant") or b.get("format", "gguf") != "gguf":
+    if not b.get("size") or not b.get("quant"):
         return None
     try:
         return plan(b["size"], b["quant"], ctx=(row.get("config") or {}).get("n_ctx") or 4096,

@@ -192,6 +192,10 @@ def test_plan_and_claims_cli(tmp_path):
     assert r.returncode == 0 and "does NOT fit" in r.stdout
     r = run_cli("plan", "7b", "q4", "--ctx", "32768", "--device", "nope")
     assert r.returncode == 2 and "raspberry-pi-5-8gb" in r.stderr
+    r = run_cli("plan", "1.5b", "int4", "--device", "raspberry-pi-5-4gb")
+    assert r.returncode == 0 and "ONNX" in r.stdout and "prompt logits" in r.stdout and "fits" in r.stdout
+    r = run_cli("plan", "57b-a14b", "int4")
+    assert r.returncode == 2 and "mixture of experts" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_real_tiny_bench_run_with_a_failure_row(tiny_builds, tmp_path):

@@ -345,3 +345,30 @@ def test_numpy_fallback_in_worker_processes_writes_the_same_int4(tiny_ckpt, tmp_
         assert r.returncode == 0, r.stderr
         data[impl] = (out / "model.onnx.data").read_bytes()
     assert data["jit"] == data["numpy"]
+
+
+def test_plan_holds_what_the_graph_s_consumers_hold(onnx_builds):
+    """plan's ONNX memory model reads onnx_layout's initializer list; here each initializer of the real graphs
+    gets the role of the op that consumes it (the most held, where two share one) and the sums must agree."""
+    import onnx
+
+    from edgeqwen.onnx_layout import padding
+    from edgeqwen.plan import ONNX_HELD, plan
+    role_of = {("MatMulNBits", 1): "blobs", ("MatMulNBits", 2): "scales", ("MatMulNBits", 3): "zp",
+               ("Reshape", 0): "gbq", ("GatherBlockQuantized", 2): "gbq", ("Gather", 0): "table"}
+    for q in ("int4", "int4_rtn", "int8", "untied-int4"):
+        folder = onnx_builds[q]
+        m = json.loads((folder / "manifest.json").read_text())
+        g = onnx.load(folder / "model.onnx", load_external_data=False).graph
+        size = {t.name: int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+                .itemsize for t in g.initializer}
+        factor: dict[str, float] = {}
+        for node in g.node:
+            for i, x in enumerate(node.input):
+                if x in size:
+                    factor[x] = max(factor.get(x, 0), ONNX_HELD[role_of.get((node.op_type, i), "small")])
+        held = sum(size[x] * f for x, f in factor.items())
+        p = plan("tiny", m["quant"], config=m["config"])
+        assert abs(p.held_bytes - held) < 1024, q   # the graph's few scalar constants are not planned
+        assert p.file_bytes <= m["file_size"] <= p.file_bytes + padding(2) + (folder / "model.onnx").stat().st_size
+        assert p.min_ram == p.held_bytes + p.kv_bytes + p.compute_bytes + p.runtime_bytes
