@@ -94,14 +94,16 @@ def main() -> None:
         "",
         "## What really fits: min RAM under a memory limit",
         "",
-        "`edgeqwen fit` rows: the least memory-cgroup limit (bisected to a resolution of 64 MiB or 2%, or the finer one a row records) at which the build "
+        "`edgeqwen fit` rows: the least memory-cgroup limit (bisected to 64 MiB or 2%, or the finer resolution a "
+        "row records) at which the build "
         "loads and decodes at >= 90% of its unlimited speed, each probe a fresh process with the model's "
         "pages evicted from the page cache first; a probe found too slow is measured again (up to 3 attempts, "
         "the fastest counts) when its cgroup never reached the limit, or it missed the bar by less than 15% "
         "with too few major page faults (at 10 ms each) to account for the time it lost. `lean` loads without "
         "llama.cpp's repacked weight copies; a normal load gives back each repacked original as it is copied "
         "(since 2026-11-26 11:49 UTC; normal rows before that kept them). Only the newest "
-        "row per build and load mode is shown (older rows stay in the JSONL files). "
+        "row per build name and load mode is shown (older rows, and rows of a build since made again, stay in the "
+        "JSONL files). "
         f"Plan's min RAM within ±10% of {fit_within} of {fit_total} fit rows (GGUF and ONNX).",
         "",
         fit_md,

@@ -30,7 +30,7 @@ from onnxruntime.capi import _pybind_state as ort_c
 
 from .checkpoint import Checkpoint
 from .errors import BuildError
-from .onnx_layout import ALIGN, BLOCK, PRECISIONS, initializers, padding, promoted_layers  # noqa: F401
+from .onnx_layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers  # noqa: F401
 from .safetensors import Reader, to_f32
 
 
@@ -45,7 +45,7 @@ MS = "com.microsoft"
 def output_size(ckpt: Checkpoint, precision: str) -> int:
     """Bytes the model files will take (exact up to alignment padding)."""
     shapes = {n: tuple(i.shape) for n, i in ckpt.tensors.items()}
-    return sum(b for _, _, b in initializers(shapes, ckpt.config, precision)) + padding(ckpt.n_layers)
+    return file_bytes(initializers(shapes, ckpt.config, precision)) + padding(ckpt.n_layers)
 
 
 def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
@@ -249,9 +249,11 @@ class _Graph:
         self.inits.append(self.data.add(name, dtype, tuple(shape), chunks))
         return name
 
-    def quantized(self, base: str, sources: list[str], k: int, bits: int, algo: str = "rtn") -> tuple:
+    def quantized(self, base: str, sources: list[str], k: int, bits: int, algo: str = "rtn",
+                  rows: bool = False) -> tuple:
         """concat(sources) as MatMulNBits blobs (streamed), scales and zero points (written after), named
-        base + the builder's suffixes; returns (blobs, scales, zero points or "", N, bits)."""
+        base + the builder's suffixes; returns (blobs, scales, zero points or "", N, bits). rows: the blobs
+        as N rows of bytes, the shape GatherBlockQuantized reads, instead of MatMulNBits' N x blocks x bytes."""
         n = sum(self.w.reader.tensors[s].shape[0] for s in sources)
         blocks = -(-k // BLOCK)
         scales: list[np.ndarray] = []
@@ -267,7 +269,8 @@ class _Graph:
                     yield packed
         # the builder's initializer names for each algorithm, so graphs stay comparable
         suffix = f"_Q{bits}" if algo == "rtn" else f"_Q{bits}G{BLOCK}"
-        q = self.tensor(f"{base}{suffix}", np.uint8, (n, blocks, BLOCK * bits // 8), _ahead(blobs()))
+        shape = (n, blocks * BLOCK * bits // 8) if rows else (n, blocks, BLOCK * bits // 8)
+        q = self.tensor(f"{base}{suffix}", np.uint8, shape, _ahead(blobs()))
         s = self.tensor(f"{base}_scale{'s' if algo == 'rtn' else ''}", np.float32, (n, blocks), scales)
         zp = ""
         if zps:
@@ -342,12 +345,18 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
         shared = ckpt.tied and bits == 4 and scheme.head_bits() == 4 and algo == "rtn"
         if ckpt.tied and bits == 4:
             # A tied int4 embedding is read through GatherBlockQuantized (int4 only). With an int4 lm_head the
-            # table is lm_head's own blobs (as the builder does), so lm_head is written first.
-            emb_q = g.quantized("lm_head.MatMul.weight" if shared else "model.embed_tokens.weight", [lm_src], hidden, 4)
+            # table is lm_head's own blobs (as the builder does), so lm_head is written first, and a Reshape
+            # shows them as rows. onnxruntime folds that Reshape into a copy it holds (the 1.5B int4: 82 MiB
+            # more anonymous memory), so a table of its own is written as rows and stays a mapped file, a row
+            # read per token.
+            emb_q = g.quantized("lm_head.MatMul.weight" if shared else "model.embed_tokens.weight", [lm_src], hidden, 4,
+                                rows=not shared)
             lm_q = emb_q if shared else None
-            resh = g.node("Reshape", [emb_q[0], g.const([vocab, -(-hidden // BLOCK) * BLOCK // 2])],
-                          "/model/embed_tokens/Reshape")[0]
-            x = g.node("GatherBlockQuantized", [resh, "input_ids", emb_q[1]],
+            table = emb_q[0]
+            if shared:
+                table = g.node("Reshape", [emb_q[0], g.const([vocab, -(-hidden // BLOCK) * BLOCK // 2])],
+                               "/model/embed_tokens/Reshape")[0]
+            x = g.node("GatherBlockQuantized", [table, "input_ids", emb_q[1]],
                        "/model/embed_tokens/GatherBlockQuantized", domain=MS, bits=4, block_size=BLOCK, gather_axis=0,
                        quantize_axis=1)[0]
         else:

@@ -35,11 +35,13 @@ ALIGN = 4096  # external tensors start on page boundaries so onnxruntime can map
 
 # Roles of the initializers, which decide what a running build holds of each (plan.ONNX_HELD):
 #   blobs, scales, zp  a MatMulNBits weight's packed blocks, per-block scales and zero points
-#   gbq                the embedding's own int4 table, read through GatherBlockQuantized (blocks and scales)
-#   table              an fp32 embedding table only gathered from (a row per token)
+#   table              an embedding table only gathered from, a row per token (fp32, or the int4 rows and
+#                      scales of GatherBlockQuantized)
+#   folded             not in the file: a copy onnxruntime makes by folding a Reshape of an initializer (int4_rtn's
+#                      tied table is lm_head's blobs seen as rows)
 #   dense              fp32 matrices read in full every token (the fp32 reference precision)
 #   small              norms, biases and the rotary tables
-ROLES = ("blobs", "scales", "zp", "gbq", "table", "dense", "small")
+ROLES = ("blobs", "scales", "zp", "table", "dense", "small", "folded")
 
 
 def promoted_layers(n_layers: int) -> set[int]:
@@ -79,7 +81,8 @@ def qwen2_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def initializers(shapes: dict[str, tuple[int, ...]], cfg: dict, precision: str) -> Iterator[tuple[str, str, int]]:
-    """(source tensor, role, bytes) for every initializer the export writes from these tensors."""
+    """(source tensor, role, bytes) for every initializer the export writes from these tensors (and, as
+    "folded", the copies onnxruntime makes of some, which take no room in the file: file_bytes)."""
     tied, n_layers = bool(cfg.get("tie_word_embeddings", False)), int(cfg["num_hidden_layers"])
     h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
     sc = PRECISIONS[precision]
@@ -100,7 +103,9 @@ def initializers(shapes: dict[str, tuple[int, ...]], cfg: dict, precision: str) 
             if tied and bits is not None:
                 yield from parts(name, v, h, sc.head_bits())
             if tied and bits == 4 and (sc.head_bits() != 4 or zp):  # the embedding's own int4 table
-                yield name, "gbq", sum(matrix_parts(v, h, 4).values())
+                yield name, "table", sum(matrix_parts(v, h, 4).values())
+            elif tied and bits == 4:
+                yield name, "folded", matrix_parts(v, h, 4)["blobs"]
         elif name == "lm_head.weight":
             yield from parts(name, v, h, sc.head_bits())
         else:
@@ -112,3 +117,8 @@ def initializers(shapes: dict[str, tuple[int, ...]], cfg: dict, precision: str) 
 def padding(n_layers: int) -> int:
     """At most this much page padding in the data file: 20 tensors a layer, 12 others."""
     return ALIGN * (20 * n_layers + 12)
+
+
+def file_bytes(parts) -> int:
+    """The file's share of initializers() (its page padding aside)."""
+    return sum(b for _, role, b in parts if role != "folded")

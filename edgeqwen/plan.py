@@ -222,27 +222,29 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
 # MatMulNBits weights are prepacked into anonymous memory as the blobs plus two float arrays per block (the
 # scales and the block sums that fold the zero points in) and the mapped originals are let go: loaded 0.5B,
 # 1.5B and 7B int4 builds held 451, 1410 and 5896 MiB of anonymous memory against blobs + 2 x scales of 449,
-# 1328 and 5880 (the 1.5B's other 82 MiB: its GatherBlockQuantized table, 111 MiB, which the graph passes
-# through a Reshape that onnxruntime folds into a copy). An fp32 embedding table stays mapped, a row read per
-# token; the whole process beyond the weights held was 63-100 MiB of anonymous memory at load.
-ONNX_HELD = {"blobs": 1, "scales": 2, "zp": 0, "gbq": 1, "table": 0, "dense": 1, "small": 1}
-# Python, onnxruntime and genai: the tiny int4 build (2 layers, hidden 256) needed 224 MiB under `fit`
-# (208 was too little), of which plan's weights, KV cache and prompt logits account for 124.
-ONNX_RUNTIME_BYTES = 100 << 20
+# 1328 and 5880 (the 1.5B's other 82 MiB: its GatherBlockQuantized table, then passed through a Reshape that
+# onnxruntime folds into a copy; the exporter now writes that table as rows, so only int4_rtn's table shared
+# with lm_head is "folded"). An embedding table stays mapped, a row read per token; the whole process beyond
+# the weights held was 63-100 MiB of anonymous memory at load.
+ONNX_HELD = {"blobs": 1, "scales": 2, "zp": 0, "table": 0, "dense": 1, "small": 1, "folded": 1}
+# Python, onnxruntime and genai: the tiny int4 build (2 layers, hidden 256) needed 224 MiB under `fit` (the
+# least of five fits at 16 MiB resolution; its 500 tok/s make the speed bar noisy), of which plan's weights,
+# KV cache and prompt logits account for 100.
+ONNX_RUNTIME_BYTES = 124 << 20
 
 
 def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) -> Plan:
     """An ONNX build: the exporter's own initializer list (onnx_layout), what onnxruntime holds of each role,
     an fp32 KV cache genai allocates for the whole context, and the prompt's logits (the graph returns a row
     per prompt token)."""
-    from .onnx_layout import initializers, qwen2_shapes
+    from .onnx_layout import file_bytes, initializers, qwen2_shapes
     if cfg.get("num_experts"):
         raise UsageError(f"{size} is a mixture of experts; ONNX builds are of dense models only")
     shapes = qwen2_shapes(cfg)
     parts = list(initializers(shapes, cfg, quant))
-    total = sum(b for _, _, b in parts)
+    total = file_bytes(parts)
     held = sum(b * ONNX_HELD[role] for _, role, b in parts)
-    gathered = sum(b for _, role, b in parts if role in ("table", "gbq"))
+    gathered = sum(b for _, role, b in parts if role == "table")
     h, n = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     kv_pos = 2 * n * int(cfg["num_key_value_heads"]) * (h // int(cfg["num_attention_heads"])) * 4
     ctx = min(ctx, 32768)

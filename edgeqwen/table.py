@@ -39,13 +39,15 @@ def load_rows(files: list[Path]) -> list[dict]:
 
 
 def latest_fits(rows: list[dict]) -> list[dict]:
-    """`fit` rows, only the newest per device, build file, load mode and speed fraction: rows are appended,
-    never rewritten, so a later fit of the same build (e.g. after fit learned to re-measure noise) supersedes."""
+    """`fit` rows, only the newest per device, build name, load mode and speed fraction: rows are appended,
+    never rewritten, so a later fit of the same build (e.g. after fit learned to re-measure noise), or of the
+    build made again under its name (e.g. by a newer exporter), supersedes."""
     newest: dict[tuple, dict] = {}
     for r in rows:
         if r.get("kind") != "fit":
             continue
-        key = (r["device"].get("device_id"), r["build"].get("sha256"), r["lean"], r.get("fraction"))
+        key = (r["device"].get("device_id"), r["build"].get("name") or r["build"].get("sha256"), r["lean"],
+               r.get("fraction"))
         if key not in newest or r["time"] > newest[key]["time"]:
             newest[key] = r
     return list(newest.values())

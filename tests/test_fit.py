@@ -145,11 +145,13 @@ def test_fit_plot_draws_speed_against_the_limit(tmp_path):
 def test_a_later_fit_of_the_same_build_supersedes_the_earlier():
     from edgeqwen.table import latest_fits
 
-    def row(t, lean, sha="a", dev="d1", min_ram=1):
-        return {"kind": "fit", "time": t, "device": {"device_id": dev}, "build": {"sha256": sha}, "lean": lean,
-                "fraction": 0.9, "min_ram": min_ram}
+    def row(t, lean, sha="a", dev="d1", min_ram=1, name="x"):
+        return {"kind": "fit", "time": t, "device": {"device_id": dev}, "build": {"sha256": sha, "name": name},
+                "lean": lean, "fraction": 0.9, "min_ram": min_ram}
     rows = [row("2026-11-25T10:00:00Z", False, min_ram=2), row("2026-11-26T10:00:00Z", False, min_ram=1),
-            row("2026-11-25T10:00:00Z", True), row("2026-11-25T10:00:00Z", False, sha="b"),
-            row("2026-11-25T10:00:00Z", False, dev="d2"), {"kind": "bench"}]
+            row("2026-11-25T10:00:00Z", True), row("2026-11-25T10:00:00Z", False, name="y"),
+            row("2026-11-25T10:00:00Z", False, dev="d2"), {"kind": "bench"},
+            # the build made again under its name (a new file): its fit supersedes the old file's
+            row("2026-11-25T10:00:00Z", True, name="z"), row("2026-11-26T11:00:00Z", True, sha="b", name="z")]
     got = latest_fits(rows)
-    assert len(got) == 4 and rows[0] not in got and rows[1] in got
+    assert len(got) == 5 and rows[0] not in got and rows[1] in got and rows[-2] not in got and rows[-1] in got
