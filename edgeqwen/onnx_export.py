@@ -346,7 +346,7 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
         if ckpt.tied and bits == 4:
             # A tied int4 embedding is read through GatherBlockQuantized (int4 only). With an int4 lm_head the
             # table is lm_head's own blobs (as the builder does), so lm_head is written first, and a Reshape
-            # shows them as rows. onnxruntime folds that Reshape into a copy it holds (the 1.5B int4: 82 MiB
+            # shows them as rows. onnxruntime folds that Reshape into a copy it holds (the 1.5B int4 held 112 MiB
             # more anonymous memory), so a table of its own is written as rows and stays a mapped file, a row
             # read per token.
             emb_q = g.quantized("lm_head.MatMul.weight" if shared else "model.embed_tokens.weight", [lm_src], hidden, 4,
