@@ -3,6 +3,7 @@
 File size follows llama.cpp's per-tensor type choices (llama-quant.cpp) for the common file
 types; RAM = mmapped weights + CPU repack copies + KV cache at the context + the part of the
 compute buffer a prompt touches + the runtime. Decode ceiling = bandwidth / bytes read per token.
+ONNX precisions (int4, int8, ...) are planned from the exporter's initializer list instead (plan_onnx).
 """
 from __future__ import annotations
 
