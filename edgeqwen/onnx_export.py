@@ -30,7 +30,7 @@ from onnxruntime.capi import _pybind_state as ort_c
 
 from .checkpoint import Checkpoint
 from .errors import BuildError
-from .onnx_layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers  # noqa: F401
+from .onnx_layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers
 from .safetensors import Reader, to_f32
 
 

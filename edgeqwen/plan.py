@@ -7,6 +7,7 @@ ONNX precisions (int4, int8, ...) are planned from the exporter's initializer li
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,9 +199,8 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
             return name != "token_embd" or tied
         return t in REPACKED and name != "token_embd"
     repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if repacked(name, t))
-    h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
-    hd = h // cfg["num_attention_heads"]
-    kv_pos = 2 * n * cfg["num_key_value_heads"] * hd * 2  # K and V, f16
+    h = cfg["hidden_size"]
+    kv_pos = _kv_per_position(cfg, 2)  # f16
     ctx = min(ctx, 32768)
     # Touched compute buffer for a prompt batch: activations of one layer, attention scores over
     # the used context, and the logits row. (Calibrated against bench rows; see bench/RESULTS.md.)
@@ -219,6 +219,12 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
                 per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, release)
 
 
+def _kv_per_position(cfg: dict, bytes_per_elem: int) -> int:
+    """K and V of every layer for one position."""
+    head = int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    return 2 * int(cfg["num_hidden_layers"]) * int(cfg["num_key_value_heads"]) * head * bytes_per_elem
+
+
 # --- ONNX builds (onnxruntime-genai on the CPU) --------------------------------------------------------
 
 # What onnxruntime holds of each initializer role (onnx_layout.ROLES) while it decodes, per byte of the file.
@@ -228,7 +234,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
 # 1328 and 5880 (the 1.5B's other 82 MiB: its GatherBlockQuantized table, then passed through a Reshape that
 # onnxruntime folds into a copy; the exporter now writes that table as rows, so only int4_rtn's table shared
 # with lm_head is "folded"). An embedding table stays mapped, a row read per token; the whole process beyond
-# the weights held was 63-100 MiB of anonymous memory at load.
+# the weights held was 89-100 MiB of anonymous memory at load (heap and anonymous maps, /proc/self/smaps).
 ONNX_HELD = {"blobs": 1, "scales": 2, "zp": 0, "table": 0, "dense": 1, "small": 1, "folded": 1}
 # Python, onnxruntime and genai: the tiny int4 build (2 layers, hidden 256) needed 224 MiB under `fit` (the
 # least of five fits at 16 MiB resolution; its 500 tok/s make the speed bar noisy), of which plan's weights,
@@ -248,10 +254,9 @@ def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) ->
     total = file_bytes(parts)
     held = sum(b * ONNX_HELD[role] for _, role, b in parts)
     gathered = sum(b for _, role, b in parts if role == "table")
-    h, n = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
-    kv_pos = 2 * n * int(cfg["num_key_value_heads"]) * (h // int(cfg["num_attention_heads"])) * 4
+    kv_pos = _kv_per_position(cfg, 4)  # genai's cache is fp32 here
     ctx = min(ctx, 32768)
-    params = sum(a * (b[0] if b else 1) for a, *b in shapes.values())
+    params = sum(math.prod(shape) for shape in shapes.values())
     return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, prompt_tokens * int(cfg["vocab_size"]) * 4,
                 ONNX_RUNTIME_BYTES, total - gathered + kv_pos * prompt_tokens, params, gathered, True, held)
 

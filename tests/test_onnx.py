@@ -164,7 +164,7 @@ def test_streamed_int4_equals_the_genai_builders_k_quant_mixed(onnx_builds, tiny
 
 
 def test_int4_promotes_llama_cpp_s_sensitive_layers_and_lm_head_to_int8(onnx_builds):
-    from edgeqwen.onnx_export import promoted_layers
+    from edgeqwen.onnx_layout import promoted_layers
     assert promoted_layers(24) == {0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23}
     assert promoted_layers(2) == {0}
     bits = _nbits_bits(onnx_builds["int4"])
