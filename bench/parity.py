@@ -2,16 +2,15 @@
 runner against a plain onnxruntime-genai Generator loop, on the same files and threads.
 
 llama-bench is built from the llama.cpp that llama-cpp-python vendors, with the same flags as the wheel
-(tools/build-llama-tools.sh). Per round, in fresh processes, interleaved: llama-bench `-p 512 -n 128 -d 0,512`
-(its defaults otherwise: flash attention auto, batch 2048, ubatch 512), and edgeqwen's bench child (after its
-warm-up at 512 tokens, as llama-bench warms up: a 512-token prompt then 128 tokens, pp512 and tg128@d512; then
-128 tokens from an empty context, tg128), which of the two goes first alternating from round to round. The
-ratio is taken round by round (ours / reference, measured a minute apart) and the table gives the median of
-those paired ratios: on these VMs the speed drifts by 10-30% over minutes, and pairing keeps that drift out of
-the ratio. Raw figures go to a JSON file beside the table (--json), which --render turns into the table again
-without measuring.
+(tools/build-llama-tools.sh); its defaults otherwise (flash attention auto, batch 2048, ubatch 512). Each test
+(pp512, tg128 from an empty context, tg128 at depth 512) is its own pair of fresh processes, one per side,
+each running only that test after a warm-up as llama-bench's, which of the two goes first alternating from
+round to round. The ratio is taken pair by pair (ours / reference, measured seconds apart) and the table gives
+the median of those paired ratios: on these VMs the speed drifts by 10-30% over minutes, and a pair measured
+a minute apart (as in one process per side for all three tests) let that drift into the ratio. Raw figures go
+to a JSON file beside the table (--json), which --render turns into the table again without measuring.
 
-    python bench/parity.py BUILD... [--rounds 11] [--reps 1] [--threads 2] [--out bench/PARITY.md]
+    python bench/parity.py BUILD... [--rounds 12] [--reps 1] [--threads 2] [--out bench/PARITY.md]
     python bench/parity.py --render bench/results/parity-DEVICE.json [--out bench/PARITY.md]
 """
 from __future__ import annotations
@@ -41,7 +40,7 @@ cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_
                                                                    "inter_op_num_threads": 1}}}}))
 model = og.Model(cfg)
 rng = random.Random(0)
-def once(n_prompt):
+def once(n_prompt, n_gen):
     p = og.GeneratorParams(model)
     p.set_search_options(max_length=n_prompt + n_gen, min_length=n_prompt + n_gen, do_sample=False, batch_size=1)
     g = og.Generator(model, p)
@@ -51,44 +50,44 @@ def once(n_prompt):
     for _ in range(n_gen - 1):
         g.generate_next_token()
     t2 = time.perf_counter()
-    return n_prompt / (t1 - t0), (n_gen - 1) / (t2 - t1)
-once(32)
-runs = [once(n_prompt) for _ in range(reps)]
+    return n_prompt / (t1 - t0), (n_gen - 1) / (t2 - t1) if n_gen > 1 else 0.0
+once(n_prompt, 8)  # warm-up at the measured prompt length, as ours and llama-bench do
+runs = [once(n_prompt, n_gen) for _ in range(reps)]
 print(json.dumps({"pp": sum(p for p, _ in runs) / reps, "tg": sum(t for _, t in runs) / reps}))
 '''
 
+# test -> (llama-bench arguments, our bench child's prompt and generated tokens, the figure that is the test,
+#          the genai loop's prompt and generated tokens). Ours decodes tg128 after a one-token prompt:
+#          127 timed steps from an empty context, as llama-bench's 128 single-token decodes are.
+TESTS = {
+    "pp512": (["-p", "512", "-n", "0"], (512, 1), "pp", (512, 1)),
+    "tg128": (["-p", "0", "-n", "128"], (1, 128), "tg", (1, 128)),
+    "tg128@d512": (["-p", "0", "-n", "128", "-d", "512"], (512, 128), "tg", (512, 128)),
+}
+KEYS = tuple(TESTS)
 
-def llama_bench(binary: str, model: Path, threads: int, reps: int) -> dict:
-    p = subprocess.run([binary, "-m", str(model), "-p", "512", "-n", "128", "-d", "0,512", "-t", str(threads),
-                        "-r", str(reps), "-o", "json"], capture_output=True, text=True, check=True)
-    out = {}
-    for t in json.loads(p.stdout):
-        key = ("pp512" if t["n_prompt"] else "tg128") + (f"@d{t['n_depth']}" if t.get("n_depth") else "")
-        out[key] = float(t["avg_ts"])
-    return {"pp512": out["pp512"], "tg128": out["tg128"], "tg128@d512": out["tg128@d512"]}
+
+def llama_bench(binary: str, model: Path, threads: int, reps: int, test: str) -> float:
+    p = subprocess.run([binary, "-m", str(model), *TESTS[test][0], "-t", str(threads), "-r", str(reps),
+                        "-o", "json"], capture_output=True, text=True, check=True)
+    (row,) = json.loads(p.stdout)
+    return float(row["avg_ts"])
 
 
-def ours(build: str, threads: int, reps: int) -> dict:
-    """One bench child: a 512-token prompt then 128 tokens (pp512, tg128@d512), then 128 tokens from an empty
-    context (tg128), after bench's warm-up at 512 tokens."""
-    r = run_one(build, threads, BenchConfig(prompt_tokens=512, gen_tokens=128, repeats=reps, empty_tg=True))
+def ours(build: str, threads: int, reps: int, test: str) -> float:
+    # bench's child: warm-up at the prompt length, then `reps` x (prompt -> tokens); nothing else timed
+    (n_prompt, n_gen), field = TESTS[test][1], TESTS[test][2]
+    r = run_one(build, threads, BenchConfig(prompt_tokens=n_prompt, gen_tokens=n_gen, repeats=reps, empty_tg=False))
     if r["status"] != "ok":
         sys.exit(f"{build}: {r['error']}")
-    return {"pp512": r["pp"]["mean"], "tg128": r["tg_empty"]["mean"], "tg128@d512": r["tg"]["mean"]}
+    return r[field]["mean"]
 
 
-def genai(folder: Path, threads: int, n_prompt: int, reps: int) -> dict:
-    p = subprocess.run([sys.executable, "-c", GENAI_LOOP, str(folder), str(threads), str(n_prompt), "128", str(reps)],
-                       capture_output=True, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def onnx_ref(folder: Path, threads: int, reps: int) -> dict:
-    deep, empty = genai(folder, threads, 512, reps), genai(folder, threads, 1, reps)
-    return {"pp512": deep["pp"], "tg128": empty["tg"], "tg128@d512": deep["tg"]}
-
-
-KEYS = ("pp512", "tg128", "tg128@d512")
+def genai(folder: Path, threads: int, reps: int, test: str) -> float:
+    (n_prompt, n_gen), field = TESTS[test][3], TESTS[test][2]
+    p = subprocess.run([sys.executable, "-c", GENAI_LOOP, str(folder), str(threads), str(n_prompt), str(n_gen),
+                        str(reps)], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])[field]
 
 
 def cell(xs: list[float]) -> str:
@@ -101,31 +100,36 @@ def measure(builds: list[str], rounds: int, threads: int, lb: str, reps: int = 1
         path, m = resolve_build(b)
         entry = {"name": m["name"], "quant": m.get("quant"), "format": m.get("format", "gguf"),
                  "ref": {k: [] for k in KEYS}, "ours": {k: [] for k in KEYS}}
-        reference = (functools.partial(onnx_ref, path, threads, reps) if entry["format"] == "onnx"
+        reference = (functools.partial(genai, path, threads, reps) if entry["format"] == "onnx"
                      else functools.partial(llama_bench, lb, path / m["file"], threads, reps))
         for i in range(rounds):
-            if i % 2:
-                o, r = ours(b, threads, reps), reference()
-            else:
-                r, o = reference(), ours(b, threads, reps)
-            for k in KEYS:
-                entry["ref"][k].append(r[k])
-                entry["ours"][k].append(o[k])
-            print(f"{m['name']} round {i}: " + ", ".join(f"{k} {o[k]:.1f}/{r[k]:.1f}" for k in KEYS), file=sys.stderr)
+            for k in KEYS:   # each test its own pair of processes, seconds apart
+                if i % 2:
+                    o, r = ours(b, threads, reps, k), reference(k)
+                else:
+                    r, o = reference(k), ours(b, threads, reps, k)
+                entry["ref"][k].append(r)
+                entry["ours"][k].append(o)
+            print(f"{m['name']} round {i}: " + ", ".join(f"{k} {entry['ours'][k][-1]:.1f}/{entry['ref'][k][-1]:.1f}"
+                                                         for k in KEYS), file=sys.stderr, flush=True)
         out.append(entry)
     return out
 
 
 def render(data: dict) -> str:
+    if data.get("pairing") != "test":
+        sys.exit("these figures were paired a round at a time (one process per side for all three tests): "
+                 "render them with the parity.py of their commit")
     lines = ["# Speed parity: edgeqwen's runner against the engine underneath", "",
              f"Generated by `bench/parity.py` (`make parity`) on {data['date']}: {data['device_label']}, "
-             f"{data['threads']} threads, {data['rounds']} rounds of fresh processes "
-             f"({data.get('reps', 1)} run(s) of each test per side and round), the two sides alternating "
-             "which goes first. Reference: llama-bench from the same vendored llama.cpp and flags (defaults: flash "
-             "attention auto, batch 2048, ubatch 512) for GGUF; a plain onnxruntime-genai Generator loop for ONNX. "
-             "tg128 starts from an empty context; tg128@d512 after a 512-token prompt. Speeds are medians "
-             "[range] in tok/s; **ratio** is the median of the per-round ratios ours / reference (paired: the "
-             "two were measured a minute apart), with their range. Raw figures: "
+             f"{data['threads']} threads, {data['rounds']} rounds. In each round every test is its own pair of "
+             f"fresh processes, one per side, running only that test ({data.get('reps', 1)} run(s) after a "
+             "warm-up at its prompt length), the two sides alternating which goes first. Reference: llama-bench "
+             "from the same vendored llama.cpp and flags (defaults: flash attention auto, batch 2048, ubatch 512) "
+             "for GGUF; a plain onnxruntime-genai Generator loop for ONNX. tg128 starts from an empty context; "
+             "tg128@d512 after a 512-token prompt. Speeds are medians [range] in tok/s; **ratio** is the median "
+             "of the per-pair ratios ours / reference (the two measured seconds apart), with their range. "
+             "Raw figures: "
              f"`{data['json']}`.", "",
              "| build | reference | pp512 ours / ref | ratio | tg128 ours / ref | ratio | tg128@d512 ours / ref "
              "| ratio |",
@@ -146,7 +150,7 @@ def main() -> None:
     ap.add_argument("builds", nargs="*")
     ap.add_argument("--llama-bench", help="default: tools/build-llama-tools.sh's build")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--reps", type=int, default=1, help="runs of each test per side and round (averaged)")
     ap.add_argument("--out", type=Path, default=HERE / "PARITY.md")
     ap.add_argument("--json", type=Path, help="raw figures (default: bench/results/parity-DEVICE.json)")
@@ -164,8 +168,8 @@ def main() -> None:
         fp = fingerprint(bandwidth=False)
         dest = a.json or HERE / "results" / f"parity-{fp['device_id']}.json"
         data = {"date": time.strftime("%Y-%m-%d"), "device_label": device_label(fp), "device_id": fp["device_id"],
-                "threads": a.threads, "rounds": a.rounds, "reps": a.reps, "json": str(dest.relative_to(HERE.parent)
-                                                                     if dest.is_relative_to(HERE.parent) else dest),
+                "threads": a.threads, "rounds": a.rounds, "pairing": "test", "reps": a.reps,
+                "json": str(dest.relative_to(HERE.parent) if dest.is_relative_to(HERE.parent) else dest),
                 "builds": measure(a.builds, a.rounds, a.threads, lb, a.reps)}
         tmp = dest.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1) + "\n")
