@@ -56,13 +56,13 @@ runs = [once(n_prompt, n_gen) for _ in range(reps)]
 print(json.dumps({"pp": sum(p for p, _ in runs) / reps, "tg": sum(t for _, t in runs) / reps}))
 '''
 
-# test -> (llama-bench arguments, our bench child's prompt and generated tokens, the figure that is the test,
-#          the genai loop's prompt and generated tokens). Ours decodes tg128 after a one-token prompt:
-#          127 timed steps from an empty context, as llama-bench's 128 single-token decodes are.
+# test -> (llama-bench arguments, (prompt, generated tokens) for our bench child and the genai loop, the figure
+#          that is the test). tg128 decodes after a one-token prompt: 127 timed steps from an empty context,
+#          as llama-bench's 128 single-token decodes are.
 TESTS = {
-    "pp512": (["-p", "512", "-n", "0"], (512, 1), "pp", (512, 1)),
-    "tg128": (["-p", "0", "-n", "128"], (1, 128), "tg", (1, 128)),
-    "tg128@d512": (["-p", "0", "-n", "128", "-d", "512"], (512, 128), "tg", (512, 128)),
+    "pp512": (["-p", "512", "-n", "0"], (512, 1), "pp"),
+    "tg128": (["-p", "0", "-n", "128"], (1, 128), "tg"),
+    "tg128@d512": (["-p", "0", "-n", "128", "-d", "512"], (512, 128), "tg"),
 }
 KEYS = tuple(TESTS)
 
@@ -76,7 +76,7 @@ def llama_bench(binary: str, model: Path, threads: int, reps: int, test: str) ->
 
 def ours(build: str, threads: int, reps: int, test: str) -> float:
     # bench's child: warm-up at the prompt length, then `reps` x (prompt -> tokens); nothing else timed
-    (n_prompt, n_gen), field = TESTS[test][1], TESTS[test][2]
+    _, (n_prompt, n_gen), field = TESTS[test]
     r = run_one(build, threads, BenchConfig(prompt_tokens=n_prompt, gen_tokens=n_gen, repeats=reps, empty_tg=False))
     if r["status"] != "ok":
         sys.exit(f"{build}: {r['error']}")
@@ -84,7 +84,7 @@ def ours(build: str, threads: int, reps: int, test: str) -> float:
 
 
 def genai(folder: Path, threads: int, reps: int, test: str) -> float:
-    (n_prompt, n_gen), field = TESTS[test][3], TESTS[test][2]
+    _, (n_prompt, n_gen), field = TESTS[test]
     p = subprocess.run([sys.executable, "-c", GENAI_LOOP, str(folder), str(threads), str(n_prompt), str(n_gen),
                         str(reps)], capture_output=True, text=True, check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])[field]
