@@ -94,7 +94,8 @@ def cell(xs: list[float]) -> str:
     return f"{statistics.median(xs):.1f} [{min(xs):.1f}–{max(xs):.1f}]"
 
 
-def measure(builds: list[str], rounds: int, threads: int, lb: str, reps: int = 1) -> list[dict]:
+def measure(builds: list[str], rounds: int, threads: int, lb: str, reps: int = 1, done=None) -> list[dict]:
+    """done(entries so far) after each build: a run stopped part-way keeps the builds it finished."""
     out = []
     for b in builds:
         path, m = resolve_build(b)
@@ -113,6 +114,8 @@ def measure(builds: list[str], rounds: int, threads: int, lb: str, reps: int = 1
             print(f"{m['name']} round {i}: " + ", ".join(f"{k} {entry['ours'][k][-1]:.1f}/{entry['ref'][k][-1]:.1f}"
                                                          for k in KEYS), file=sys.stderr, flush=True)
         out.append(entry)
+        if done:
+            done(out)
     return out
 
 
@@ -170,10 +173,14 @@ def main() -> None:
         data = {"date": time.strftime("%Y-%m-%d"), "device_label": device_label(fp), "device_id": fp["device_id"],
                 "threads": a.threads, "rounds": a.rounds, "pairing": "test", "reps": a.reps,
                 "json": str(dest.relative_to(HERE.parent) if dest.is_relative_to(HERE.parent) else dest),
-                "builds": measure(a.builds, a.rounds, a.threads, lb, a.reps)}
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(dest)
+                "builds": []}
+
+        def save(entries):
+            data["builds"] = entries
+            tmp = dest.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.replace(dest)
+        measure(a.builds, a.rounds, a.threads, lb, a.reps, done=save)
     text = render(data)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(text)
