@@ -29,7 +29,7 @@ _log = logging.getLogger("edgeqwen.llama")
 GGML_LOG_LEVEL_ERROR = 4
 _callback = None   # kept alive: libllama holds the pointer
 _errors: collections.deque[str] = collections.deque(maxlen=8)
-_releaser = None   # a pagecache.Releaser while a model loads (under _params_lock)
+_watchers: list = []   # fed libllama's log lines while a model loads (under _params_lock): pagecache, hugepages
 
 
 def last_llama_error() -> str | None:
@@ -49,8 +49,8 @@ def route_llama_logs() -> None:
         msg = text.decode("utf-8", "replace").rstrip("\n")
         if msg and level == GGML_LOG_LEVEL_ERROR:
             _errors.append(msg.split(": ", 1)[-1])
-        if _releaser is not None:
-            _releaser.line(msg)
+        for w in _watchers:
+            w.line(msg)
         if msg:
             _log.log(logging.WARNING if level == GGML_LOG_LEVEL_ERROR else logging.DEBUG, msg)
     _callback = cb
@@ -81,17 +81,19 @@ def _model_params(**fields):
 
 
 @contextlib.contextmanager
-def _releasing(path: Path, info):
-    """While libllama loads `path` (inside _model_params' lock): drop each repacked original once copied."""
-    global _releaser
+def _watching(path: Path, info):
+    """While libllama loads `path` (inside _model_params' lock): drop each repacked original once copied
+    (pagecache.py) and give the repacked copy huge pages (hugepages.py). Yields (releaser, hugepager), either None."""
+    from .hugepages import hugepager
     from .pagecache import releaser_for
-    _releaser = releaser_for(path, info)
+    watchers = (releaser_for(path, info), hugepager())
+    _watchers[:] = [w for w in watchers if w is not None]
     try:
-        yield _releaser
+        yield watchers
     finally:
-        r, _releaser = _releaser, None
-        if r is not None:
-            r.finish()
+        _watchers.clear()
+        if watchers[0] is not None:
+            watchers[0].finish()
 
 
 class LlamaRunner:
@@ -140,7 +142,7 @@ class LlamaRunner:
         try:
             # flash_attn: llama.cpp's own tools default to "auto", which is on for the CPU; llama-cpp-python's
             # default (off) made prefill 0.77-0.84x llama-bench (bench/PARITY.md)
-            with _model_params(use_extra_bufts=not lean), _releasing(self.path, info) as rel:
+            with _model_params(use_extra_bufts=not lean), _watching(self.path, info) as (rel, huge):
                 self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch,
                                            n_threads=self.threads, n_threads_batch=self.threads, use_mmap=True,
                                            n_gpu_layers=gpu, verbose=False, flash_attn=True, **extra)
@@ -152,6 +154,7 @@ class LlamaRunner:
             raise RunnerError(f"{self.path}: cannot load: {what} ({type(e).__name__}: {e})") from None
         self.load_s = time.perf_counter() - t0
         self.released = rel.released if rel else 0   # bytes of repacked originals given back (pagecache.py)
+        self.hugepages = huge.advised if huge else 0   # bytes of loaded weights asked to be in huge pages
         self.n_ctx = min(self.llm.n_ctx(), len(self.llm.input_ids))
         self.n_vocab = self.llm.n_vocab()
         self.gpu_layers = gpu

@@ -1,0 +1,90 @@
+"""The buffer libllama repacks weights into is asked for huge pages before it is filled: same tokens, same RSS."""
+import mmap
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux's madvise and /proc/self/smaps")
+
+
+def _flags(addr: int) -> list[str]:
+    """VmFlags of the mapping holding addr ("hg": MADV_HUGEPAGE was given), from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def _greedy(runner, n=12) -> list[int]:
+    from edgeqwen.runner import Sampling
+    return [r.token for r in runner.stream(runner.tokenize("The capital of France is"),
+                                           Sampling(max_tokens=n, temperature=0)) if r.token is not None]
+
+
+def test_a_new_buffer_of_the_logged_size_is_advised_and_nothing_else():
+    import ctypes
+
+    from edgeqwen.hugepages import HugePager
+    hp = HugePager()
+    buf = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    hp.line("load_tensors:   CPU_Mapped model buffer size =   400.86 MiB")   # the file's mapping: not ours to advise
+    hp.line("load_tensors:   CPU_REPACK model buffer size =     1.00 MiB")   # under one huge page: nothing to gain
+    assert hp.advised == 0 and "hg" not in _flags(addr)
+    hp.line("load_tensors:   CPU_REPACK model buffer size =     8.00 MiB")
+    assert hp.advised >= 8 << 20 and "hg" in _flags(addr)
+    advised = hp.advised
+    hp.line("load_tensors:   CPU_REPACK model buffer size =     8.00 MiB")   # each mapping once
+    assert hp.advised == advised
+    buf.close()
+
+
+# In a fresh process, as a user's: pytest's own has raised glibc's mmap threshold above the tiny model's buffer.
+LOAD = r"""
+import json, sys
+from edgeqwen import hugepages
+from edgeqwen.llama_runner import LlamaRunner
+from edgeqwen.runner import Sampling
+hugepages.HUGE_PAGE = 0   # the tiny model's repacked copy is smaller than one huge page
+seen, line = [], hugepages.HugePager.line
+hugepages.HugePager.line = lambda self, msg: (seen.append(msg), line(self, msg))
+if sys.argv[3] == "off":
+    hugepages.hugepager = lambda: None
+r = LlamaRunner(sys.argv[1], threads=2, n_ctx=256, lean=sys.argv[2] == "lean")
+tokens = [x.token for x in r.stream(r.tokenize("The capital of France is"), Sampling(max_tokens=8, temperature=0))]
+print(json.dumps({"advised": r.hugepages, "lines": [m for m in seen if hugepages.BUFFER_LINE.search(m)],
+                  "tokens": tokens}))
+"""
+
+
+def _load(model, lean="full", huge="on") -> dict:
+    import json
+    import subprocess
+    p = subprocess.run([sys.executable, "-c", LOAD, str(model), lean, huge], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+def test_the_runner_advises_its_repacked_weights_with_the_same_tokens(tiny_builds):
+    from edgeqwen.hugepages import hugepager
+    model = next(Path(tiny_builds["q4_0"]).glob("*.gguf"))
+    advised = _load(model)
+    assert any("CPU_REPACK model buffer size" in m for m in advised["lines"])   # libllama's wording holds
+    if hugepager() is None:
+        pytest.skip("transparent huge pages are off on this kernel")
+    assert advised["advised"] > 0
+    plain = _load(model, huge="off")
+    assert plain["advised"] == 0 and plain["tokens"] == advised["tokens"] and len(plain["tokens"]) == 8
+
+
+def test_a_lean_load_advises_nothing(tiny_builds):
+    lean = _load(next(Path(tiny_builds["q4_0"]).glob("*.gguf")), lean="lean")
+    assert lean["advised"] == 0 and not any("CPU_REPACK" in m for m in lean["lines"])
