@@ -3,7 +3,7 @@
 llama.cpp's CPU backend repacks Q4_0, Q4_K (and, with AMX, more) weights into interleaved layouts in a buffer it
 mallocs, and decode reads all of that buffer for every token. In 4 KiB pages (THP "madvise", the usual default,
 gives malloc'd memory no huge pages) the TLB misses cost decode speed: llama-bench's own tg128 on the real 0.5B
-q4_0 was 3.6% faster with glibc's `glibc.malloc.hugetlb=1` (median of 6 pairs, AMD EPYC, bench/PARITY.md).
+q4_0 was 1.037x as fast with glibc's `glibc.malloc.hugetlb=1` (median of 6 pairs, AMD EPYC AVX2, README).
 libllama logs "<NAME> model buffer size = X MiB" after it allocates its weights buffers and before it fills them,
 so at that line the buffers' pages are untouched: madvise(MADV_HUGEPAGE) on the anonymous mappings that appeared
 during the load makes the copy fault in 2 MiB pages. The resident size stays the same (the buffer is filled
