@@ -11,9 +11,10 @@ completely); where the kernel refuses, nothing changes. The log line is libllama
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import re
+
+from .pagecache import madvise
 
 _log = logging.getLogger("edgeqwen")
 BUFFER_LINE = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")
@@ -41,20 +42,16 @@ class HugePager:
     def __init__(self):
         self.before = anonymous_mappings()
         self.advised = 0
-        self._libc = None
 
     def line(self, msg: str) -> None:
         m = BUFFER_LINE.search(msg)
-        if not m or m.group(1) not in FILLED_BY_LOAD or float(m.group(2)) * 2**20 < HUGE_PAGE:
+        size = float(m.group(2)) * 2**20 if m and m.group(1) in FILLED_BY_LOAD else 0
+        if not size or size < HUGE_PAGE:   # not a buffer libllama fills, or under one huge page
             return
-        size = float(m.group(2)) * 2**20
         try:
-            if self._libc is None:
-                self._libc = ctypes.CDLL(None, use_errno=True)
-                self._libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             now = anonymous_mappings()
             for lo, hi in sorted(now - self.before):   # new, or grown by merging with the new buffer
-                if hi - lo >= size and self._libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
+                if hi - lo >= size and madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
                     self.advised += hi - lo
             self.before = now   # each mapping once
         except (OSError, AttributeError) as e:   # an optimisation only: never fail a load over it

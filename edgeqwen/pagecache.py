@@ -14,6 +14,7 @@ The log line is libllama's wording, not an API: if it changes, nothing is releas
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -21,6 +22,18 @@ import re
 _log = logging.getLogger("edgeqwen")
 REPACK_LINE = re.compile(r"repack tensor (\S+)")   # ggml-cpu's repack buffer; the AMX buffer's wording is unchecked
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """libc's madvise on any mapping (Python's mmap.madvise only reaches mappings Python made); 0 on success."""
+    return _libc().madvise(addr, length, advice)
 
 
 class Releaser:
@@ -32,7 +45,6 @@ class Releaser:
         self.pending: str | None = None
         self.released = 0
         self._maps: list[tuple[int, int, int]] | None = None
-        self._libc = None
         self._fd: int | None = None   # for fadvise, open while the load lasts
 
     def line(self, msg: str) -> None:
@@ -56,7 +68,7 @@ class Releaser:
             # (8 MiB on these VMs), the dropped originals included, and evict what is in use.
             try:
                 for lo, hi, _ in self._mappings():
-                    self._libc.madvise(lo, hi - lo, 1)   # MADV_RANDOM
+                    madvise(lo, hi - lo, 1)   # MADV_RANDOM
             except (OSError, AttributeError) as e:
                 _log.debug("cannot set MADV_RANDOM on %s: %s", self.path, e)
             _log.debug("released %.0f MiB of repacked originals from %s", self.released / 2**20, self.path)
@@ -85,12 +97,9 @@ class Releaser:
         if b <= a:
             return
         try:
-            if self._libc is None:
-                self._libc = ctypes.CDLL(None, use_errno=True)
-                self._libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             for lo, hi, off in self._mappings():
                 if off <= a and b <= off + (hi - lo):
-                    self._libc.madvise(lo + a - off, b - a, 4)   # MADV_DONTNEED
+                    madvise(lo + a - off, b - a, 4)   # MADV_DONTNEED
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
             os.posix_fadvise(self._fd, a, b - a, os.POSIX_FADV_DONTNEED)
