@@ -65,10 +65,17 @@ TESTS = {
     "tg128@d512": (["-p", "0", "-n", "128", "-d", "512"], (512, 128), "tg"),
 }
 KEYS = tuple(TESTS)
-HUGEPAGES = (" Our runner gives llama.cpp's repacked weights (Q4_0, Q4_K) transparent huge pages "
-             "(edgeqwen/hugepages.py); llama-bench with its defaults leaves them in 4 KiB pages, so on repacked "
-             "builds the reference is not the engine's best: with glibc's `glibc.malloc.hugetlb=1` its own tg128 "
-             "on the real 0.5B q4_0 was 1.037x as fast (median of 6 pairs, AMD EPYC AVX2, 2026-11-26).")
+HUGEPAGES = {   # what the JSON's "hugepages" records -> what it means for llama-bench as the reference
+    True: " Our runner gives llama.cpp's repacked weights (Q4_0, Q4_K) transparent huge pages "
+          "(edgeqwen/hugepages.py); llama-bench with its defaults leaves them in 4 KiB pages, so on repacked "
+          "builds the reference is not the engine's best: with glibc's `glibc.malloc.hugetlb=1` its own tg128 "
+          "on the real 0.5B q4_0 was 1.037x as fast (median of 6 pairs, AMD EPYC AVX2, 2026-11-26).",
+    "all": " Our runner reads the file into memory rather than mapping it and gives all the weights, repacked "
+           "copies and the rest, transparent huge pages (edgeqwen/hugepages.py); llama-bench with its defaults "
+           "maps the file and leaves its repacked copies in 4 KiB pages, so the reference is not the engine's "
+           "best: with glibc's `glibc.malloc.hugetlb=1` its own tg128 on the real 0.5B q4_0 was 1.037x as fast "
+           "(median of 6 pairs, AMD EPYC AVX2, 2026-11-26).",
+}
 
 
 def llama_bench(binary: str, model: Path, threads: int, reps: int, test: str) -> float:
@@ -137,7 +144,7 @@ def render(data: dict) -> str:
              "tg128@d512 after a 512-token prompt. Speeds are medians [range] in tok/s; **ratio** is the median "
              "of the per-pair ratios ours / reference (the two measured seconds apart), with their range. "
              "Raw figures: "
-             f"`{data['json']}`." + (HUGEPAGES if data.get("hugepages") else ""), "",
+             f"`{data['json']}`." + HUGEPAGES.get(data.get("hugepages"), ""), "",
              "| build | reference | pp512 ours / ref | ratio | tg128 ours / ref | ratio | tg128@d512 ours / ref "
              "| ratio |",
              "|---|---|---|---|---|---|---|---|"]
@@ -175,7 +182,7 @@ def main() -> None:
         fp = fingerprint(bandwidth=False)
         dest = a.json or HERE / "results" / f"parity-{fp['device_id']}.json"
         data = {"date": time.strftime("%Y-%m-%d"), "device_label": device_label(fp), "device_id": fp["device_id"],
-                "threads": a.threads, "rounds": a.rounds, "pairing": "test", "reps": a.reps, "hugepages": True,
+                "threads": a.threads, "rounds": a.rounds, "pairing": "test", "reps": a.reps, "hugepages": "all",
                 "json": str(dest.relative_to(HERE.parent) if dest.is_relative_to(HERE.parent) else dest),
                 "builds": []}
 

@@ -91,8 +91,8 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
     model, fields = build_fields(build)
     top = _round(int(peak * 1.15) + (64 << 20))
     lo, hi, best = 64 << 20, top, None
-    guess = predicted_min_ram_for_row({"build": fields, "config": {"n_ctx": cfg.n_ctx,
-                                                                   "prompt_tokens": cfg.prompt_tokens}})
+    guess = predicted_min_ram_for_row({"build": fields, "lean": lean, "mapped": base.get("mapped"),
+                                       "config": {"n_ctx": cfg.n_ctx, "prompt_tokens": cfg.prompt_tokens}})
     if guess and guess * 1.1 < top:
         # plan's min RAM brackets the answer when it is within 10%: two probes there instead of a halving
         # down from 64 MiB (a 7B probe that thrashes runs for minutes). Each bound is still measured.
@@ -123,7 +123,8 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
            "device": fp, "build": fields, "threads": threads, "lean": lean, "fraction": fraction,
            "resolution": resolution, "min_ram": hi, "tg_at_min": best["tg"]["mean"], "baseline_tg": base_tg,
            "baseline_runs": [r["tg"]["mean"] for r in runs],
-           "peak_rss_unlimited": peak, "released_bytes": base.get("released_bytes"), "probes": probes,
+           "peak_rss_unlimited": peak, "released_bytes": base.get("released_bytes"), "mapped": base.get("mapped"),
+           "probes": probes,
            "seconds": round(time.time() - t0, 1), "read_ahead_kb": read_ahead_kb(model),
            "config": {"prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens, "repeats": cfg.repeats,
                       "n_ctx": cfg.n_ctx}}

@@ -1,13 +1,16 @@
 """Transparent huge pages for the weights libllama copies into memory as it loads (Linux).
 
-llama.cpp's CPU backend repacks Q4_0, Q4_K (and, with AMX, more) weights into interleaved layouts in a buffer it
-mallocs, and decode reads all of that buffer for every token. In 4 KiB pages (THP "madvise", the usual default,
-gives malloc'd memory no huge pages) the TLB misses cost decode speed: llama-bench's own tg128 on the real 0.5B
-q4_0 was 1.037x as fast with glibc's `glibc.malloc.hugetlb=1` (median of 6 pairs, AMD EPYC AVX2, README).
-libllama logs "<NAME> model buffer size = X MiB" after it allocates its weights buffers and before it fills them,
-so at that line the buffers' pages are untouched: madvise(MADV_HUGEPAGE) on the anonymous mappings that appeared
-during the load makes the copy fault in 2 MiB pages. The resident size stays the same (the buffer is filled
-completely); where the kernel refuses, nothing changes. The log line is libllama's wording, not an API.
+Decode reads every weight matrix for every token, and in 4 KiB pages the TLB misses cost speed. Two kinds of
+weights are in memory libllama allocates: the copies its CPU backend repacks Q4_0, Q4_K (and, with AMX, more)
+into, and, in a normal load (llama_runner: no mmap where this module is available), every other tensor, read
+from the file into a "CPU" buffer. THP "madvise", the usual default, gives that malloc'd memory no huge pages:
+llama-bench's own tg128 on the real 0.5B q4_0 was 1.037x as fast with glibc's `glibc.malloc.hugetlb=1` (median
+of 6 pairs, AMD EPYC AVX2, README). libllama logs "<NAME> model buffer size = X MiB" after it allocates each
+weights buffer and before it fills it, so at that line the buffers' pages are untouched: madvise(MADV_HUGEPAGE)
+on the anonymous mappings that appeared during the load makes them fault in 2 MiB pages. The resident size
+stays the same (the buffers are filled completely); where the kernel refuses, nothing changes. The log line is
+libllama's wording, not an API. A file mapping cannot be given huge pages this way: MADV_COLLAPSE refuses a
+read-only ext4 mapping (EINVAL, Linux 6.18), which is why normal loads read the file instead.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from .pagecache import madvise
 
 _log = logging.getLogger("edgeqwen")
 BUFFER_LINE = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")
-FILLED_BY_LOAD = {"CPU_REPACK", "AMX", "CPU"}   # host buffers libllama allocates and fills ("CPU_Mapped" is the file)
+FILLED_BY_LOAD = {"CPU_REPACK", "AMX", "CPU"}   # buffers libllama allocates and fills ("CPU_Mapped" is the file)
 MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -58,12 +61,15 @@ class HugePager:
             _log.debug("cannot ask for huge pages: %s", e)
 
 
-def hugepager() -> HugePager | None:
-    """A HugePager where the kernel gives huge pages on request (Linux, THP not "never"), None elsewhere."""
+def available() -> bool:
+    """Linux with transparent huge pages not "never": MADV_HUGEPAGE gets 2 MiB pages."""
     try:
         with open(THP_SETTING) as f:
-            if "[never]" in f.read():
-                return None
-        return HugePager()
+            return "[never]" not in f.read()
     except OSError:
-        return None
+        return False
+
+
+def hugepager() -> HugePager | None:
+    """A HugePager where the kernel gives huge pages on request, None elsewhere."""
+    return HugePager() if available() else None

@@ -10,6 +10,8 @@ libllama logs "repack tensor NAME" as it starts each copy, so when the next one 
 done) the previous original is unmapped (madvise MADV_DONTNEED, safe on a read-only shared file mapping: a
 later read would fault the same bytes back in) and dropped from the page cache (POSIX_FADV_DONTNEED).
 The log line is libllama's wording, not an API: if it changes, nothing is released and nothing else changes.
+The runner uses this only where a normal load maps the file (no transparent huge pages); elsewhere on Linux it
+reads the file into memory (hugepages.py) and maps no originals to give back.
 """
 from __future__ import annotations
 

@@ -134,6 +134,7 @@ class Plan:
     params: int
     gathered_bytes: int = 0   # an untied token_embd: read one row per token, so not resident at full speed
     released: bool = True     # the repacked originals are given back as they are copied (pagecache.py)
+    resident: bool = False    # a normal load reads the file into memory (llama_runner, Linux): the table is held
     held_bytes: int | None = None   # ONNX: what onnxruntime holds of the weights (ONNX_HELD); None for GGUF
 
     @property
@@ -154,8 +155,12 @@ class Plan:
         0.5B: q8_0 needed 0.64 GiB where counting the table predicted 0.79). A lean load's need (within 6% of all
         seven lean fit rows here), and a normal load's since it gives back each repacked original as it copies
         it and reads no window around a fault (pagecache.py): before that, normal loads of repacked types needed
-        0.03-0.5 GiB more, dead originals and 8 MiB read-ahead windows around faults crowding out live pages."""
-        held = self.weights_bytes - self.gathered_bytes if self.held_bytes is None else self.held_bytes
+        0.03-0.5 GiB more, dead originals and 8 MiB read-ahead windows around faults crowding out live pages.
+        A resident load (a normal one on Linux: the file read into memory, for huge pages) holds the table too."""
+        if self.held_bytes is not None:
+            held = self.held_bytes
+        else:
+            held = self.weights_bytes - (0 if self.resident else self.gathered_bytes)
         return held + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
 
@@ -171,12 +176,13 @@ def model_config(size: str) -> dict:
 
 
 def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None,
-         amx: bool = False, release: bool = True) -> Plan:
+         amx: bool = False, release: bool = True, resident: bool = False) -> Plan:
     """Predict a build of `size` (a recipe size or one of EXTRA_MODELS) as `quant`.
 
     config overrides the recipe's shape (a build's manifest records its checkpoint's own); amx: the CPU
     has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types; release=False: the runner keeps
-    the repacked originals resident (before pagecache.py, or where it cannot release them).
+    the repacked originals resident (before pagecache.py, or where it cannot release them); resident: a
+    normal load that reads the file into memory (the runner on Linux) rather than mapping it, as a lean one does.
     """
     from .formats import format_of_quant
     from .recipes import get_recipe
@@ -216,7 +222,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
     params = sum(ne for _, _, ne, _ in tensors)
     return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, repack, ctx * kv_pos, compute, RUNTIME_BYTES,
-                per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, release)
+                per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, released=release, resident=resident)
 
 
 def _kv_per_position(cfg: dict, bytes_per_elem: int) -> int:
@@ -258,7 +264,7 @@ def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) ->
     ctx = min(ctx, 32768)
     params = sum(math.prod(shape) for shape in shapes.values())
     return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, prompt_tokens * int(cfg["vocab_size"]) * 4,
-                ONNX_RUNTIME_BYTES, total - gathered + kv_pos * prompt_tokens, params, gathered, True, held)
+                ONNX_RUNTIME_BYTES, total - gathered + kv_pos * prompt_tokens, params, gathered, held_bytes=held)
 
 
 # --- device profiles ---------------------------------------------------------------------------
@@ -310,7 +316,10 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
                 if p.released and p.repack_bytes else
                 f" + repacked copies {fmt_gib(p.repack_bytes)}" if p.repack_bytes else ""),
              f"  min RAM          {fmt_gib(p.min_ram)} (full speed inside a memory limit; weights counted once"
-             + (", the untied embedding table not at all)" if p.gathered_bytes else ")"),
+             + ((", the untied embedding table held: a normal load reads the file into memory"
+                 f"; {fmt_gib(p.min_ram - p.gathered_bytes)} with --lean)" if p.resident else
+                 ", the untied embedding table not at all: a lean load; a normal one on Linux reads the file "
+                 f"into memory, {fmt_gib(p.min_ram + p.gathered_bytes)})") if p.gathered_bytes else ")"),
              f"  read per token   {fmt_gib(p.bytes_per_token)}"]
     return "\n".join(lines + _device_lines(p, device_name, device))
 
@@ -332,7 +341,8 @@ def predicted_min_ram_for_row(row: dict) -> int | None:
         return None
     try:
         return plan(b["size"], b["quant"], ctx=(row.get("config") or {}).get("n_ctx") or 4096,
-                    prompt_tokens=(row.get("config") or {}).get("prompt_tokens", 64), config=b.get("config")).min_ram
+                    prompt_tokens=(row.get("config") or {}).get("prompt_tokens", 64), config=b.get("config"),
+                    resident=row.get("mapped") is False).min_ram   # rows before "mapped": every load mapped
     except Exception:
         return None
 
@@ -346,7 +356,8 @@ def predicted_rss_for_row(row: dict) -> int | None:
     try:   # rows from before the runner gave repacked originals back (no released_bytes) kept both copies
         return plan(size, quant, ctx=row.get("n_ctx") or 4096, prompt_tokens=row.get("prompt_tokens", 512),
                     config=b.get("config"), amx="amx_int8" in row.get("device", {}).get("isa", []),
-                    release=bool(row.get("released_bytes")) or bool(row.get("lean"))).peak_ram
+                    release=bool(row.get("released_bytes")) or bool(row.get("lean"))
+                    or row.get("mapped") is False).peak_ram   # a load that read the file mapped no originals
     except Exception:
         return None
 

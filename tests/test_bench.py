@@ -187,6 +187,22 @@ def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
     assert counts == {"Q5_0": 133, "F32": 121, "Q8_0": 13, "Q6_K": 12, "Q4_K": 12}
 
 
+def test_a_resident_load_holds_the_untied_embedding_table():
+    """A normal load that reads the file into memory (Linux, huge pages) cannot leave the table to the page cache."""
+    from edgeqwen.plan import describe, predicted_min_ram_for_row
+    from edgeqwen.recipes import get_recipe
+    cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
+    lean, resident = plan("0.5b", "q8_0", config=cfg), plan("0.5b", "q8_0", config=cfg, resident=True)
+    assert lean.gathered_bytes > 100 << 20 and resident.min_ram == lean.min_ram + lean.gathered_bytes
+    assert resident.peak_ram == lean.peak_ram   # mapped or read in, every page is resident once unlimited
+    assert "a normal one on Linux reads the file into memory" in describe(lean, None, None)
+    row = {"build": {"size": "0.5b", "quant": "q8_0", "config": cfg}, "config": {"n_ctx": 4096}}
+    assert predicted_min_ram_for_row(row) == predicted_min_ram_for_row({**row, "mapped": True}) \
+        == predicted_min_ram_for_row({**row, "mapped": False}) - lean.gathered_bytes
+    tied = plan("0.5b", "q8_0", resident=True)   # nothing only gathered from: the same either way
+    assert tied.gathered_bytes == 0 and tied.min_ram == plan("0.5b", "q8_0").min_ram
+
+
 def test_plan_and_claims_cli(tmp_path):
     r = run_cli("plan", "72b", "q4", "--device", "consumer-gpu-24gb")
     assert r.returncode == 0 and "does NOT fit" in r.stdout

@@ -1,4 +1,4 @@
-"""The buffer libllama repacks weights into is asked for huge pages before it is filled: same tokens, same RSS."""
+"""The buffers libllama loads weights into are asked for huge pages before they are filled: same tokens."""
 import mmap
 import sys
 from pathlib import Path
@@ -57,10 +57,12 @@ seen, line = [], hugepages.HugePager.line
 hugepages.HugePager.line = lambda self, msg: (seen.append(msg), line(self, msg))
 if sys.argv[3] == "off":
     hugepages.hugepager = lambda: None
+    hugepages.available = lambda: False
 r = LlamaRunner(sys.argv[1], threads=2, n_ctx=256, lean=sys.argv[2] == "lean")
 tokens = [x.token for x in r.stream(r.tokenize("The capital of France is"), Sampling(max_tokens=8, temperature=0))]
+maps = open("/proc/self/maps").read()
 print(json.dumps({"advised": r.hugepages, "lines": [m for m in seen if hugepages.BUFFER_LINE.search(m)],
-                  "tokens": tokens}))
+                  "tokens": tokens, "mapped": r.mapped, "file_in_maps": str(r.path.resolve()) in maps}))
 """
 
 
@@ -88,3 +90,16 @@ def test_the_runner_advises_its_repacked_weights_with_the_same_tokens(tiny_build
 def test_a_lean_load_advises_nothing(tiny_builds):
     lean = _load(next(Path(tiny_builds["q4_0"]).glob("*.gguf")), lean="lean")
     assert lean["advised"] == 0 and not any("CPU_REPACK" in m for m in lean["lines"])
+
+
+def test_a_normal_load_reads_the_file_into_huge_pages_and_a_lean_one_maps_it(tiny_builds):
+    from edgeqwen.hugepages import available
+    model = next(Path(tiny_builds["q8_0"]).glob("*.gguf"))   # nothing repacked: every weight in the "CPU" buffer
+    if not available():
+        pytest.skip("transparent huge pages are off on this kernel")
+    normal, lean, plain = _load(model), _load(model, lean="lean"), _load(model, huge="off")
+    assert not normal["mapped"] and not normal["file_in_maps"] and normal["advised"] > 0
+    assert any(" CPU model buffer size" in m for m in normal["lines"])   # libllama's wording holds
+    assert lean["mapped"] and lean["file_in_maps"] and lean["advised"] == 0
+    assert plain["mapped"] and plain["file_in_maps"]   # no huge pages to be had: the file stays mapped
+    assert normal["tokens"] == lean["tokens"] == plain["tokens"] and len(normal["tokens"]) == 8

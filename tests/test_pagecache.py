@@ -1,4 +1,5 @@
-"""A normal (repacking) load gives back the original pages of what it repacked: same tokens, less resident."""
+"""A normal (repacking) load that maps the file (no huge pages to be had) gives back the original pages of what it
+repacked: same tokens, less resident. Where it reads the file instead (hugepages.py) nothing is mapped to give back."""
 import sys
 from pathlib import Path
 
@@ -27,9 +28,10 @@ def _greedy(runner, n=12) -> list[int]:
 
 
 def test_repacked_originals_are_released_with_the_same_tokens(tiny_builds, monkeypatch):
-    from edgeqwen import pagecache
+    from edgeqwen import hugepages, pagecache
     from edgeqwen.gguf_info import read_gguf_info
     from edgeqwen.llama_runner import LlamaRunner
+    monkeypatch.setattr(hugepages, "available", lambda: False)   # a normal load maps the file only without THP
     model = next(Path(tiny_builds["q4_0"]).glob("*.gguf")).resolve()
     repacked = sum(t.n_bytes for t in read_gguf_info(model).tensors if t.type.name == "Q4_0"
                    and t.name != "token_embd.weight")
@@ -66,3 +68,14 @@ def test_lines_that_are_not_repacks_release_nothing(tiny_builds):
     for msg in ("load_tensors: CPU_REPACK model buffer size = 1.00 MiB", "repack: repack tensor no.such.tensor"):
         r.line(msg)
     assert r.finish() == 0
+
+
+def test_a_load_that_reads_the_file_has_nothing_to_release(tiny_builds):
+    from edgeqwen.hugepages import available
+    from edgeqwen.llama_runner import LlamaRunner
+    if not available():
+        pytest.skip("transparent huge pages are off: a normal load maps the file here")
+    model = next(Path(tiny_builds["q4_0"]).glob("*.gguf")).resolve()
+    r = LlamaRunner(model, threads=2, n_ctx=256)
+    assert not r.mapped and r.released == 0 and _resident(model) == 0 and len(_greedy(r, 4)) == 4
+    r.close()
