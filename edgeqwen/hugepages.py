@@ -23,17 +23,19 @@ _log = logging.getLogger("edgeqwen")
 BUFFER_LINE = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")
 FILLED_BY_LOAD = {"CPU_REPACK", "AMX", "CPU"}   # buffers libllama allocates and fills ("CPU_Mapped" is the file)
 MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25   # Linux 6.1+
 HUGE_PAGE = 2 << 20
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def anonymous_mappings() -> set[tuple[int, int]]:
-    """(start, end) of this process's private anonymous read-write mappings (no name: not heap or stack)."""
+def anonymous_mappings(heap: bool = False) -> set[tuple[int, int]]:
+    """(start, end) of this process's private anonymous read-write mappings (no name: not the stack; the heap
+    only if asked)."""
     out = set()
     with open("/proc/self/maps") as f:
         for line in f:
             p = line.split()
-            if len(p) == 5 and p[1] == "rw-p":
+            if p[1] == "rw-p" and (len(p) == 5 or heap and p[5] == "[heap]"):
                 lo, hi = (int(x, 16) for x in p[0].split("-"))
                 out.add((lo, hi))
     return out
@@ -73,3 +75,20 @@ def available() -> bool:
 def hugepager() -> HugePager | None:
     """A HugePager where the kernel gives huge pages on request, None elsewhere."""
     return HugePager() if available() else None
+
+
+def collapse_new(before: set[tuple[int, int]]) -> int:
+    """After a load that filled memory with no log line to act on first (onnxruntime: the weights MatMulNBits
+    prepacks as the session is made), move the anonymous mappings (heap included) new or grown since `before`,
+    of at least one huge page, into huge pages now (MADV_COLLAPSE, synchronous); bytes asked for."""
+    if not available():
+        return 0
+    done = 0
+    try:
+        for lo, hi in sorted(anonymous_mappings(heap=True) - before):
+            if hi - lo >= HUGE_PAGE and madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
+                madvise(lo, hi - lo, MADV_COLLAPSE)   # may fail in part (e.g. pages in use): what moved, moved
+                done += hi - lo
+    except (OSError, AttributeError) as e:   # an optimisation only: never fail a load over it
+        _log.debug("cannot collapse into huge pages: %s", e)
+    return done

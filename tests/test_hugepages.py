@@ -8,18 +8,27 @@ import pytest
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux's madvise and /proc/self/smaps")
 
 
-def _flags(addr: int) -> list[str]:
-    """VmFlags of the mapping holding addr ("hg": MADV_HUGEPAGE was given), from /proc/self/smaps."""
-    inside = False
+def _smaps(addr: int) -> dict[str, list[str]]:
+    """/proc/self/smaps fields of the mapping holding addr."""
+    inside, out = False, {}
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(None, 1)[0]
             if "-" in head and not head.endswith(":"):
+                if inside:
+                    return out
                 lo, hi = (int(x, 16) for x in head.split("-"))
                 inside = lo <= addr < hi
-            elif inside and head == "VmFlags:":
-                return line.split()[1:]
+            elif inside:
+                out[head.rstrip(":")] = line.split()[1:]
+    if inside:
+        return out
     raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def _flags(addr: int) -> list[str]:
+    """VmFlags of the mapping holding addr ("hg": MADV_HUGEPAGE was given)."""
+    return _smaps(addr)["VmFlags"]
 
 
 def _greedy(runner, n=12) -> list[int]:
@@ -43,6 +52,25 @@ def test_a_new_buffer_of_the_logged_size_is_advised_and_nothing_else():
     advised = hp.advised
     hp.line("load_tensors:   CPU_REPACK model buffer size =     8.00 MiB")   # each mapping once
     assert hp.advised == advised
+    buf.close()
+
+
+def test_memory_filled_before_it_could_be_advised_is_collapsed_into_huge_pages():
+    """onnxruntime prepacks its weights inside session creation, with no line to act on: collapse afterwards."""
+    import ctypes
+
+    from edgeqwen.hugepages import anonymous_mappings, available, collapse_new
+    if not available():
+        pytest.skip("transparent huge pages are off on this kernel")
+    before = anonymous_mappings(heap=True)
+    buf = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.write(b"\1" * (8 << 20))   # filled in 4 KiB pages, as onnxruntime's allocations are
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert int(_smaps(addr)["AnonHugePages"][0]) == 0
+    assert collapse_new(before) >= 8 << 20
+    assert "hg" in _flags(addr) and int(_smaps(addr)["AnonHugePages"][0]) >= 2048   # kB: at least one huge page
+    assert buf[:4] == b"\1" * 4 and buf[-4:] == b"\1" * 4   # the same bytes
+    del addr
     buf.close()
 
 
