@@ -105,7 +105,8 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
             "major_faults": faults, "major_faults_per_token": faults / max(1, cfg.repeats * cfg.gen_tokens),
             "pp": mean_sd(pp), "tg": mean_sd(tg), "tg_empty": mean_sd(tg0) if tg0 else None, "ttft_s": mean_sd(ttft),
             "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss,
-            "released_bytes": getattr(runner, "released", 0), "mapped": getattr(runner, "mapped", True)}
+            "released_bytes": getattr(runner, "released", 0), "mapped": getattr(runner, "mapped", True),
+            "hugepage_bytes": getattr(runner, "hugepages", 0)}   # weights asked into huge pages (hugepages.py)
 
 
 # --- the parent ----------------------------------------------------------------------------------
