@@ -51,16 +51,24 @@ class HugePager:
     def line(self, msg: str) -> None:
         m = BUFFER_LINE.search(msg)
         size = float(m.group(2)) * 2**20 if m and m.group(1) in FILLED_BY_LOAD else 0
-        if not size or size < HUGE_PAGE:   # not a buffer libllama fills, or under one huge page
-            return
-        try:
+        if size >= HUGE_PAGE:   # a buffer libllama fills, of at least one huge page
             now = anonymous_mappings()
-            for lo, hi in sorted(now - self.before):   # new, or grown by merging with the new buffer
-                if hi - lo >= size and madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
-                    self.advised += hi - lo
+            self.advised += _advise(now - self.before, size)   # new, or grown by merging with the new buffer
             self.before = now   # each mapping once
-        except (OSError, AttributeError) as e:   # an optimisation only: never fail a load over it
-            _log.debug("cannot ask for huge pages: %s", e)
+
+
+def _advise(ranges: set[tuple[int, int]], min_size: float, collapse: bool = False) -> int:
+    """MADV_HUGEPAGE (and MADV_COLLAPSE if asked) on the ranges of at least min_size; the bytes advised."""
+    done = 0
+    try:
+        for lo, hi in sorted(ranges):
+            if hi - lo >= min_size and madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
+                if collapse:   # may fail in part (e.g. pages in use): what moved, moved
+                    madvise(lo, hi - lo, MADV_COLLAPSE)
+                done += hi - lo
+    except (OSError, AttributeError) as e:   # an optimisation only: never fail a load over it
+        _log.debug("cannot ask for huge pages: %s", e)
+    return done
 
 
 def available() -> bool:
@@ -79,16 +87,6 @@ def hugepager() -> HugePager | None:
 
 def collapse_new(before: set[tuple[int, int]]) -> int:
     """After a load that filled memory with no log line to act on first (onnxruntime: the weights MatMulNBits
-    prepacks as the session is made), move the anonymous mappings (heap included) new or grown since `before`,
-    of at least one huge page, into huge pages now (MADV_COLLAPSE, synchronous); bytes asked for."""
-    if not available():
-        return 0
-    done = 0
-    try:
-        for lo, hi in sorted(anonymous_mappings(heap=True) - before):
-            if hi - lo >= HUGE_PAGE and madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
-                madvise(lo, hi - lo, MADV_COLLAPSE)   # may fail in part (e.g. pages in use): what moved, moved
-                done += hi - lo
-    except (OSError, AttributeError) as e:   # an optimisation only: never fail a load over it
-        _log.debug("cannot collapse into huge pages: %s", e)
-    return done
+    prepacks as the session is made), move the anonymous mappings (heap included) new or grown since `before`
+    (taken where available()), of at least one huge page, into huge pages now (synchronous); bytes asked for."""
+    return _advise(anonymous_mappings(heap=True) - before, HUGE_PAGE, collapse=True)
