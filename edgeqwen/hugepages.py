@@ -21,6 +21,7 @@ from .pagecache import madvise
 
 _log = logging.getLogger("edgeqwen")
 BUFFER_LINE = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")
+TENSORS_LINE = "loading model tensors"   # after the vocabulary (tens of MiB of heap) is loaded, before the buffers
 FILLED_BY_LOAD = {"CPU_REPACK", "AMX", "CPU"}   # buffers libllama allocates and fills ("CPU_Mapped" is the file)
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25   # Linux 6.1+
@@ -28,16 +29,34 @@ HUGE_PAGE = 2 << 20
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def anonymous_mappings(heap: bool = False) -> set[tuple[int, int]]:
-    """(start, end) of this process's private anonymous read-write mappings (no name: not the stack; the heap
-    only if asked)."""
+def anonymous_mappings() -> set[tuple[int, int]]:
+    """(start, end) of this process's private anonymous read-write mappings and its heap (not the stack)."""
     out = set()
     with open("/proc/self/maps") as f:
         for line in f:
             p = line.split()
-            if p[1] == "rw-p" and (len(p) == 5 or heap and p[5] == "[heap]"):
+            if p[1] == "rw-p" and (len(p) == 5 or p[5] == "[heap]"):
                 lo, hi = (int(x, 16) for x in p[0].split("-"))
                 out.add((lo, hi))
+    return out
+
+
+def _new_parts(now: set[tuple[int, int]], before: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The address ranges in `now` that no range in `before` covered: new mappings, and what old ones grew by.
+    glibc serves a buffer under its mmap threshold, which rises to the size of the largest mmapped chunk freed
+    (up to 32 MiB, so a second load of a small model in one process), from the heap or an arena: they grow."""
+    out = []
+    for lo, hi in sorted(now):
+        for blo, bhi in sorted(before):
+            if bhi <= lo or blo >= hi:
+                continue
+            if blo > lo:
+                out.append((lo, blo))
+            lo = max(lo, bhi)
+            if lo >= hi:
+                break
+        if lo < hi:
+            out.append((lo, hi))
     return out
 
 
@@ -49,19 +68,23 @@ class HugePager:
         self.advised = 0
 
     def line(self, msg: str) -> None:
+        if TENSORS_LINE in msg:
+            self.before = anonymous_mappings()
+            return
         m = BUFFER_LINE.search(msg)
-        size = float(m.group(2)) * 2**20 if m and m.group(1) in FILLED_BY_LOAD else 0
+        # the line rounds to 0.01 MiB; the memory holding the buffer is at least the size less that rounding
+        size = (float(m.group(2)) - 0.005) * 2**20 if m and m.group(1) in FILLED_BY_LOAD else 0
         if size >= HUGE_PAGE:   # a buffer libllama fills, of at least one huge page
             now = anonymous_mappings()
-            self.advised += _advise(now - self.before, size)   # new, or grown by merging with the new buffer
-            self.before = now   # each mapping once
+            self.advised += _advise(_new_parts(now, self.before), size)
+            self.before = now   # each range once
 
 
-def _advise(ranges: set[tuple[int, int]], min_size: float, collapse: bool = False) -> int:
+def _advise(ranges: list[tuple[int, int]], min_size: float, collapse: bool = False) -> int:
     """MADV_HUGEPAGE (and MADV_COLLAPSE if asked) on the ranges of at least min_size; the bytes advised."""
     done = 0
     try:
-        for lo, hi in sorted(ranges):
+        for lo, hi in ranges:
             if hi - lo >= min_size and madvise(lo, hi - lo, MADV_HUGEPAGE) == 0:
                 if collapse:   # may fail in part (e.g. pages in use): what moved, moved
                     madvise(lo, hi - lo, MADV_COLLAPSE)
@@ -89,4 +112,4 @@ def collapse_new(before: set[tuple[int, int]]) -> int:
     """After a load that filled memory with no log line to act on first (onnxruntime: the weights MatMulNBits
     prepacks as the session is made), move the anonymous mappings (heap included) new or grown since `before`
     (taken where available()), of at least one huge page, into huge pages now (synchronous); bytes asked for."""
-    return _advise(anonymous_mappings(heap=True) - before, HUGE_PAGE, collapse=True)
+    return _advise(_new_parts(anonymous_mappings(), before), HUGE_PAGE, collapse=True)

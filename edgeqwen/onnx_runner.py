@@ -58,7 +58,7 @@ class OnnxRunner:
             opts = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
             from .hugepages import anonymous_mappings, available, collapse_new
-            before = anonymous_mappings(heap=True) if available() else set()
+            before = anonymous_mappings() if available() else set()
             self.model = og.Model(cfg)
             # decode reads every prepacked weight per token: in huge pages, tg128 1.062x on the real 0.5B int4
             self.hugepages = collapse_new(before) if before else 0

@@ -55,6 +55,27 @@ def test_a_new_buffer_of_the_logged_size_is_advised_and_nothing_else():
     buf.close()
 
 
+def test_a_buffer_whose_size_the_line_rounds_up_is_still_advised():
+    import ctypes
+
+    from edgeqwen.hugepages import HugePager
+    hp = HugePager()
+    buf = mmap.mmap(-1, 31_916_032, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # a real tiny q4_0 CPU buffer's
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    hp.line("load_tensors:          CPU model buffer size =    30.44 MiB")   # 30.438 MiB, printed rounded up
+    assert hp.advised == 31_916_032 and "hg" in _flags(addr)
+    del addr
+    buf.close()
+
+
+def test_new_parts_are_new_mappings_and_what_old_ones_grew_by():
+    from edgeqwen.hugepages import _new_parts
+    before = {(100, 200), (300, 400), (500, 600)}
+    now = {(100, 250), (300, 400), (450, 650), (700, 800)}   # heap grew; one merged on both sides; one new
+    assert _new_parts(now, before) == [(200, 250), (450, 500), (600, 650), (700, 800)]
+    assert _new_parts(before, before) == []
+
+
 def test_memory_filled_before_it_could_be_advised_is_collapsed_into_huge_pages():
     """onnxruntime prepacks its weights inside session creation, with no line to act on: collapse afterwards."""
     import ctypes
@@ -62,7 +83,7 @@ def test_memory_filled_before_it_could_be_advised_is_collapsed_into_huge_pages()
     from edgeqwen.hugepages import anonymous_mappings, available, collapse_new
     if not available():
         pytest.skip("transparent huge pages are off on this kernel")
-    before = anonymous_mappings(heap=True)
+    before = anonymous_mappings()
     buf = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.write(b"\1" * (8 << 20))   # filled in 4 KiB pages, as onnxruntime's allocations are
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -113,6 +134,32 @@ def test_the_runner_advises_its_repacked_weights_with_the_same_tokens(tiny_build
     assert advised["advised"] > 0
     plain = _load(model, huge="off")
     assert plain["advised"] == 0 and plain["tokens"] == advised["tokens"] and len(plain["tokens"]) == 8
+
+
+TWICE = r"""
+import gc, sys
+from edgeqwen.llama_runner import LlamaRunner
+for _ in range(2):
+    r = LlamaRunner(sys.argv[1], threads=1, n_ctx=256)
+    print(r.hugepages)
+    del r
+    gc.collect()
+"""
+
+
+def test_a_second_load_in_one_process_is_advised_too(tiny_builds):
+    """Freeing the first model's buffer raises glibc's mmap threshold above the tiny model's: the second comes out
+    of the heap, which grows by it."""
+    import subprocess
+
+    from edgeqwen.hugepages import available
+    if not available():
+        pytest.skip("transparent huge pages are off on this kernel")
+    p = subprocess.run([sys.executable, "-c", TWICE, str(next(Path(tiny_builds["q8_0"]).glob("*.gguf")))],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert p.returncode == 0, p.stderr[-2000:]
+    first, second = (int(x) for x in p.stdout.split())
+    assert first > 0 and second > 0
 
 
 def test_a_lean_load_advises_nothing(tiny_builds):
