@@ -133,7 +133,7 @@ def main():
                     else f"- | - ({r.get('status')}: {r.get('error', '')[:80]})")
         peaks = " / ".join([gib(split_res.get("cgroup_peak"))] + [gib(p) for p in worker_peaks])
         lines += [
-            f"| {b} | one process, no limit | - | {speed(alone)} | {gib(alone.get('peak_rss_sampled'))} (RSS) |",
+            f"| {b} | one process, no limit | - | {speed(alone)} | {gib(alone.get('max_rss'))} (RSS) |",
             f"| {b} | one process in {gib(limit)} GiB | {gib(limit)} | {speed(alone_lim)} | "
             f"{gib(alone_lim.get('cgroup_peak'))} |",
             f"| {b} | this process + {a.workers} workers, split {split} | {gib(limit)} each | {speed(split_res)} | "

@@ -65,7 +65,7 @@ def rows(tiny_builds, tmp_path):
     for dev, tg in (("dev-a", 20.0), ("dev-b", 5.0)):
         fp = dict(FP, device_id=dev, cpu="Test CPU" if dev == "dev-a" else "Other CPU")
         for q in ("q8_0", "q4_k_m"):
-            result = {"status": "ok", **measure(FakeRunner(tg=tg), cfg), "peak_rss_sampled": 300 << 20,
+            result = {"status": "ok", **measure(FakeRunner(tg=tg), cfg),
                       "max_rss": 310 << 20}
             out.append(make_row(str(tiny_builds[q]), 2, cfg, fp, result))
     out.append(make_row(str(tiny_builds["q4_0"]), 2, cfg, FP, {"status": "oom", "error": "killed"}))
