@@ -7,7 +7,7 @@ from the file into a "CPU" buffer. THP "madvise", the usual default, gives that 
 llama-bench's own tg128 on the real 0.5B q4_0 was 1.037x as fast with glibc's `glibc.malloc.hugetlb=1` (median
 of 6 pairs, AMD EPYC AVX2, README). libllama logs "<NAME> model buffer size = X MiB" after it allocates each
 weights buffer and before it fills it, so at that line the buffers' pages are untouched: madvise(MADV_HUGEPAGE)
-on the anonymous mappings that appeared during the load makes them fault in 2 MiB pages. The resident size
+on the anonymous memory that appeared since it began loading tensors makes them fault in 2 MiB pages. The resident size
 stays the same (the buffers are filled completely); where the kernel refuses, nothing changes. The log line is
 libllama's wording, not an API. A file mapping cannot be given huge pages this way: MADV_COLLAPSE refuses a
 read-only ext4 mapping (EINVAL, Linux 6.18), which is why normal loads read the file instead.
