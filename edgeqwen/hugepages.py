@@ -45,9 +45,9 @@ def _new_parts(now: set[tuple[int, int]], before: set[tuple[int, int]]) -> list[
     """The address ranges in `now` that no range in `before` covered: new mappings, and what old ones grew by.
     glibc serves a buffer under its mmap threshold, which rises to the size of the largest mmapped chunk freed
     (up to 32 MiB, so a second load of a small model in one process), from the heap or an arena: they grow."""
-    out = []
+    out, old = [], sorted(before)
     for lo, hi in sorted(now):
-        for blo, bhi in sorted(before):
+        for blo, bhi in old:
             if bhi <= lo or blo >= hi:
                 continue
             if blo > lo:
