@@ -233,7 +233,7 @@ def test_real_tiny_bench_run_with_a_failure_row(tiny_builds, tmp_path):
     # a load that maps the file gives the Q4_0 originals back as they are repacked (pagecache.py); one that reads
     # the file into huge pages (Linux with THP, hugepages.py) maps none
     assert ok["released_bytes"] > 0 if ok["mapped"] else ok["released_bytes"] == 0
-    # read in: its CPU buffer (the 151,936-row embedding table, ~35 MiB) asked for huge pages; mapped: nothing
+    # read in: its CPU buffer (the 151,936-row embedding table; 30.44 MiB here) asked for huge pages; mapped: nothing
     assert (ok["hugepage_bytes"] > 0) != ok["mapped"]
     # merges with itself without duplicates, renders, plots
     png = tmp_path / "p.png"
