@@ -9,7 +9,12 @@ that made a normal load need 0.1-0.5 GiB more than a lean one (fit rows: 1.5B q4
 libllama logs "repack tensor NAME" as it starts each copy, so when the next one starts (and when the load is
 done) the previous original is unmapped (madvise MADV_DONTNEED, safe on a read-only shared file mapping: a
 later read would fault the same bytes back in) and dropped from the page cache (POSIX_FADV_DONTNEED).
-The log line is libllama's wording, not an API: if it changes, nothing is released and nothing else changes.
+The log lines are libllama's wording, not an API: if they change, nothing is released and nothing else changes.
+Two wordings, from the vendored sources: ggml-cpu's repack buffer ("repack: repack tensor NAME with TYPE_8x8") and,
+on AMX CPUs, the AMX buffer ("ggml_backend_amx_buffer_set_tensor: amx repack tensor NAME of type TYPE"), which
+also takes Q8_0, Q6_K and the output matrix. A tied model's output matrix IS token_embd, loaded twice: the AMX
+copy serves the output layer while the embedding lookup still reads the mapped original every token, so that
+one is never given back (releasing it only made every lookup fault its rows in again).
 The runner uses this only where a normal load maps the file (no transparent huge pages); elsewhere on Linux it
 reads the file into memory (hugepages.py) and maps no originals to give back.
 """
@@ -22,7 +27,8 @@ import os
 import re
 
 _log = logging.getLogger("edgeqwen")
-REPACK_LINE = re.compile(r"repack tensor (\S+)")   # ggml-cpu's repack buffer; the AMX buffer's wording is unchecked
+REPACK_LINE = re.compile(r"(?:^|: )(?:amx )?repack tensor (\S+)")   # both wordings above
+STILL_READ = "token_embd.weight"   # gathered from, a row a token, from the file (never released when tied)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -44,6 +50,7 @@ class Releaser:
     def __init__(self, path, info):
         self.path = path
         self.ranges = {t.name: (info.data_start + t.offset, t.n_bytes) for t in info.tensors}
+        self.ranges.pop(STILL_READ, None)   # untied: never repacked; tied: also the output matrix (see above)
         self.pending: str | None = None
         self.released = 0
         self._maps: list[tuple[int, int, int]] | None = None

@@ -41,10 +41,13 @@ FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q4_K: T.Q5
 REPACKED = {T.Q4_0, T.Q4_K, T.IQ4_NL}
 # On CPUs with AMX-INT8 (Sapphire Rapids and newer) the AMX buffer type repacks these as well, every
 # matrix but token_embd, output included (its load log: "amx repack tensor output.weight of type q8_0").
-# A tied model's output is a second, repacked copy of token_embd there. (The AMX buffer is 6-12%
-# larger than its source bytes, but the measured peaks of the 0.5B rows stay below weights + buffer,
-# so no layout factor is applied.)
+# A tied model's output is token_embd loaded a second time, into the AMX buffer, while the lookup reads the
+# original: a copy held twice whichever way the file is loaded (plan said 0.53 GiB for make demo's 0.5B q4_k_m
+# on a Sapphire Rapids VM that measured 0.69 before it was counted).
 REPACKED_AMX = {T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS}
+# The AMX layout's bytes beyond the source, per block (ggml-cpu/amx/mmq.cpp get_row_size: Q8_0 keeps an int32
+# compensation per block, Q4_K and Q5_K 4 bytes of unpacked scales, IQ4_XS 2).
+AMX_EXTRA_PER_BLOCK = {T.Q8_0: 4, T.Q4_K: 4, T.Q5_K: 4, T.IQ4_XS: 2}
 # Python, the llama.cpp libraries and their vocabulary tables; with COMPUTE_TOUCHED, fitted to
 # bench rows of 0.5B, 1.5B and 7B on x86 (residual RSS after weights and KV: 144, 167, 207 MiB).
 RUNTIME_BYTES = 118 << 20
@@ -136,6 +139,7 @@ class Plan:
     released: bool = True     # the repacked originals are given back as they are copied (pagecache.py)
     resident: bool = False    # a normal load reads the file into memory (llama_runner, Linux): the table is held
     held_bytes: int | None = None   # ONNX: what onnxruntime holds of the weights (ONNX_HELD); None for GGUF
+    extra_bytes: int = 0      # GGUF on AMX: a tied output's second copy and the AMX layout's additions
 
     @property
     def peak_ram(self) -> int:
@@ -144,7 +148,8 @@ class Plan:
             # rows (unlimited: 7B int4 7.38 GiB, 0.5B int8 1.19, against fits of 6.70 and 0.86); not modelled.
             return self.min_ram
         copies = 0 if self.released else self.repack_bytes
-        return self.weights_bytes + copies + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+        return (self.weights_bytes + copies + self.extra_bytes + self.kv_bytes + self.compute_bytes
+                + self.runtime_bytes)
 
     @property
     def min_ram(self) -> int:
@@ -160,7 +165,7 @@ class Plan:
         if self.held_bytes is not None:
             held = self.held_bytes
         else:
-            held = self.weights_bytes - (0 if self.resident else self.gathered_bytes)
+            held = self.weights_bytes - (0 if self.resident else self.gathered_bytes) + self.extra_bytes
         return held + self.kv_bytes + self.compute_bytes + self.runtime_bytes
 
 
@@ -201,10 +206,15 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     tied = cfg.get("tie_word_embeddings", False)
 
     def repacked(name: str, t: T) -> bool:
-        if amx and t in REPACKED_AMX:
-            return name != "token_embd" or tied
-        return t in REPACKED and name != "token_embd"
+        return t in (REPACKED_AMX if amx else REPACKED) and name != "token_embd"
     repack = sum(nbytes(ne, t) for name, _, ne, t in tensors if repacked(name, t))
+    extra = 0
+    if amx:   # held beyond the file's bytes: the AMX layout's additions, and a tied output's own copy
+        in_amx = [(ne, t) for name, _, ne, t in tensors
+                  if t in REPACKED_AMX and (name != "token_embd" or tied)]
+        extra = sum(ne // gguf.GGML_QUANT_SIZES[t][0] * AMX_EXTRA_PER_BLOCK.get(t, 0) for ne, t in in_amx)
+        if tied and tensors[0][3] in REPACKED_AMX:
+            extra += nbytes(tensors[0][2], tensors[0][3])
     h = cfg["hidden_size"]
     kv_pos = _kv_per_position(cfg, 2)  # f16
     ctx = min(ctx, 32768)
@@ -222,7 +232,8 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
     params = sum(ne for _, _, ne, _ in tensors)
     return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, repack, ctx * kv_pos, compute, RUNTIME_BYTES,
-                per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, released=release, resident=resident)
+                per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, released=release, resident=resident,
+                extra_bytes=extra)
 
 
 def _kv_per_position(cfg: dict, bytes_per_elem: int) -> int:
@@ -312,6 +323,7 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
              f"  file size        {fmt_gib(p.file_bytes)}",
              f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + KV {fmt_gib(p.kv_bytes)}"
              f" + compute {fmt_gib(p.compute_bytes)} + runtime {fmt_gib(p.runtime_bytes)}"
+             + (f" + AMX copies {fmt_gib(p.extra_bytes)}" if p.extra_bytes else "")
              + (f" ({fmt_gib(p.repack_bytes)} of the weights repacked as loaded, each original given back)"
                 if p.released and p.repack_bytes else
                 f" + repacked copies {fmt_gib(p.repack_bytes)}" if p.repack_bytes else ""),
@@ -355,7 +367,8 @@ def predicted_rss_for_row(row: dict) -> int | None:
         return None
     try:   # rows from before the runner gave repacked originals back (no released_bytes) kept both copies
         return plan(size, quant, ctx=row.get("n_ctx") or 4096, prompt_tokens=row.get("prompt_tokens", 512),
-                    config=b.get("config"), amx="amx_int8" in row.get("device", {}).get("isa", []),
+                    config=b.get("config"),   # a lean load uses no AMX buffer
+                    amx="amx_int8" in row.get("device", {}).get("isa", []) and not row.get("lean"),
                     release=bool(row.get("released_bytes")) or bool(row.get("lean"))
                     or row.get("mapped") is False).peak_ram   # a load that read the file mapped no originals
     except Exception:

@@ -1,5 +1,6 @@
 """The buffers libllama loads weights into are asked for huge pages before they are filled: same tokens."""
 import mmap
+import re
 import sys
 from pathlib import Path
 
@@ -124,11 +125,12 @@ def _load(model, lean="full", huge="on") -> dict:
     return json.loads(p.stdout.splitlines()[-1])
 
 
-def test_the_runner_advises_its_repacked_weights_with_the_same_tokens(tiny_builds):
+def test_the_runner_advises_its_repack_or_amx_buffer_with_the_same_tokens(tiny_builds):
     from edgeqwen.hugepages import hugepager
     model = next(Path(tiny_builds["q4_0"]).glob("*.gguf"))
     advised = _load(model)
-    assert any("CPU_REPACK model buffer size" in m for m in advised["lines"])   # libllama's wording holds
+    # Q4_0 goes to an extra buffer on every x86 CPU: ggml-cpu's CPU_REPACK, or AMX on AMX CPUs (libllama's words)
+    assert any(re.search(r" (CPU_REPACK|AMX) model buffer size", m) for m in advised["lines"]), advised["lines"]
     if hugepager() is None:
         pytest.skip("transparent huge pages are off on this kernel")
     assert advised["advised"] > 0
@@ -164,7 +166,39 @@ def test_a_second_load_in_one_process_is_advised_too(tiny_builds):
 
 def test_a_lean_load_advises_nothing(tiny_builds):
     lean = _load(next(Path(tiny_builds["q4_0"]).glob("*.gguf")), lean="lean")
-    assert lean["advised"] == 0 and not any("CPU_REPACK" in m for m in lean["lines"])
+    assert lean["advised"] == 0 and not any(re.search(r" (CPU_REPACK|AMX) ", m) for m in lean["lines"])
+
+
+RECORDED = Path(__file__).parent / "data" / "llama-logs"
+
+
+@pytest.mark.parametrize("branch, filled", [
+    ("cpu_repack", {"CPU": 30.44}),                 # recorded (AMD EPYC, AVX-512): CPU_REPACK is 0.63 MiB, too small
+    ("amx", {"CPU": 30.44, "AMX": 31.06}),          # written from the vendored AMX sources
+])
+def test_recorded_read_in_loads_advise_every_filled_buffer_of_each_branch(branch, filled):
+    """Each buffer line of a read-in load, replayed with a real anonymous mapping of that size appearing just
+    before it (as libllama's allocation does): the buffers libllama fills are advised, nothing else."""
+    import ctypes
+
+    from edgeqwen.hugepages import BUFFER_LINE, HugePager
+    hp, maps = HugePager(), []
+    for ln in (RECORDED / f"{branch}-read.log").read_text().splitlines():
+        m = BUFFER_LINE.search(ln)
+        if m:
+            size = round(float(m.group(2)) * 2**20) // 4096 * 4096
+            maps.append((m.group(1), mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)))
+        if not ln.startswith("#"):
+            hp.line(ln)
+    try:
+        for name, buf in maps:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            assert ("hg" in _flags(addr)) == (name in filled), name
+            del addr
+        assert abs(hp.advised - sum(filled.values()) * 2**20) < 2 * 4096 * len(filled)
+    finally:
+        for _, buf in maps:
+            buf.close()
 
 
 def test_a_normal_load_reads_the_file_into_huge_pages_and_a_lean_one_maps_it(tiny_builds):
