@@ -7,6 +7,7 @@ import click
 
 from .errors import RunnerError
 from .runner import Response, Runner, Sampling, display_text
+from .text import clean
 
 HELP = "/reset clears history · /stats last reply · /quit or Ctrl-D exits · Ctrl-C stops a reply"
 
@@ -30,13 +31,15 @@ def repl(runner: Runner, sampling: Sampling, system: str | None = None, out=None
         import readline  # noqa: F401  line editing and up-arrow history for input()
     except ImportError:  # Windows
         pass
+    if hasattr(sys.stdin, "reconfigure"):   # undecodable input reaches clean() instead of raising in input()
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict] = []
     last: Response | None = None
     reserve = min(sampling.max_tokens, runner.n_ctx // 4)
     click.echo(click.style(HELP, dim=True), file=out)
     while True:
         try:
-            line = input(">>> ")
+            line = clean(input(">>> "))
         except EOFError:
             click.echo("", file=out)
             return

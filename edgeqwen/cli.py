@@ -9,7 +9,7 @@ import click
 
 from . import __version__
 from .errors import EdgeqwenError
-from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
+from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P, Finite
 
 
 class Group(click.Group):
@@ -183,10 +183,12 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     """
     from .errors import UsageError
     from .runner import display_text, generate_text, load_runner
+    from .text import clean, decode
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt: give one as an argument or on stdin")
-        prompt = sys.stdin.read()
+        prompt = decode(sys.stdin.buffer.read())
+    prompt, system = clean(prompt), system and clean(system)
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
@@ -197,8 +199,8 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
         if not as_json:
             sys.stdout.write(display_text(last.text))
             sys.stdout.flush()
-    if as_json:
-        click.echo(json.dumps({"text": "".join(text), "build": build, "backend": runner.backend,
+    if as_json:   # the same text stdout shows: one rule for what a model's control characters become
+        click.echo(json.dumps({"text": display_text("".join(text)), "build": build, "backend": runner.backend,
                                "load_s": round(runner.load_s, 4), **last.stats()}))
     else:
         sys.stdout.write("\n")
@@ -229,48 +231,59 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
     """
     from .chat import repl
     from .runner import load_runner
+    from .text import clean
     runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
-    repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system)
+    repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system and clean(system))
     runner.close()
 
 
 
 @cli.command()
 @click.argument("builds", nargs=-1, required=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; others need --api-key.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; any but loopback needs --api-key (or --insecure-no-key).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="EDGEQWEN_API_KEY", help="Require this bearer key (or $EDGEQWEN_API_KEY).")
+@click.option("--insecure-no-key", is_flag=True, help="Serve a non-loopback host without a key (anyone who "
+              "reaches the port can use the model).")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 4096),
               help="Requests that may wait for the model; more get 503.")
+@click.option("--request-timeout", default=600.0, show_default=True, type=Finite(1, 86400),
+              help="Seconds one request may generate for; then it ends as if max_tokens were reached.")
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
 @device_options
-def serve(builds, host, port, api_key, max_queue, ctx, threads, cors, lean, workers, split):
+def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, ctx, threads, cors, lean,
+          workers, split):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
 
-    One build is resident at a time and swapped on demand; requests queue in FIFO order.
+    Every build is loaded once before the server listens; one is resident at a time and
+    swapped on demand; requests queue in FIFO order. A request whose client disconnects
+    stops generating; max_tokens is capped at what the context leaves after the prompt.
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
     \b
       edgeqwen serve qwen2-1.5b-q4_k_m --port 8080
       # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
     """
-    import ipaddress
-
+    from .errors import UsageError
+    from .hosts import check_host, listen
     from .serve import ServeConfig
     from .serve import serve as run_server
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not api_key:
+    where = check_host(host)
+    if not where.loopback and not api_key:
+        if not insecure_no_key:
+            raise UsageError(f"--host {host} is reachable from the network: give --api-key KEY (or "
+                             "$EDGEQWEN_API_KEY), or --insecure-no-key to serve it to anyone who can reach it")
         click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model", err=True)
     cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
-                      load=_devices(lean, workers, split))
-    click.echo(f"serving {', '.join(builds)} on http://{host}:{port}/ (OpenAI API at /v1)", err=True)
-    run_server(cfg, host, port)
+                      load=_devices(lean, workers, split), request_timeout=request_timeout)
+    sock = listen(where, port)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    run_server(cfg, sock, on_ready=lambda: click.echo(f"serving {', '.join(builds)} on {url} (OpenAI API at /v1)",
+                                                       err=True))
 
 
 @cli.command()
@@ -294,8 +307,9 @@ def worker(host, port, threads, allow_remote, use_cache):
     """
     from .home import home
     from .measure import physical_cores
-    from .rpc import UNSAFE_WARNING, is_loopback, serve_worker
-    if not is_loopback(host) and allow_remote:
+    from .hosts import check_host
+    from .rpc import UNSAFE_WARNING, serve_worker
+    if not check_host(host).loopback and allow_remote:
         click.echo(f"Warning: listening on {host}. {UNSAFE_WARNING}", err=True)
     cache = home() / "rpc-cache" if use_cache else None
     if cache:

@@ -24,6 +24,7 @@ import psutil
 from .errors import RunnerError
 from .measure import physical_cores
 from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+from .text import clean
 
 _log = logging.getLogger("edgeqwen.llama")
 GGML_LOG_LEVEL_ERROR = 4
@@ -167,10 +168,20 @@ class LlamaRunner:
         self.gpu_layers = gpu
         self.workers = [str(w) for w in workers or []]
         self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.regular_vocab = self._regular_vocab()
         meta = self.llm.metadata
         self.chat_template = meta.get("tokenizer.chat_template")
         self.eos_token = self._piece(self.llm.token_eos())
         self.proc = psutil.Process(os.getpid())
+
+    def _regular_vocab(self) -> int:
+        """Ids below this are ordinary text tokens: control, user-defined and padding ids sit at the top."""
+        lc, vocab = self._lc, self.llm._model.vocab
+        n = self.n_vocab
+        special = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED | lc.LLAMA_TOKEN_ATTR_UNUSED
+        while n > 1 and (lc.llama_vocab_get_attr(vocab, n - 1) & special or not self._piece_bytes(n - 1)):
+            n -= 1
+        return n
 
     def _piece(self, tok: int) -> str:
         return self._piece_bytes(tok, special=True).decode("utf-8", "replace")
@@ -185,7 +196,7 @@ class LlamaRunner:
         return self._pieces[key]
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        return self.llm.tokenize(clean(text).encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", "replace")

@@ -13,6 +13,7 @@ import psutil
 from .errors import RunnerError
 from .measure import physical_cores
 from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+from .text import clean
 
 
 def _json(path: Path) -> dict:
@@ -67,6 +68,10 @@ class OnnxRunner:
             raise RunnerError(f"{self.folder}: onnxruntime-genai cannot load this build ({e})") from None
         self.load_s = time.perf_counter() - t0
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
+        # ordinary text tokens: the BPE vocabulary's ids (added and special tokens come after them)
+        n_model = _json(self.folder / "genai_config.json").get("model", {}).get("vocab_size") or 0
+        n_bpe = len(_json(self.folder / "tokenizer.json").get("model", {}).get("vocab") or {})
+        self.regular_vocab = min(x for x in (n_model, n_bpe) if x) if (n_model or n_bpe) else 1
         tok_cfg = _json(self.folder / "tokenizer_config.json")
         self.chat_template = _chat_template(self.folder, tok_cfg)
         eos = tok_cfg.get("eos_token")
@@ -78,7 +83,7 @@ class OnnxRunner:
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         # genai's tokenizer always parses special tokens; the bundled eval texts contain none
-        return [int(t) for t in self.tokenizer.encode(text)]
+        return [int(t) for t in self.tokenizer.encode(clean(text))]
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(np.array(tokens, dtype=np.int32))

@@ -255,10 +255,15 @@ def layer_params(n_layer: int, n_workers: int, split: list[float] | None) -> dic
 def serve_worker(host: str, port: int, threads: int, allow_remote: bool, cache_dir: Path | None = None,
                  ready=None) -> None:
     """Serve this machine's CPU to llama.cpp clients until interrupted (blocks)."""
-    ep = Endpoint(host, port)
-    if not is_loopback(host) and not allow_remote:
+    from .hosts import check_host
+    where = check_host(host)
+    if not where.loopback and not allow_remote:
         raise UsageError(f"--host {host} is not a loopback address: add --allow-remote if you mean it. "
                          + UNSAFE_WARNING)
+    if where.family != socket.AF_INET:
+        raise UsageError(f"--host {host}: llama.cpp's RPC server listens on IPv4 addresses only "
+                         f"(127.0.0.1 for this machine)")
+    ep = Endpoint(where.addresses[0], port)
     with socket.socket() as probe:   # a clear line for a busy port, before llama.cpp's silent return
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -422,8 +427,8 @@ class IsolatedRunner:
             os.unlink(self._errlog)
 
 
-_ATTRS = ("backend", "n_ctx", "n_vocab", "load_s", "chat_template", "eos_token", "threads", "lean", "path",
-          "gpu_layers")
+_ATTRS = ("backend", "n_ctx", "n_vocab", "regular_vocab", "load_s", "chat_template", "eos_token", "threads", "lean",
+          "path", "gpu_layers")
 
 
 def _child_main(conn, build: str, kw: dict, errlog: str) -> None:

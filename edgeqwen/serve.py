@@ -3,7 +3,11 @@
 One model is resident at a time (edge devices cannot hold two) and serves one sequence at a time,
 so requests wait in a bounded FIFO queue; a full queue is a 503 with Retry-After. Every model call
 (load, generate) runs on one worker thread, fed by the same runner stream `run` and `chat` consume.
-A client that disconnects mid-stream sets a flag the worker checks before each token.
+A client that disconnects (mid-stream, or while a non-streaming answer is generated) sets a flag the worker
+checks before each token, as do the per-request time limit and a shutdown (SIGTERM, Ctrl-C).
+Every build is loaded once before the server listens, so an unloadable one is an `Error:` line, not a
+server that answers 500; a model process that dies later (workers) is dropped and loaded again on the next
+request, and /health says why meanwhile.
 
 One module of ~550 lines on purpose: request schemas, the queue, the model thread and the SSE framing are
 one request's path, and they share the job and slot types.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import json
 import logging
@@ -31,11 +36,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import EdgeqwenError
+from .errors import EdgeqwenError, RunnerError
 from .runner import Sampling
+from .text import clean
 
 _log = logging.getLogger("edgeqwen")
 MAX_BODY = 1 << 20
+REQUEST_TIMEOUT_S = 600.0   # llama-server's own default HTTP timeout
 
 
 # --- request schemas (pydantic: types and ranges checked once, at the boundary) -------------------
@@ -66,7 +73,7 @@ class _Message(BaseModel):
     content: str | list[_Part]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return clean(self.content if isinstance(self.content, str) else "".join(p.text for p in self.content))
 
 
 class ChatRequest(_Req):
@@ -101,6 +108,7 @@ class ServeConfig:
     max_body: int = MAX_BODY
     cors: str | None = None
     load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
+    request_timeout: float = REQUEST_TIMEOUT_S  # wall-clock seconds one request may generate for
 
 
 @dataclass
@@ -113,6 +121,7 @@ class _Slot:
     loading: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: int = 0
+    failed: str | None = None            # why the last model process died (until the next load)
 
 
 class Metrics:
@@ -153,6 +162,8 @@ class Server:
         self.slot = _Slot(names, meta)
         self.metrics = Metrics()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeqwen-model")
+        self.jobs: set[_Job] = set()   # running or about to run: cancelled together at shutdown
+        self.closing = False
 
     # worker-thread side
     def _ensure(self, name: str):
@@ -166,13 +177,31 @@ class Server:
                 from .runner import load_runner
                 _log.info("loading %s", name)
                 s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx, **self.cfg.load)
-                s.resident = name
+                s.resident, s.failed = name, None
             finally:
                 s.loading = False
         return s.runner
 
-    def preload(self) -> None:
-        self.pool.submit(self._ensure, next(iter(self.slot.names)))
+    def _drop(self, why: str) -> None:
+        """The model process died (a worker lost): forget it; the next request loads it again."""
+        s = self.slot
+        _log.warning("the model process of %s died: %s; it is loaded again on the next request", s.resident, why)
+        with contextlib.suppress(Exception):
+            s.runner.close()
+        s.runner, s.resident, s.failed = None, None, why
+
+    def load_all(self) -> None:
+        """Before listening: load every build once (an unloadable one raises its RunnerError here), the first last,
+        and keep it resident."""
+        names = list(self.slot.names)
+        for name in names[1:] + names[:1]:
+            self.pool.submit(self._ensure, name).result()
+
+    def cancel_all(self) -> None:
+        """Shutting down: refuse what waits, stop what runs at its next token."""
+        self.closing = True
+        for job in list(self.jobs):
+            job.cancel.set()
 
     def close(self) -> None:
         def shut():
@@ -192,6 +221,9 @@ class _Job:
     sampling: Sampling
     stops: list[str]
     cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: float = float("inf")   # time.monotonic() after which it stops ("length")
+
+    __hash__ = object.__hash__
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -228,6 +260,11 @@ def _run_job(server: Server, job: _Job, emit) -> None:
             if job.cancel.is_set():
                 last.finish_reason = "cancelled"
                 break
+            if time.monotonic() > job.deadline:
+                _log.info("a request reached --request-timeout %.0f s after %d tokens: stopped",
+                          server.cfg.request_timeout, last.generation_tokens)
+                last.finish_reason = "length"
+                break
             pending += last.text
             hit = min((i for i in (pending.find(s) for s in job.stops) if i >= 0), default=-1)
             if hit >= 0:
@@ -238,8 +275,12 @@ def _run_job(server: Server, job: _Job, emit) -> None:
             if len(pending) > keep:
                 emit("text", pending[:len(pending) - keep])
                 pending = pending[len(pending) - keep:]
+    except RunnerError as e:   # the model process died mid-answer (IsolatedRunner): load it afresh next time
+        server._drop(str(e))
+        raise
     finally:
-        stream.close()
+        with contextlib.suppress(RunnerError):
+            stream.close()
     emit("done", last)
 
 
@@ -252,6 +293,8 @@ def _sampling(req: _Req, n_default: int) -> Sampling:
 async def _admit(server: Server, name: str):
     """Wait for the model slot in FIFO order; a full queue is a 503."""
     s = server.slot
+    if server.closing:
+        raise ApiError(503, "the server is shutting down", "server_busy")
     if name not in s.names:
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(s.names)}", code="model_not_found")
     if s.lock.locked() and s.waiting >= server.cfg.max_queue:
@@ -264,6 +307,9 @@ async def _admit(server: Server, name: str):
     finally:
         s.waiting -= 1
         server.metrics.queue.set(s.waiting)
+    if server.closing:
+        s.lock.release()
+        raise ApiError(503, "the server is shutting down", "server_busy")
 
 
 def _start(server: Server, job: _Job) -> asyncio.Queue:
@@ -271,6 +317,8 @@ def _start(server: Server, job: _Job) -> asyncio.Queue:
     client does); its events arrive on the returned queue."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
+    job.deadline = time.monotonic() + server.cfg.request_timeout
+    server.jobs.add(job)
 
     def emit(kind, payload):
         loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
@@ -281,8 +329,21 @@ def _start(server: Server, job: _Job) -> asyncio.Queue:
         except BaseException as e:  # noqa: B036  handed to the request's task, which turns it into a response
             emit("error", e)
     fut = loop.run_in_executor(server.pool, work)
-    fut.add_done_callback(lambda _: server.slot.lock.release())
+
+    def done(_):
+        server.jobs.discard(job)
+        server.slot.lock.release()
+    fut.add_done_callback(done)
     return q
+
+
+async def _until_gone(request: Request, job: _Job) -> None:
+    """Set job.cancel when the client disconnects (a non-streaming request: nothing else would notice)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            job.cancel.set()
+            return
 
 
 async def _first(q: asyncio.Queue) -> int:
@@ -332,19 +393,29 @@ def _failed(server: Server, endpoint: str, e: Exception) -> JSONResponse:
     return _error(e)
 
 
+class _Gone(Exception):
+    """The client went away before its request was read (a normal event: one log line, no response)."""
+
+
 async def _read_json(request: Request, limit: int) -> dict:
+    from starlette.requests import ClientDisconnect
     size = request.headers.get("content-length")
     if size and size.isdigit() and int(size) > limit:
         raise ApiError(413, f"the request body is {size} bytes; the limit is {limit}", code="body_too_large")
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    except ClientDisconnect:
+        raise _Gone from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
     return data
@@ -381,7 +452,7 @@ def create_app(server: Server) -> Starlette:
             req = _parse(ChatRequest if kind == "chat/completions" else CompletionRequest, data)
             if req.n != 1:
                 raise ApiError(400, "n > 1 is not supported: a context serves one sequence", code="invalid_value")
-            stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+            stops = [clean(x) for x in ([req.stop] if isinstance(req.stop, str) else list(req.stop or []))]
             if isinstance(req, ChatRequest):
                 chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in req.messages]
@@ -390,18 +461,23 @@ def create_app(server: Server) -> Starlette:
                 prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
                 if len(prompts) != 1:
                     raise ApiError(400, "prompt: give one string", code="invalid_value")
-                job = _Job(req.model, None, prompts[0], _sampling(req, 1 << 30), stops)
+                job = _Job(req.model, None, clean(prompts[0]), _sampling(req, 1 << 30), stops)
             await _admit(server, req.model)
             q = _start(server, job)
             n_prompt = await _first(q)
         except (ApiError, EdgeqwenError) as e:
             return _failed(server, endpoint, e)
+        except _Gone:
+            _log.info("%s: the client disconnected before its request was read", endpoint)
+            _record(server, endpoint, "499")
+            return Response(status_code=499)
         rid = ("chatcmpl-" if kind.startswith("chat") else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         events = _events(q, job)
         if req.stream:
             include_usage = bool((req.stream_options or {}).get("include_usage"))
             return _sse(server, endpoint, events, rid, created, req.model, kind, include_usage, job, n_prompt)
+        watcher = asyncio.create_task(_until_gone(request, job))
         try:
             text, last = [], None
             async for ev, payload in events:
@@ -411,6 +487,12 @@ def create_app(server: Server) -> Starlette:
                     last = payload
         except (ApiError, EdgeqwenError) as e:
             return _failed(server, endpoint, e)
+        finally:
+            watcher.cancel()
+        if last.finish_reason == "cancelled" and job.cancel.is_set() and not server.closing:
+            _log.info("%s: the client disconnected after %d tokens: stopped", endpoint, last.generation_tokens)
+            _record(server, endpoint, "499", n_prompt, last)
+            return Response(status_code=499)
         _record(server, endpoint, "200", n_prompt, last)
         usage = {"prompt_tokens": n_prompt, "completion_tokens": last.generation_tokens,
                  "total_tokens": n_prompt + last.generation_tokens}
@@ -437,6 +519,8 @@ def create_app(server: Server) -> Starlette:
 
     async def health(request):
         s = server.slot
+        if s.failed and not s.loading:
+            return JSONResponse({"status": "error", "error": s.failed}, status_code=503)
         if s.loading or s.runner is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
         return JSONResponse({"status": "ok", "model": s.resident})
@@ -523,11 +607,15 @@ def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job
     return EventSourceResponse(gen(), ping=15)
 
 
-def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
-    import contextlib
+def serve(cfg: ServeConfig, sock, on_ready=None) -> None:
+    """Serve on an already listening socket (hosts.listen: a bind failure was one line before any load) until
+    SIGTERM or Ctrl-C: then every running request stops at its next token and is answered, the queue is
+    refused, and the server exits 0."""
     import signal
 
     import uvicorn
+
+    server = Server(cfg)
 
     class _Uvicorn(uvicorn.Server):
         """SIGTERM / Ctrl-C: a graceful stop and exit status 0 (uvicorn would re-raise the signal afterwards)."""
@@ -535,6 +623,10 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
         @contextlib.contextmanager
         def capture_signals(self):
             def stop(sig, frame):
+                if not self.should_exit:
+                    _log.info("stopping (%s): %d request(s) in flight are stopped and answered",
+                              signal.Signals(sig).name, len(server.jobs))
+                server.cancel_all()
                 self.force_exit = self.should_exit
                 self.should_exit = True
             old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -544,10 +636,12 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8080) -> None:
                 for s, h in old.items():
                     signal.signal(s, h)
 
-    server = Server(cfg)
-    server.preload()
-    app = create_app(server)
     try:
-        _Uvicorn(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
+        server.load_all()
+        if on_ready:
+            on_ready()
+        app = create_app(server)
+        _Uvicorn(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
     finally:
         server.close()
+        sock.close()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -26,9 +27,9 @@ def _free_port() -> int:
 
 
 class Served:
-    def __init__(self, builds, *args, env=None):
+    def __init__(self, builds, *args, env=None, url_host="127.0.0.1"):
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{url_host}:{self.port}"
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", *map(str, builds),
@@ -252,15 +253,65 @@ def test_health_is_503_while_loading(tiny_builds):
     srv.close()
 
 
-def test_non_loopback_bind_without_key_warns(tiny_builds):
+def test_non_loopback_host_needs_a_key_or_says_it_is_insecure(tiny_builds):
+    """serve --help says a non-loopback host needs --api-key: without one it is refused, before any load."""
+    r = run_cli("serve", tiny_builds["q4_0"], "--host", "0.0.0.0", "--port", str(_free_port()))
+    assert r.returncode == 2 and "--api-key" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     p = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", str(tiny_builds["q4_0"]), "--host",
-                          "0.0.0.0", "--port", str(_free_port())], stderr=subprocess.PIPE, text=True)
+                          "0.0.0.0", "--port", str(_free_port()), "--insecure-no-key"], stderr=subprocess.PIPE,
+                         text=True)
     try:
         line = p.stderr.readline()
         assert "Warning" in line and "without --api-key" in line
     finally:
         p.terminate()
         p.wait(20)
+
+
+@pytest.mark.parametrize("host, words", [
+    ("", "--host is empty"),
+    ("no-such-host.invalid", "cannot resolve"),
+    ("192.0.2.1", "not an address of this machine"),   # TEST-NET-1: never this machine's
+])
+def test_hosts_that_cannot_be_served_are_one_line(tiny_builds, host, words):
+    r = run_cli("serve", tiny_builds["q4_0"], "--host", host, "--port", str(_free_port()), "--api-key", "k")
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_port_in_use_is_one_line_before_any_load(tiny_builds):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = run_cli("serve", tiny_builds["q4_0"], "--port", str(port))
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_ipv6_loopback_is_loopback(tiny_builds):
+    s = Served([tiny_builds["q4_0"]], "--host", "::1", url_host="[::1]")   # no key needed: this machine only
+    try:
+        assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.mark.parametrize("content", [b"not a model at all" * 100, "truncated", "template"])
+def test_an_unloadable_build_is_one_line_not_a_server_answering_500(tiny_builds, tmp_path, content):
+    src = next(Path(tiny_builds["q4_0"]).glob("*.gguf"))
+    bad = tmp_path / "bad.gguf"
+    if content == "truncated":
+        bad.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    elif content == "template":   # a template syntax error, same length
+        data = bytearray(src.read_bytes())
+        at = data.index(b"{%", data.index(b"tokenizer.chat_template"))
+        data[at:at + 2] = b"{{"
+        bad.write_bytes(bytes(data))
+    else:
+        bad.write_bytes(content)
+    r = run_cli("serve", tiny_builds["q4_0"], bad, "--port", str(_free_port()))
+    assert r.returncode != 0 and "Error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert str(bad.name) in r.stderr
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
