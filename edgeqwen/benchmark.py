@@ -71,7 +71,7 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
 
     from .runner import Sampling
     rng = random.Random(cfg.seed)
-    vocab = 151643  # regular Qwen2 tokens: no special ids in random prompts
+    vocab = runner.regular_vocab  # the build's own ordinary tokens: no special ids in random prompts
     greedy = Sampling(max_tokens=cfg.gen_tokens, temperature=0, ignore_eos=True)
     chat_tokens = runner.tokenize(runner.apply_chat_template(CHAT_PROMPT)) if runner.chat_template else None
     # Warm up at the measured prompt length, as llama-bench does: the first prefill of a size touches

@@ -6,17 +6,19 @@ from pathlib import Path
 
 import click
 
-from .params import CTX, THREADS
+from .params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
 
 
 @click.command("bench")
 @click.argument("builds", nargs=-1, required=True)
 @click.option("--threads", help="Thread counts, comma-separated (default: physical cores).")
-@click.option("--prompt-tokens", default=512, show_default=True, help="Prefill length (random tokens).")
-@click.option("--gen-tokens", default=128, show_default=True, help="Decode length (EOS disabled).")
-@click.option("--repeats", default=3, show_default=True)
+@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Prefill length (random tokens).")
+@click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(2, 1 << 20),
+              help="Decode length (EOS disabled).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--ctx", default=4096, show_default=True, type=CTX, help="Context the build is loaded with.")
-@click.option("--out", type=click.Path(path_type=Path), help="Append one JSON row per measurement to FILE.jsonl.")
+@click.option("--out", type=OUT_FILE, help="Append one JSON row per measurement to FILE.jsonl.")
 @click.option("--memory-limit", help="Also run each build inside a memory cgroup of this size (e.g. 4G, 7.2G).")
 @click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, maybe slower).")
 @click.option("--workers", help="llama.cpp RPC workers HOST:PORT,... to spread each build over (edgeqwen worker).")
@@ -25,7 +27,8 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
     """Measure BUILDS on this machine: load time, prefill and decode tok/s, TTFT, peak RSS.
 
     Each build and thread count runs in a fresh process, after one warm-up. A build that
-    fails to load or runs out of memory becomes a failure row and the run goes on.
+    fails to load or runs out of memory becomes a failure row and the run goes on; the
+    exit status is then 1.
 
     \b
       edgeqwen bench qwen2-0.5b-q4_k_m qwen2-0.5b-q8_0 --threads 1,2 --out results.jsonl
@@ -62,6 +65,11 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
     rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress, memory_limit=limit)
     from .plan import predicted_rss_for_row
     click.echo(render_rows(rows, "md", plan_fn=predicted_rss_for_row))
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:   # the rows are written (a failure is a result too), but a script must not take it for success
+        from .errors import EdgeqwenError
+        raise EdgeqwenError(f"{len(failed)} of {len(rows)} measurements failed"
+                            + (f" (rows in {out})" if out else "") + ": " + failed[0]["error"].splitlines()[0][:200])
 
 
 @click.command()
@@ -91,7 +99,7 @@ def hw(as_json, no_bandwidth):
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "html"]), default="md", show_default=True)
-@click.option("--plot", type=click.Path(path_type=Path), help="Decode tok/s against peak RSS, as a PNG.")
+@click.option("--plot", type=OUT_FILE, help="Decode tok/s against peak RSS, as a PNG.")
 @click.option("--claims", is_flag=False, flag_value="-", type=click.Path(path_type=Path),
               help="Judge claims: the bundled ones (--claims alone) or those in a TOML file.")
 @click.option("--profiles", "--devices", "devices", type=click.Path(path_type=Path),
@@ -169,7 +177,7 @@ def plan_cmd(size, quant, ctx, device, pool, devices):
 @click.option("--threads", type=THREADS)
 @click.option("--windows", "max_windows", type=click.IntRange(min=1), help="Score only N windows a text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON lines.")
-@click.option("--out", type=click.Path(path_type=Path), help="Append the rows to FILE.jsonl (for `edgeqwen table`).")
+@click.option("--out", type=OUT_FILE, help="Append the rows to FILE.jsonl (for `edgeqwen table`).")
 def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
     """Measure what quantization costs: perplexity, KL and top-1 agreement against a reference.
 
@@ -202,10 +210,10 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--lean/--no-lean", default=None, help="Only a lean (or only a normal) load; default: both (GGUF), "
               "and the smaller need wins.")
-@click.option("--fraction", default=0.9, show_default=True, type=click.FloatRange(0.1, 1.0),
+@click.option("--fraction", default=0.9, show_default=True, type=SPEED_FRACTION,
               help="Full speed means at least this share of the unlimited decode speed.")
 @click.option("--resolution", default="64M", show_default=True, help="Stop bisecting at this interval.")
-@click.option("--out", type=click.Path(path_type=Path), help="Append the fit rows to FILE.jsonl.")
+@click.option("--out", type=OUT_FILE, help="Append the fit rows to FILE.jsonl.")
 def fit_cmd(build, device, threads, lean, fraction, resolution, out):
     """Find the least RAM BUILD runs in at full speed, under real memory limits (cgroups).
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import click
 
@@ -23,3 +24,28 @@ CTX = click.IntRange(16, 1 << 20)               # and at most the model's own, c
 MAX_TOKENS = click.IntRange(1, 1 << 20)
 TEMPERATURE = Finite(0.0, 100.0)
 TOP_P = Finite(0.0, 1.0, min_open=True)
+
+
+class OutFile(click.Path):
+    """A file a command appends rows to (or writes), checked before the work starts: not a folder, in a folder that
+    exists, and writable (a fit or bench that ran for minutes must not fail at its first write)."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        p = super().convert(value, param, ctx)
+        parent = p.parent if str(p.parent) else Path(".")
+        if p.is_dir():
+            self.fail(f"{p} is a folder; give a file", param, ctx)
+        if parent.exists() and not parent.is_dir():
+            self.fail(f"{parent} is not a folder", param, ctx)
+        if not parent.is_dir():
+            self.fail(f"the folder {parent} does not exist", param, ctx)
+        if not os.access(p if p.exists() else parent, os.W_OK):
+            self.fail(f"{p} is not writable", param, ctx)
+        return p
+
+
+OUT_FILE = OutFile()
+SPEED_FRACTION = Finite(0.1, 1.0)

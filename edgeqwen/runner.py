@@ -62,6 +62,7 @@ class Runner(Protocol):
     n_ctx: int
     load_s: float
     chat_template: str | None
+    regular_vocab: int   # ids below it are ordinary text tokens (bench draws random prompts from them)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]: ...
     def apply_chat_template(self, messages: list[dict]) -> str: ...

@@ -6,9 +6,10 @@ UsageError naming the file, the line and the field.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError,
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
                       field_validator, model_validator)
 
 from .errors import SourceError, UsageError
@@ -18,49 +19,118 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
+# Every field `table`, claims and plots read from a row is described here with its type and range (strict: a
+# string is never taken for a number), so a row that validates renders; unknown fields are kept.
+Bytes = Annotated[StrictInt, Field(ge=0, le=1 << 50)]
+NonNeg = Annotated[StrictInt | StrictFloat, Field(ge=0, le=1e12)]
+Count = Annotated[StrictInt, Field(ge=0, le=1 << 40)]
+
+
 class _Stat(_Open):
-    mean: float
-    sd: float = 0.0
-    n: int = 0
+    mean: NonNeg
+    sd: NonNeg = 0.0
+    n: Count = 0
 
 
 class _Device(_Open):
-    cpu: str = "?"
-    device: str = "?"
-    isa: list[str] = []
-    ram_total: int = 0
+    cpu: StrictStr = "?"
+    device: StrictStr = "?"
+    device_id: StrictStr | None = None
+    arch: StrictStr | None = None
+    isa: list[StrictStr] = []
+    ram_total: Bytes = 0
+    bandwidth_gbs: NonNeg | None = None
+    emulated: StrictBool = False
+    emulator: StrictStr | None = None
 
 
 class _Build(_Open):
-    name: str
-    quant: str | None = None
-    size: str | None = None
-    format: str = "gguf"
-    sha256: str | None = None
-    file_size: int | None = Field(None, ge=0)
+    name: StrictStr
+    recipe: StrictStr | None = None
+    quant: StrictStr | None = None
+    size: StrictStr | None = None
+    format: StrictStr = "gguf"
+    sha256: StrictStr | None = None
+    file_size: Bytes | None = None
+    synthetic: StrictBool = False
+
+
+class _BenchFields(_Open):
+    status: StrictStr
+    threads: Annotated[StrictInt, Field(ge=1, le=4096)]
+    error: StrictStr = ""
+    backend: StrictStr = "-"
+    pp: _Stat | None = None
+    tg: _Stat | None = None
+    tg_empty: _Stat | None = None
+    ttft_s: _Stat | None = None
+    load_s: NonNeg | None = None
+    peak_rss_sampled: Bytes | None = None
+    max_rss: Bytes | None = None
+    roofline_frac: NonNeg | None = None
+    memory_limit: Bytes | None = None
+    workers: list[StrictStr] | None = None
+    lean: StrictBool = False
+    prompt_tokens: Count | None = None
+    gen_tokens: Count | None = None
+
+    @model_validator(mode="after")
+    def _ok_has_figures(self):
+        if self.status == "ok":
+            missing = [k for k in ("tg", "pp", "load_s") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"an ok bench row needs {', '.join(missing)}")
+        return self
+
+
+class _EvalFields(_Open):
+    text: StrictStr
+    ppl: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e12)]
+    tokens_scored: Count
+    # optional, but never null: the table formats what is present
+    ref_ppl: NonNeg = None
+    kl_mean: NonNeg = None
+    kl_p99: NonNeg = None
+    top1: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] = None
+    reference: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _kl_pair(self):
+        if (self.kl_mean is None) != (self.kl_p99 is None):
+            raise ValueError("kl_mean and kl_p99 come together")
+        return self
+
+
+class _Probe(_Open):
+    limit: Bytes
+    tg: NonNeg | None = None
+    # "pass" is a keyword: read through the alias
+    passed: StrictBool = Field(alias="pass")
+
+
+class _FitFields(_Open):
+    min_ram: Annotated[StrictInt, Field(ge=1, le=1 << 50)]
+    baseline_tg: NonNeg
+    tg_at_min: NonNeg
+    peak_rss_unlimited: Bytes
+    lean: StrictBool
+    fraction: NonNeg | None = None
+    probes: list[_Probe] = []
 
 
 class Row(_Open):
     schema_: Literal[1] = Field(alias="schema")
     kind: Literal["bench", "eval", "fit"]
-    time: str
+    time: StrictStr
+    id: StrictStr = None   # optional, never null: rows are deduplicated by it
     device: _Device
     build: _Build
 
-    @model_validator(mode="after")
-    def _by_kind(self):
-        x = self.model_extra or {}
-        need = {"bench": ("status", "threads"), "eval": ("text", "ppl"),
-                "fit": ("min_ram", "baseline_tg", "tg_at_min", "peak_rss_unlimited", "lean")}[self.kind]
-        missing = [k for k in need if k not in x]
-        if missing:
-            raise ValueError(f"a {self.kind} row needs {', '.join(missing)}")
-        if self.kind == "bench" and x["status"] == "ok":
-            for k in ("tg", "pp"):
-                _Stat.model_validate(x.get(k))
-        if self.kind == "fit" and not (isinstance(x["min_ram"], int) and x["min_ram"] > 0):
-            raise ValueError("min_ram must be a positive number of bytes")
-        return self
+
+ROW_FIELDS = {"bench": _BenchFields, "eval": _EvalFields, "fit": _FitFields}
+
+
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|list|dict|none|[a-z-]+\[.*\])$")
 
 
 def _validate(model: type[BaseModel], data, where, what: str, kind: str, error: type[Exception]) -> BaseModel:
@@ -71,7 +141,8 @@ def _validate(model: type[BaseModel], data, where, what: str, kind: str, error: 
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or what
+        # a union's member names ("int", "function-after[...]") are pydantic's, not the file's
+        field = ".".join(str(p) for p in err["loc"] if not _UNION_MEMBER.match(str(p))) or what
         raise error(f"{where}: {field}: {err['msg']}") from None
 
 
@@ -82,7 +153,8 @@ def check(model: type[BaseModel], data, where: str, what: str, kind: str = "a JS
 
 
 def check_row(data, where: str) -> dict:
-    return check(Row, data, where, "a row")
+    check(Row, data, where, "a row")
+    return check(ROW_FIELDS[data["kind"]], data, where, f"a {data['kind']} row")
 
 
 class Manifest(_Open):

@@ -62,7 +62,7 @@ def _ms(x) -> str:
 
 
 def _ts(d) -> str:
-    return f"{d['mean']:.2f} ± {d['sd']:.2f}" if d and d.get("n") else "-"
+    return f"{d['mean']:.2f} ± {d.get('sd', 0):.2f}" if d and d.get("n") else "-"
 
 
 COLUMNS = ["model", "quant", "backend", "file GiB", "threads", "pp t/s", "tg t/s", "tg@d t/s", "TTFT ms", "load s",

@@ -393,3 +393,233 @@ def test_fuzzed_rows_and_manifests_give_a_usage_error_or_data(tmp_path_factory):
         except UsageError as e:
             assert "manifest.json" in str(e)
     check()
+
+
+# --- text from outside: one rule (edgeqwen/text.py), never a traceback --------------------------------------
+
+def _cli_bytes(args, stdin: bytes, timeout=300):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "edgeqwen.cli", *map(str, args)], input=stdin, capture_output=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("stdin", [b"hi \xff\xfe", b"nul \x00 inside", b"\xed\xa0\x80 a lone surrogate, encoded",
+                                   b"\x1b[31m red \x1b[0m"])
+def test_run_reads_any_bytes_on_stdin(tiny_builds, stdin):
+    r = _cli_bytes(["run", tiny_builds["q8_0"], "-n", "4", "-t", "0"], stdin)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_run_reads_undecodable_arguments(tiny_builds):
+    r = _cli_bytes(["run", tiny_builds["q8_0"], b"hi \xff\xfe".decode("utf-8", "surrogateescape"), "-n", "4",
+                    "--system", b"\xc3".decode("utf-8", "surrogateescape")], b"")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_one_megabyte_prompt_is_one_line(tiny_builds):
+    r = _cli_bytes(["run", tiny_builds["q8_0"], "-n", "4"], b"word " * 200000 + b"\xff")
+    assert r.returncode == 1 and r.stderr.count(b"\n") == 1 and b"context holds" in r.stderr, r.stderr[-500:]
+
+
+def test_chat_reads_any_bytes(tiny_builds):
+    r = _cli_bytes(["chat", tiny_builds["q8_0"], "-n", "4"], b"hi \xff\xfe\n\x00\n" + b"x" * (1 << 20) + b"\n/quit\n")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert b"the context holds" in r.stdout   # the 1 MB line is refused, the chat goes on
+
+
+def test_json_and_stdout_show_a_models_text_by_one_rule():
+    """run prints each piece through display_text and --json carries display_text of the whole: the same text
+    whatever control characters a model emits (on an AMX CPU the tiny model's greedy text had ESC bytes)."""
+    from edgeqwen.runner import display_text
+    pieces = ["a\x1b[2J", "\x00b", "\ufffd c\n", "\td\x7f"]
+    assert "".join(display_text(p) for p in pieces) == display_text("".join(pieces))
+    assert "\x1b" not in display_text("".join(pieces)) and "\n" in display_text("\n")
+
+
+def test_eval_text_files_are_decoded_by_the_rule(tiny_builds, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"Some text \xff\xfe with bad bytes. " * 40)
+    r = run_cli("eval", tiny_builds["q8_0"], "--text", f, "--ctx", "64", "--windows", "1",
+                "--reference", tiny_builds["f16"])
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_fuzzed_text_tokenizes_or_is_refused_never_raises(tiny_builds):
+    """Any bytes, decoded by the rule, tokenize in the real runner (GGUF)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from edgeqwen.llama_runner import LlamaRunner
+    from edgeqwen.text import clean, decode
+    r = LlamaRunner(next(tiny_builds["q8_0"].glob("*.gguf")), threads=1, n_ctx=256)
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(st.one_of(st.binary(max_size=64).map(decode),
+                                st.binary(max_size=64).map(lambda b: clean(b.decode("utf-8", "surrogateescape"))),
+                                st.text(max_size=32).map(clean)))
+    def check(text):
+        toks = r.tokenize(text)
+        assert all(0 <= t < r.n_vocab for t in toks)
+    check()
+    r.close()
+
+
+# --- numeric options and outputs: ranges and finiteness at the boundary, outputs checked before the work ----
+
+@pytest.mark.parametrize("args, words", [
+    (["fit", "B", "--fraction", "nan"], "finite"),
+    (["fit", "B", "--fraction", "inf"], "fraction"),
+    (["fit", "B", "--fraction", "-1"], "fraction"),
+    (["bench", "B", "--prompt-tokens", "-5"], "prompt-tokens"),
+    (["bench", "B", "--gen-tokens", "99999999999"], "gen-tokens"),
+    (["bench", "B", "--repeats", "1e9"], "repeats"),
+    (["serve", "B", "--request-timeout", "nan"], "finite"),
+    (["serve", "B", "--request-timeout", "0"], "request-timeout"),
+    (["fit", "B", "--out", "/no/such/folder/rows.jsonl"], "does not exist"),
+    (["bench", "B", "--out", "/"], "directory"),
+    (["eval", "B", "--out", "/etc/hostname/rows.jsonl"], "is not a folder"),
+    (["table", "x.jsonl", "--plot", "/no/such/p.png"], "does not exist"),
+])
+def test_numeric_options_and_outputs_are_checked_first(args, words):
+    r = run_cli(*[str(a) for a in args])
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_fit_out_is_checked_before_the_search(tiny_builds, tmp_path):
+    import time
+    t0 = time.perf_counter()
+    r = run_cli("fit", tiny_builds["q8_0"], "--out", tmp_path / "missing" / "rows.jsonl")
+    assert r.returncode == 2 and "does not exist" in r.stderr and time.perf_counter() - t0 < 30
+
+
+def test_fuzzed_numeric_options_give_a_usage_error_never_another_exception():
+    hypothesis = pytest.importorskip("hypothesis")
+    from click.testing import CliRunner
+    from hypothesis import strategies as st
+
+    from edgeqwen.cli import cli
+    values = st.one_of(st.integers(-2**70, 2**70).map(str), st.floats().map(str),
+                       st.sampled_from(["nan", "inf", "-inf", "-0", "1e309", "0x10", "", " ", "4G", "-1"]))
+    cases = st.sampled_from([("bench", "--prompt-tokens"), ("bench", "--gen-tokens"), ("bench", "--repeats"),
+                             ("bench", "--ctx"), ("fit", "--fraction"), ("fit", "--resolution"),
+                             ("eval", "--ctx"), ("eval", "--windows"), ("serve", "--port"), ("serve", "--max-queue"),
+                             ("serve", "--request-timeout"), ("plan", "--ctx"), ("run", "--top-p")])
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(cases, values)
+    def check(case, value):
+        cmd, opt = case
+        args = [cmd, "no-such-build-here"] + (["q4"] if cmd == "plan" else []) + [opt, value]
+        if cmd == "serve":
+            args += ["--host", ""]   # never listen: refused at the host check if the option passed
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code in (1, 2) and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    check()
+
+
+def test_bench_draws_its_prompt_from_the_builds_own_vocabulary_and_a_failure_exits_1(tiny_builds, tmp_path):
+    """A build whose vocabulary is smaller than Qwen2's (1000 tokens): every measurement used to fail with
+    llama_decode -1, and bench still exited 0."""
+    from conftest import tiny_config
+
+    from edgeqwen.synthetic import write_generated_tokenizer, write_synthetic
+    src = tmp_path / "small-vocab"
+    write_synthetic(src, tiny_config(vocab_size=1024), seed=3)
+    write_generated_tokenizer(src, 1000)
+    b = run_cli("build", "tiny-qwen2", "q8_0", "--source", src, "--out", tmp_path / "small", "--no-smoke")
+    assert b.returncode == 0, b.stderr
+    r = run_cli("bench", tmp_path / "small", "--threads", "1", "--repeats", "1", "--prompt-tokens", "32",
+                "--gen-tokens", "4", "--out", tmp_path / "rows.jsonl")
+    assert r.returncode == 0 and "| ok |" in r.stdout, r.stdout + r.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    r = run_cli("bench", bad / "model.gguf", "--threads", "1", "--repeats", "1", "--prompt-tokens", "8",
+                "--gen-tokens", "2")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("Error: 1 of 1 measurements failed")
+
+
+# --- result rows: every field table reads, each wrong in turn ----------------------------------------------
+
+GOOD_ROWS = {
+    "bench": {"schema": 1, "kind": "bench", "time": "2026-12-03T00:00:00", "id": "b",
+              "device": {"cpu": "c", "device_id": "d", "arch": "x86_64", "isa": ["avx2"], "ram_total": 1 << 30},
+              "build": {"name": "n", "recipe": "r", "quant": "q4_0", "size": "0.5b", "file_size": 1 << 20},
+              "backend": "llama.cpp", "status": "ok", "threads": 2, "load_s": 0.5, "pp": {"mean": 10.0, "sd": 1.0, "n": 2},
+              "tg": {"mean": 5.0, "sd": 0.1, "n": 2}, "tg_empty": {"mean": 6.0, "sd": 0.1, "n": 2},
+              "ttft_s": {"mean": 0.1, "sd": 0.0, "n": 2}, "max_rss": 1 << 28, "roofline_frac": 0.5,
+              "prompt_tokens": 512, "gen_tokens": 128},
+    "eval": {"schema": 1, "kind": "eval", "time": "2026-12-03T00:00:00", "id": "e", "device": {},
+             "build": {"name": "n", "file_size": 1 << 20}, "text": "en", "ppl": 9.5, "ref_ppl": 9.0, "kl_mean": 0.01,
+             "kl_p99": 0.1, "top1": 0.9, "tokens_scored": 100, "reference": "/x/f16/model.gguf"},
+    "fit": {"schema": 1, "kind": "fit", "time": "2026-12-03T00:00:00", "id": "f", "device": {"device_id": "d"},
+            "build": {"name": "n", "size": "1.5b", "quant": "q4_0"}, "min_ram": 1 << 30, "baseline_tg": 10.0,
+            "tg_at_min": 9.5, "peak_rss_unlimited": 1 << 30, "lean": False, "fraction": 0.9,
+            "probes": [{"limit": 1 << 30, "tg": 9.5, "pass": True}]},
+}
+
+
+def _render_all(path):
+    from edgeqwen.claims import judge, load_claims, render_claims
+    from edgeqwen.plan import load_devices, predicted_rss_for_row
+    from edgeqwen.table import load_rows, render_quality, render_rows
+    rows = load_rows([path])
+    for fmt in ("md", "csv", "html"):
+        render_rows(rows, fmt, plan_fn=predicted_rss_for_row)
+        render_quality(rows, fmt)
+    devs = load_devices()
+    render_claims([judge(c, rows, devs) for c in load_claims()])
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD_ROWS))
+def test_good_rows_render(tmp_path, kind):
+    import json
+    f = tmp_path / "rows.jsonl"
+    f.write_text(json.dumps(GOOD_ROWS[kind]) + "\n")
+    _render_all(f)
+
+
+def _paths(d, prefix=()):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from _paths(v, prefix + (k,))
+
+
+def test_fuzzed_row_fields_each_wrong_in_turn_give_a_usage_error_or_render(tmp_path_factory):
+    """A row whose fields are right but one (any type, any value): it renders, or one UsageError naming the file
+    and the field; never a TypeError / KeyError / OverflowError from the table (the campaign found 8)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    import copy
+    import json
+
+    from hypothesis import strategies as st
+
+    from edgeqwen.errors import UsageError
+    d = tmp_path_factory.mktemp("rows")
+    fields = [(k, p) for k, row in GOOD_ROWS.items() for p in _paths(row) if p not in (("schema",), ("kind",))]
+    wrong = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**1100), st.floats(allow_nan=False),
+                      st.text(max_size=8), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
+                                                                                            st.integers(), max_size=2),
+                      st.just("DELETE"))
+
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+    @hypothesis.given(st.sampled_from(fields), wrong)
+    def check(field, value):
+        kind, path = field
+        row = copy.deepcopy(GOOD_ROWS[kind])
+        at = row
+        for k in path[:-1]:
+            at = at[k]
+        if value == "DELETE":
+            del at[path[-1]]
+        else:
+            at[path[-1]] = value
+        f = d / "rows.jsonl"
+        f.write_text(json.dumps(row) + "\n")
+        try:
+            _render_all(f)
+        except UsageError as e:
+            assert "rows.jsonl" in str(e) and "\n" not in str(e)
+    check()
