@@ -8,9 +8,8 @@
 #   rootfs/    Debian bookworm arm64 (debootstrap minbase + python3), made once
 #   wheel      llama-cpp-python cross-compiled for the A76 by tools/install-llama-cpp.sh --target aarch64
 #   venv       /opt/venv inside the rootfs, reinstalled when pyproject.toml or the wheel change
-# Needs root (chroot, mounts), qemu-user-static with its binfmt entry, debootstrap and
-# gcc-aarch64-linux-gnu (Debian: apt-get install qemu-user-static debootstrap gcc-aarch64-linux-gnu
-# g++-aarch64-linux-gnu patchelf).
+# Needs root (chroot, mounts); installs what it needs when missing (Debian: qemu-user-static, binfmt-support,
+# debootstrap, gcc/g++-aarch64-linux-gnu, patchelf), mounts binfmt_misc and registers qemu's aarch64 entry.
 #
 # Usage: tools/test-arm64.sh [pytest args...]      (default: -m arm64 on the arm64 test files)
 #        tools/test-arm64.sh --shell                (a shell inside, for poking around)
@@ -26,11 +25,34 @@ say() { echo "test-arm64: $*" >&2; }
 die() { say "$*"; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "needs root (chroot and bind mounts)"
-command -v qemu-aarch64-static >/dev/null || die "qemu-aarch64-static is missing: apt-get install qemu-user-static"
-if [[ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]]; then
-  update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
-  [[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || die "no binfmt entry for aarch64: update-binfmts --enable qemu-aarch64"
+# What it runs with, installed when missing (Debian's packages; elsewhere, one line saying what to install).
+need=()
+command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+command -v update-binfmts >/dev/null || need+=(binfmt-support)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)
+command -v patchelf >/dev/null || need+=(patchelf)
+if (( ${#need[@]} )); then
+  command -v apt-get >/dev/null || die "missing ${need[*]}: install them with this system's package manager"
+  say "installing ${need[*]}"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >"/tmp/edgeqwen-arm64-apt.log" 2>&1 \
+    || die "apt-get install ${need[*]} failed (log: /tmp/edgeqwen-arm64-apt.log)"
 fi
+# The kernel runs aarch64 binaries through qemu by a binfmt_misc entry; a fresh container may not even have
+# binfmt_misc mounted.
+BINFMT=/proc/sys/fs/binfmt_misc
+if [[ ! -e $BINFMT/status ]]; then
+  mount -t binfmt_misc binfmt_misc "$BINFMT" 2>/dev/null \
+    || die "binfmt_misc is not mounted and cannot be here: mount -t binfmt_misc binfmt_misc $BINFMT"
+fi
+if [[ ! -e $BINFMT/qemu-aarch64 ]]; then
+  update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || true
+  update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+fi
+if [[ ! -e $BINFMT/qemu-aarch64 && -f /usr/lib/binfmt.d/qemu-aarch64.conf ]]; then   # systemd's format, by hand
+  cat /usr/lib/binfmt.d/qemu-aarch64.conf > "$BINFMT/register" 2>/dev/null || true
+fi
+[[ -e $BINFMT/qemu-aarch64 ]] || die "no binfmt entry for aarch64: update-binfmts --enable qemu-aarch64"
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"; flock 9   # one run at a time: they share the rootfs
 
