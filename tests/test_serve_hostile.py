@@ -127,3 +127,41 @@ def test_sigterm_while_busy_answers_what_runs_refuses_what_waits_and_exits_0(tin
     assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
     assert got["running"][0] == 200, got   # answered with what it had
     assert got["waiting"][0] in (200, 503), got
+
+
+def test_fuzzed_bodies_get_a_4xx_or_an_answer_never_a_500(tiny_builds):
+    """Request bodies of any JSON shape in the fields the API reads, and raw bytes: 200, or a 4xx in OpenAI's
+    shape; never a 500, and the server stays healthy."""
+    hypothesis = pytest.importorskip("hypothesis")
+    import os
+
+    from hypothesis import strategies as st
+    examples = max(20, int(os.environ.get("EDGEQWEN_FUZZ_EXAMPLES", "300")) // 10)   # each is an HTTP request
+    s = Served([tiny_builds["q4_0"]], "--ctx", "256", "--request-timeout", "2")
+    model = _name(tiny_builds["q4_0"])
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.text(max_size=20),
+                     st.sampled_from(["\ud800", "\x00", model, "user", "system", "text"]))
+    value = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.sampled_from(
+                                                           ["role", "content", "type", "text", "x"]), inner,
+                                                           max_size=3)), max_leaves=8)
+    fields = st.dictionaries(st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "top_p",
+                                              "seed", "stop", "stream", "n", "ignore_eos", "stream_options"]),
+                             value, max_size=6)
+    good = {"model": model, "max_tokens": 4}
+
+    @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True)
+    @hypothesis.given(st.one_of(fields.map(lambda d: json.dumps({**good, **d}, allow_nan=True).encode()),
+                                st.binary(max_size=64)), st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+    def check(body, path):
+        r = httpx.post(s.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+        if r.status_code != 200:
+            assert set(r.json()["error"]) >= {"message", "type", "code"}
+    try:
+        check()
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        assert s.stop() == 0
+    log = s.proc.stderr.read()
+    assert "Traceback" not in log, log[-3000:]
