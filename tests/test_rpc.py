@@ -271,3 +271,41 @@ def test_the_model_process_stays_in_step_after_a_closed_stream_or_an_error(tiny_
             [x.token for x in r.stream(r.tokenize("Hello"), greedy5)] == want
     finally:
         r.close()
+
+
+def test_worker_host_checks_are_the_servers(tiny_builds):
+    """One host check for serve and worker: ::1 is loopback (ggml-rpc listens on IPv4 only: one line saying so),
+    an empty host is refused rather than meaning every interface."""
+    p = run_cli("worker", "--host", "::1", "--port", str(free_port()), timeout=30)
+    assert p.returncode == 2 and "IPv4 addresses only" in p.stderr and "not a loopback" not in p.stderr, p.stderr
+    p = run_cli("worker", "--host", "", "--port", str(free_port()), timeout=30)
+    assert p.returncode == 2 and "--host is empty" in p.stderr
+
+
+def test_serve_reloads_a_model_process_that_died_and_health_says_why(tiny_builds, workers):
+    pytest.importorskip("openai")
+    import httpx
+    from test_serve import Served, _name
+    model = _name(tiny_builds["q8_0"])
+    s = Served([tiny_builds["q8_0"]], "--workers", ",".join(w.ep for w in workers), "--split", "1,1,1", "--lean",
+               "--ctx", "4096")
+    try:
+        body = {"model": model, "prompt": "Hello", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+        killer = threading.Timer(1.0, workers[1].kill)
+        killer.start()
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+        killer.join()
+        assert r.status_code == 500 and f"lost worker {workers[1].ep}" in r.json()["error"]["message"], r.text
+        h = httpx.get(s.url + "/health", timeout=10)
+        assert h.status_code == 503 and "lost worker" in h.json()["error"]
+        port = workers[1].port   # the worker comes back on its port: the next request loads the model again
+        workers[1].proc.wait(10)
+        back = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "worker", "--port", str(port), "--threads",
+                                 "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        workers[1].proc = back
+        time.sleep(2)
+        r = httpx.post(s.url + "/v1/completions", json={**body, "max_tokens": 4}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 200
+    finally:
+        assert s.stop() == 0
