@@ -23,7 +23,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edgeqwen.build import synthetic_checkpoint
-from edgeqwen.measure import human_bytes
+from edgeqwen.process import human_bytes
 from edgeqwen.recipes import get_recipe
 
 
@@ -67,7 +67,7 @@ def main():
         work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="convbench-"))
         try:
             code = ("import sys; from pathlib import Path; from edgeqwen.checkpoint import open_checkpoint;"
-                    "from edgeqwen.convert import convert;"
+                    "from edgeqwen.formats.gguf.convert import convert;"
                     "convert(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])")
             tools = [("edgeqwen", [sys.executable, "-c", code, str(ckpt), str(work / "ours.gguf"), args.outtype])]
             if args.reference and args.ref_script:

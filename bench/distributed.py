@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from edgeqwen.benchmark import BenchConfig, run_one
-from edgeqwen.hw import device_label, fingerprint
-from edgeqwen.memlimit import MemoryCgroup, parse_size
-from edgeqwen.claims import usable_ram
-from edgeqwen.plan import load_devices
+from edgeqwen.measure.bench import BenchConfig, run_one
+from edgeqwen.measure.hw import device_label, fingerprint
+from edgeqwen.measure.memlimit import MemoryCgroup, parse_size
+from edgeqwen.measure.claims import usable_ram
+from edgeqwen.measure.plan import load_devices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_rpc import Worker  # noqa: E402  the same worker harness the tests use
@@ -67,7 +67,7 @@ POOLS = [("7b", "3xraspberry-pi-5-4gb"), ("7b", "2xraspberry-pi-5-8gb"), ("72b",
 
 def plan_section() -> str:
     """`edgeqwen plan SIZE q4 --devices POOL` for the pools people ask about (a prediction, not a measurement)."""
-    from edgeqwen.plan import describe_pool, parse_pool, plan_pool
+    from edgeqwen.measure.plan import describe_pool, parse_pool, plan_pool
     out = [PLAN_MARK, "", "Predictions (`edgeqwen plan SIZE q4 --devices POOL`), not measurements: per-device min RAM "
            "from the same per-tensor model as `plan`, layers in proportion to each device's free RAM, and a "
            "pipeline decode estimate with an assumed LAN (its model is printed with it).", ""]

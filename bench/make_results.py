@@ -8,9 +8,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from edgeqwen.claims import judge, load_claims, peak_rss, render_claims  # noqa: E402
-from edgeqwen.plan import load_devices, predicted_min_ram_for_row, predicted_rss_for_row  # noqa: E402
-from edgeqwen.table import fit_plot, latest_fits, load_rows, plot, render_rows  # noqa: E402
+from edgeqwen.measure.claims import judge, load_claims, peak_rss, render_claims  # noqa: E402
+from edgeqwen.measure.plan import load_devices, predicted_min_ram_for_row, predicted_rss_for_row  # noqa: E402
+from edgeqwen.measure.table import fit_plot, latest_fits, load_rows, plot, render_rows  # noqa: E402
 
 def plan_check(rows: list[dict]) -> tuple[str, int, int]:
     lines = ["| build | threads | measured peak RSS GiB | plan GiB | error |", "|---|---|---|---|---|"]

@@ -29,8 +29,8 @@ sys.path.insert(0, str(HERE))
 from convert_bench import measure  # noqa: E402
 
 from edgeqwen.build import synthetic_checkpoint  # noqa: E402
-from edgeqwen.hw import fingerprint  # noqa: E402
-from edgeqwen.measure import human_bytes  # noqa: E402
+from edgeqwen.measure.hw import fingerprint  # noqa: E402
+from edgeqwen.process import human_bytes  # noqa: E402
 from edgeqwen.recipes import get_recipe  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the builder must not wait on a hub it cannot reach
@@ -58,7 +58,8 @@ def main():
     for size in args.sizes:
         ckpt = synthetic_checkpoint(get_recipe(size), 0, tok, print)
         cb = ckpt_bytes(ckpt)
-        tools = [("edgeqwen", [sys.executable, "-m", "edgeqwen.onnx_export", str(ckpt), "{out}", args.precision])]
+        tools = [("edgeqwen", [sys.executable, "-m", "edgeqwen.formats.onnx.export", str(ckpt), "{out}",
+                               args.precision])]
         if not args.no_builder and has_builder:
             tools.append(("genai builder", [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt),
                                             "-o", "{out}", *BUILDER_ARGS[args.precision], "-e", "cpu", "-c",

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from edgeqwen.benchmark import BenchConfig, run_one  # noqa: E402
+from edgeqwen.measure.bench import BenchConfig, run_one  # noqa: E402
 from edgeqwen.home import resolve_build  # noqa: E402
 
 GENAI_LOOP = r'''
@@ -180,7 +180,7 @@ def main() -> None:
         lb = a.llama_bench or subprocess.run([str(HERE.parent / "tools" / "build-llama-tools.sh")],
                                              capture_output=True, text=True, check=True
                                              ).stdout.strip().splitlines()[-1] + "/llama-bench"
-        from edgeqwen.hw import device_label, fingerprint
+        from edgeqwen.measure.hw import device_label, fingerprint
         fp = fingerprint(bandwidth=False)
         dest = a.json or HERE / "results" / f"parity-{fp['device_id']}.json"
         data = {"date": time.strftime("%Y-%m-%d"), "device_label": device_label(fp), "device_id": fp["device_id"],

@@ -14,7 +14,7 @@ SHARED=../shared
 tok=()
 [ -d "$SHARED/fixtures/qwen2-tokenizer" ] && tok=(--tokenizer "$SHARED/fixtures/qwen2-tokenizer")
 mkdir -p bench/results
-out=bench/results/$($PY -c 'from edgeqwen.hw import fingerprint; print(fingerprint(bandwidth=False)["device_id"])').jsonl
+out=bench/results/$($PY -c 'from edgeqwen.measure.hw import fingerprint; print(fingerprint(bandwidth=False)["device_id"])').jsonl
 
 builds_for() {  # size -> build names (building what is missing)
   local size=$1

@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "SERVE.md")
     a = ap.parse_args()
     from edgeqwen.home import resolve_build
-    from edgeqwen.hw import device_label, fingerprint
+    from edgeqwen.measure.hw import device_label, fingerprint
     _, manifest = resolve_build(a.build)
     model = manifest["name"]
     server = Served([a.build])

@@ -51,9 +51,9 @@ def load(build, threads: int | None = None, ctx: int | None = None) -> Model:
 
 def bench(builds, threads=None, out=None, **config) -> list[dict]:
     """Benchmark rows (as `edgeqwen bench` writes them) for builds at the given thread counts."""
-    from .benchmark import BenchConfig, parse_threads
-    from .benchmark import bench as run
-    from .hw import fingerprint
+    from .measure.bench import BenchConfig, parse_threads
+    from .measure.bench import bench as run
+    from .measure.hw import fingerprint
     ts = threads if isinstance(threads, list) else parse_threads(threads)
     return run([str(b) for b in ([builds] if isinstance(builds, str) else builds)], ts, BenchConfig(**config),
                fingerprint(), out=out)
@@ -61,8 +61,8 @@ def bench(builds, threads=None, out=None, **config) -> list[dict]:
 
 def evaluate(build, texts=("en", "zh"), ctx: int = 512, reference=None, threads: int | None = None) -> dict:
     """{text label: PPL, KL and top-1 against the reference} for a build, as `edgeqwen eval` computes them."""
-    from .evalrows import resolve_reference
-    from .evaluate import evaluate_files, load_text
+    from .measure.evalrows import resolve_reference
+    from .measure.evaluate import evaluate_files, load_text
     from .home import resolve_build
     path, manifest = resolve_build(str(build))
     model = path / manifest["file"] if path.is_dir() else path

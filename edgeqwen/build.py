@@ -20,10 +20,10 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint, sha256_file
-from .convert import OUT_TYPES, convert, output_size
+from .formats.gguf.convert import OUT_TYPES, convert, output_size
 from .errors import BuildError, SourceError, UsageError
 from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
-from .measure import PeakRSS, Timer, human_bytes, max_rss_bytes
+from .process import PeakRSS, Timer, human_bytes, max_rss_bytes
 from .formats import FORMATS, build_hash, format_of_quant
 from .progress import bar
 from .recipes import Recipe
@@ -151,7 +151,7 @@ def build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: 
     manifest["timings_s"]["convert"] = round(t.seconds, 2)
     manifest["peak_rss_bytes"]["convert"] = rss.peak
     if not direct:
-        from .quantize import quantize
+        from .formats.gguf.quantize import quantize
         _say(log, f"quantizing to {quant} ({req.threads or 'all'} threads)")
         with Timer() as t, PeakRSS() as rss, bar(f"quantize {quant}", _estimate(ckpt, quant)) as upd:
             _disk_guard(lambda: quantize(conv_out, tmp / "model.gguf", quant, req.threads, upd))
@@ -169,7 +169,7 @@ def build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: 
 def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
     """The ONNX row's builder: edgeqwen's own exporter, weight by weight (onnx_export.py)."""
     try:
-        from . import onnx_export  # imports onnx and onnxruntime
+        from .formats.onnx import export as onnx_export  # imports onnx and onnxruntime
     except ImportError as e:
         raise BuildError(f"ONNX builds need {e.name}, which is not installed: pip install -e '.[onnx]'") from None
     check_ram(onnx_export.peak_estimate(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .pagecache import madvise
+from .formats.gguf.pagecache import madvise
 
 _log = logging.getLogger("edgeqwen")
 BUFFER_LINE = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from .errors import BuildError, UsageError
 from .formats import FORMATS, build_hash, hashed_paths
-from .home import TMP_MARK, builds_dir, checkpoints_dir, home, list_builds, resolve_build, \
-    write_json_atomic
+from .home import TMP_MARK, builds_dir, checkpoints_dir, home, list_builds, resolve_build, write_json_atomic
 
 _log = logging.getLogger("edgeqwen")
 
@@ -81,7 +80,7 @@ def check_build(path: Path, manifest: dict | None) -> None:
 # --- info -----------------------------------------------------------------------------------------
 
 def info(build: str, row_files: list[Path] = ()) -> dict:
-    from .table import load_rows
+    from .measure.table import load_rows
     path, manifest = resolve_build(build)
     if manifest is None:
         raise UsageError(f"{path} has no manifest; info needs a build folder or name")
@@ -91,7 +90,7 @@ def info(build: str, row_files: list[Path] = ()) -> dict:
     fmt = FORMATS.get(manifest.get("format", "gguf"))
     size = (manifest.get("recipe") or {}).get("size")
     if fmt and fmt.plan and size:
-        from .plan import plan
+        from .measure.plan import plan
         try:
             p = plan(size, manifest["quant"], config=manifest.get("config"))
             out["plan"] = {"file_bytes": p.file_bytes, "peak_ram_bytes": p.peak_ram, "ctx": p.ctx}

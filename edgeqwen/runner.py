@@ -95,7 +95,7 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
         if not fmt.workers:
             raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")
         if isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
-            from .rpc import IsolatedRunner, check_workers
+            from .formats.gguf.rpc import IsolatedRunner, check_workers
             check_workers(workers)
             return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
                                   workers=workers, split=split)

@@ -5,12 +5,12 @@ import shutil
 import pytest
 from conftest import run_cli
 
-from edgeqwen.benchmark import BenchConfig, make_row, measure
-from edgeqwen.claims import judge, load_claims, render_claims
-from edgeqwen.gguf_info import read_gguf_info
-from edgeqwen.plan import load_devices, plan
+from edgeqwen.measure.bench import BenchConfig, make_row, measure
+from edgeqwen.measure.claims import judge, load_claims, render_claims
+from edgeqwen.formats.gguf.info import read_gguf_info
+from edgeqwen.measure.plan import load_devices, plan
 from edgeqwen.runner import Response
-from edgeqwen.table import load_rows, render_rows
+from edgeqwen.measure.table import load_rows, render_rows
 
 
 class FakeRunner:
@@ -154,7 +154,7 @@ match = { device = "Raspberry Pi 5", ram_gib = 8 }
 
 def test_pi5_identity_from_cpuinfo_and_device_tree(monkeypatch):
     from conftest import REPO
-    from edgeqwen import hw
+    from edgeqwen.measure import hw
     info = hw.cpu_info((REPO / "tools/arm64/pi5-cpuinfo").read_text(), "aarch64", "Raspberry Pi 5 Model B Rev 1.0\0")
     assert info == {"cpu": "Cortex-A76", "arch": "aarch64", "isa": ["dotprod", "fp16", "neon"],
                     "device": "Raspberry Pi 5 Model B Rev 1.0"}
@@ -179,7 +179,7 @@ def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
     """Qwen2-0.5B's 896-wide rows cannot hold K-quant blocks: llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
     import collections
 
-    from edgeqwen.plan import tensor_types
+    from edgeqwen.measure.plan import tensor_types
     from edgeqwen.recipes import get_recipe
     cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
     counts = collections.Counter(t.name for *_, t in tensor_types(cfg, "q4_k_m"))
@@ -189,7 +189,7 @@ def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
 
 def test_a_resident_load_holds_the_untied_embedding_table():
     """A normal load that reads the file into memory (Linux, huge pages) cannot leave the table to the page cache."""
-    from edgeqwen.plan import describe, predicted_min_ram_for_row
+    from edgeqwen.measure.plan import describe, predicted_min_ram_for_row
     from edgeqwen.recipes import get_recipe
     cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
     lean, resident = plan("0.5b", "q8_0", config=cfg), plan("0.5b", "q8_0", config=cfg, resident=True)
@@ -252,7 +252,7 @@ def test_hw_fingerprint_cli():
 
 
 def test_plan_peak_counts_repacked_copies_only_where_the_originals_stay():
-    from edgeqwen.plan import plan, predicted_rss_for_row
+    from edgeqwen.measure.plan import plan, predicted_rss_for_row
     given, kept = plan("1.5b", "q4_0"), plan("1.5b", "q4_0", release=False)
     assert given.repack_bytes > 0 and kept.peak_ram - given.peak_ram == given.repack_bytes
     row = {"backend": "llama.cpp", "build": {"size": "1.5b", "quant": "q4_0"}, "n_ctx": 4096, "prompt_tokens": 512}
@@ -262,7 +262,7 @@ def test_plan_peak_counts_repacked_copies_only_where_the_originals_stay():
 
 def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():
     """llama.cpp's AMX buffer type keeps a repacked copy of every Q8_0/K-quant matrix but token_embd."""
-    from edgeqwen.plan import nbytes, tensor_types
+    from edgeqwen.measure.plan import nbytes, tensor_types
     from edgeqwen.recipes import get_recipe
     cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
     q8 = [(name, ne, t) for name, _, ne, t in tensor_types(cfg, "q8_0")]
@@ -277,7 +277,7 @@ def test_plan_on_an_amx_cpu_holds_a_tied_outputs_copy_and_the_amx_layouts_additi
     """A tied model's output is token_embd loaded again into the AMX buffer while the lookup keeps reading the
     original (pagecache.py keeps it): a second copy, whichever way the file is loaded; and the AMX layout adds 4
     bytes per Q8_0 / Q4_K block (ggml-cpu/amx/mmq.cpp get_row_size)."""
-    from edgeqwen.plan import nbytes, tensor_types
+    from edgeqwen.measure.plan import nbytes, tensor_types
     from edgeqwen.recipes import get_recipe
     tied = get_recipe("0.5b").hf_config()
     assert tied["tie_word_embeddings"]
@@ -294,7 +294,7 @@ def test_plan_on_an_amx_cpu_holds_a_tied_outputs_copy_and_the_amx_layouts_additi
 
 
 def test_plan_over_several_devices():
-    from edgeqwen.plan import load_devices, parse_pool, plan, plan_pool
+    from edgeqwen.measure.plan import load_devices, parse_pool, plan, plan_pool
     profiles = load_devices()
     pool = parse_pool("3xraspberry-pi-5-4gb", profiles)
     r = plan_pool("7b", "q4", pool)
@@ -321,7 +321,7 @@ def test_plan_devices_bad_input(spec, msg):
 
 
 def test_table_columns_use_llama_bench_test_names(rows):
-    from edgeqwen.table import render_rows
+    from edgeqwen.measure.table import render_rows
     md = render_rows(rows, "md")
     assert "| pp64 t/s | tg16 t/s | tg16@d64 t/s |" in md   # tg16 from an empty context, tg16@d64 after the prompt
     line = next(ln for ln in md.splitlines() if "q8_0" in ln and "20.00" in ln)

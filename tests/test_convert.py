@@ -7,7 +7,7 @@ import pytest
 from conftest import REAL_TOKENIZER, tiny_config
 
 from edgeqwen.checkpoint import open_checkpoint
-from edgeqwen.convert import convert
+from edgeqwen.formats.gguf.convert import convert
 from edgeqwen.safetensors import bf16_to_f32
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from edgeqwen.evaluate import ChunkStats, load_text
+from edgeqwen.measure.evaluate import ChunkStats, load_text
 
 
 def _reference_metrics(logits, ref, targets):

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import run_cli
 
-from edgeqwen import memlimit
+from edgeqwen.measure import memlimit
 
 needs_cgroups = pytest.mark.skipif(os.geteuid() != 0 or memlimit._version() is None,
                                    reason="needs root and the cgroup memory controller")
@@ -66,8 +66,8 @@ def test_a_generous_limit_gives_the_same_tokens(tiny_builds):
 
 @needs_cgroups
 def test_fit_converges_on_the_tiny_model(tiny_builds):
-    from edgeqwen.benchmark import BenchConfig
-    from edgeqwen.fit import fit
+    from edgeqwen.measure.bench import BenchConfig
+    from edgeqwen.measure.fit import fit
     res = 32 << 20
     row = fit(str(tiny_builds["q8_0"]), 2, {"device_id": "test"}, fraction=0.5, resolution=res,
               cfg=BenchConfig(prompt_tokens=16, gen_tokens=16, repeats=1, n_ctx=512))
@@ -92,7 +92,7 @@ def test_fit_converges_on_the_tiny_model(tiny_builds):
     (7.0, None, 0, False),    # no cgroup reading, far below the bar
 ])
 def test_only_probes_noise_can_explain_are_measured_again(tg, peak, faults, retried):
-    from edgeqwen.fit import _noise_can_explain
+    from edgeqwen.measure.fit import _noise_can_explain
     row = {"status": "too-slow", "tg": {"mean": tg} if tg else None, "cgroup_peak": peak and peak << 20,
            "major_faults": faults}
     assert _noise_can_explain(row, 1300 << 20, 10.0, 96) is retried
@@ -128,7 +128,7 @@ def test_bad_sizes(bad):
 
 
 def test_fit_plot_draws_speed_against_the_limit(tmp_path):
-    from edgeqwen.table import fit_plot
+    from edgeqwen.measure.table import fit_plot
 
     def row(size, quant, lean):
         probes = [{"limit": g << 30, "tg": tg, "pass": ok} for g, tg, ok in ((4, 2.4, True), (2, None, False),
@@ -143,7 +143,7 @@ def test_fit_plot_draws_speed_against_the_limit(tmp_path):
 
 
 def test_a_later_fit_of_the_same_build_supersedes_the_earlier():
-    from edgeqwen.table import latest_fits
+    from edgeqwen.measure.table import latest_fits
 
     def row(t, lean, sha="a", dev="d1", min_ram=1, name="x"):
         return {"kind": "fit", "time": t, "device": {"device_id": dev}, "build": {"sha256": sha, "name": name},

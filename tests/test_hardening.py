@@ -93,7 +93,7 @@ def test_fuzzed_gguf_headers_give_a_clean_error_or_load(tiny_builds, tmp_path_fa
     from hypothesis import strategies as st
 
     from edgeqwen.errors import RunnerError
-    from edgeqwen.llama_runner import _check_gguf
+    from edgeqwen.formats.gguf.runner import _check_gguf
     src = (tiny_builds["q4_0"] / "model.gguf").read_bytes()
     head = src[:1 << 16]
     work = tmp_path_factory.mktemp("fuzz") / "f.gguf"
@@ -337,8 +337,8 @@ def test_bad_claims_are_one_line(tmp_path, toml, words):
 
 
 def test_bundled_profiles_and_claims_validate():
-    from edgeqwen.claims import load_claims
-    from edgeqwen.plan import load_devices
+    from edgeqwen.measure.claims import load_claims
+    from edgeqwen.measure.plan import load_devices
     assert len(load_devices()) >= 10 and len(load_claims()) >= 5
 
 
@@ -372,7 +372,7 @@ def test_fuzzed_rows_and_manifests_give_a_usage_error_or_data(tmp_path_factory):
 
     from edgeqwen.errors import UsageError
     from edgeqwen.home import read_manifest
-    from edgeqwen.table import load_rows, render_rows
+    from edgeqwen.measure.table import load_rows, render_rows
     d = tmp_path_factory.mktemp("rows")
     row = st.fixed_dictionaries({"schema": st.sampled_from([1, 1, 2, "1"]), "kind": st.sampled_from(
         ["bench", "eval", "fit", "x"]), "time": _json_values(), "device": _json_values(), "build": _json_values(),
@@ -450,7 +450,7 @@ def test_fuzzed_text_tokenizes_or_is_refused_never_raises(tiny_builds):
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from edgeqwen.llama_runner import LlamaRunner
+    from edgeqwen.formats.gguf.runner import LlamaRunner
     from edgeqwen.text import clean, decode
     r = LlamaRunner(next(tiny_builds["q8_0"].glob("*.gguf")), threads=1, n_ctx=256)
 
@@ -562,9 +562,9 @@ GOOD_ROWS = {
 
 
 def _render_all(path):
-    from edgeqwen.claims import judge, load_claims, render_claims
-    from edgeqwen.plan import load_devices, predicted_rss_for_row
-    from edgeqwen.table import load_rows, render_quality, render_rows
+    from edgeqwen.measure.claims import judge, load_claims, render_claims
+    from edgeqwen.measure.plan import load_devices, predicted_rss_for_row
+    from edgeqwen.measure.table import load_rows, render_quality, render_rows
     rows = load_rows([path])
     for fmt in ("md", "csv", "html"):
         render_rows(rows, fmt, plan_fn=predicted_rss_for_row)

@@ -100,7 +100,7 @@ def test_memory_filled_before_it_could_be_advised_is_collapsed_into_huge_pages()
 LOAD = r"""
 import json, sys
 from edgeqwen import hugepages
-from edgeqwen.llama_runner import LlamaRunner
+from edgeqwen.formats.gguf.runner import LlamaRunner
 from edgeqwen.runner import Sampling
 hugepages.HUGE_PAGE = 0   # the tiny model's repacked copy is smaller than one huge page
 seen, line = [], hugepages.HugePager.line
@@ -140,7 +140,7 @@ def test_the_runner_advises_its_repack_or_amx_buffer_with_the_same_tokens(tiny_b
 
 TWICE = r"""
 import gc, sys
-from edgeqwen.llama_runner import LlamaRunner
+from edgeqwen.formats.gguf.runner import LlamaRunner
 for _ in range(2):
     r = LlamaRunner(sys.argv[1], threads=1, n_ctx=256)
     print(r.hugepages)

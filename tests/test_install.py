@@ -12,7 +12,8 @@ import edgeqwen
 from edgeqwen.cli import cli
 
 
-@pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.iter_modules(edgeqwen.__path__, "edgeqwen.")))
+@pytest.mark.parametrize("name", sorted(m.name for m in pkgutil.walk_packages(edgeqwen.__path__, "edgeqwen.")
+                                         if not m.name.endswith("__main__")))
 def test_every_module_imports(name):
     importlib.import_module(name)
 
@@ -25,9 +26,9 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_packaged_data_is_found_through_the_package():
-    from edgeqwen.claims import load_claims
-    from edgeqwen.evaluate import load_text
-    from edgeqwen.plan import load_devices
+    from edgeqwen.measure.claims import load_claims
+    from edgeqwen.measure.evaluate import load_text
+    from edgeqwen.measure.plan import load_devices
     from edgeqwen.resources import recipe_files
     assert {"qwen2-0.5b.toml", "qwen2-7b.toml"} <= {p.name for p in recipe_files()}
     assert "raspberry-pi-5-8gb" in load_devices() and load_claims()

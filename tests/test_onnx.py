@@ -33,7 +33,7 @@ needs_hf = _reference("torch", "transformers")
 
 
 def _onnx_logits(folder, ids):
-    from edgeqwen.onnx_runner import OnnxRunner
+    from edgeqwen.formats.onnx.runner import OnnxRunner
     r = OnnxRunner(folder, threads=2, n_ctx=256)
     try:
         return r.logits(ids)
@@ -65,7 +65,7 @@ def test_onnx_builds_have_a_manifest_and_generate(onnx_builds, quant):
 
 def test_sizes_are_what_the_preflight_expected(onnx_builds):
     from edgeqwen.checkpoint import open_checkpoint
-    from edgeqwen.onnx_export import output_size
+    from edgeqwen.formats.onnx.export import output_size
     sizes = {}
     for q in ("int4", "int4_rtn", "int8", "fp32", "untied-int4", "untied-fp32"):
         m = json.loads((onnx_builds[q] / "manifest.json").read_text())
@@ -164,7 +164,7 @@ def test_streamed_int4_equals_the_genai_builders_k_quant_mixed(onnx_builds, tiny
 
 
 def test_int4_promotes_llama_cpp_s_sensitive_layers_and_lm_head_to_int8(onnx_builds):
-    from edgeqwen.onnx_layout import promoted_layers
+    from edgeqwen.formats.onnx.layout import promoted_layers
     assert promoted_layers(24) == {0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23}
     assert promoted_layers(2) == {0}
     bits = _nbits_bits(onnx_builds["int4"])
@@ -274,14 +274,14 @@ def test_eval_of_onnx_builds_against_fp32(onnx_builds, tmp_path):
 
 @pytest.mark.parametrize("impl", ["jit", "numpy"])
 def test_kquant_search_is_onnxruntimes_bit_for_bit(impl):
-    """edgeqwen.kquant (compiled and numpy) against onnxruntime's quant_tensor_k_quant_cpu: the same values,
-    scales and zero points on random weights with the cases that take the search's other branches (constant,
+    """edgeqwen.formats.onnx.kquant (compiled and numpy) against onnxruntime's quant_tensor_k_quant_cpu: the same
+    values, scales and zero points on random weights with the cases that take the search's other branches (constant,
     zero and outlier blocks), int4 and int8, and on sampled rows of the real 0.5B when its checkpoint is on disk."""
     import warnings
 
     from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
 
-    from edgeqwen.kquant import jit, kquant_search
+    from edgeqwen.formats.onnx.kquant import jit, kquant_search
     assert impl == "numpy" or jit(), "numba is in the onnx extra: make setup installs it"
     rng = np.random.default_rng(7)
     w = (rng.standard_normal((96, 512)) * 0.02).astype(np.float32)
@@ -311,7 +311,7 @@ def test_kquant_search_is_onnxruntimes_bit_for_bit(impl):
 def test_read_ahead_keeps_order_raises_and_ends_its_thread():
     import threading
 
-    from edgeqwen.onnx_export import _ahead
+    from edgeqwen.formats.onnx.export import _ahead
     assert list(_ahead(iter(range(50)))) == list(range(50))
 
     def failing():
@@ -352,8 +352,8 @@ def test_plan_holds_what_the_graph_s_consumers_hold(onnx_builds):
     gets the role of the op that consumes it (the most held, where two share one) and the sums must agree."""
     import onnx
 
-    from edgeqwen.onnx_layout import padding
-    from edgeqwen.plan import ONNX_HELD, plan
+    from edgeqwen.formats.onnx.layout import padding
+    from edgeqwen.measure.plan import ONNX_HELD, plan
     role_of = {("MatMulNBits", 1): "blobs", ("MatMulNBits", 2): "scales", ("MatMulNBits", 3): "zp",
                ("GatherBlockQuantized", 0): "table", ("GatherBlockQuantized", 2): "table", ("Gather", 0): "table",
                ("Reshape", 0): "folded"}

@@ -32,7 +32,7 @@ def _logged_repacks(monkeypatch) -> list[str]:
     (ggml-cpu's repack buffer, or the AMX buffer): what this CPU's branch is, as the library says."""
     import re
 
-    from edgeqwen import pagecache
+    from edgeqwen.formats.gguf import pagecache
     names, line = [], pagecache.Releaser.line
 
     def spy(self, msg):
@@ -53,9 +53,10 @@ def test_repacked_originals_are_released_with_the_same_tokens_on_this_cpus_repac
                                                                                                   monkeypatch):
     """Whatever this CPU repacks (CPU_REPACK: Q4_0; AMX: Q4_0 and the tied output's Q6_K copy of token_embd), the
     originals given back are exactly those libllama reported copying, less token_embd, which the lookup still reads."""
-    from edgeqwen import hugepages, pagecache
-    from edgeqwen.gguf_info import read_gguf_info
-    from edgeqwen.llama_runner import LlamaRunner
+    from edgeqwen import hugepages
+    from edgeqwen.formats.gguf import pagecache
+    from edgeqwen.formats.gguf.info import read_gguf_info
+    from edgeqwen.formats.gguf.runner import LlamaRunner
     monkeypatch.setattr(hugepages, "available", lambda: False)   # a normal load maps the file only without THP
     model = next(Path(tiny_builds["q4_0"]).glob("*.gguf")).resolve()
     info = read_gguf_info(model)
@@ -95,8 +96,8 @@ def test_recorded_load_logs_release_what_each_branch_repacked_and_never_the_embe
                                                                                        released_tensors):
     import mmap
 
-    from edgeqwen.gguf_info import read_gguf_info
-    from edgeqwen.pagecache import Releaser
+    from edgeqwen.formats.gguf.info import read_gguf_info
+    from edgeqwen.formats.gguf.pagecache import Releaser
     model = next(Path(tiny_builds["q4_0" if released_tensors else "q8_0"]).glob("*.gguf")).resolve()
     info = read_gguf_info(model)
     with open(model, "rb") as f:   # the file mapped and read, as a mapped load leaves it
@@ -120,7 +121,7 @@ def test_recorded_load_logs_release_what_each_branch_repacked_and_never_the_embe
 
 
 def test_a_lean_load_releases_nothing(tiny_builds):
-    from edgeqwen.llama_runner import LlamaRunner
+    from edgeqwen.formats.gguf.runner import LlamaRunner
     model = next(Path(tiny_builds["q4_0"]).glob("*.gguf"))
     r = LlamaRunner(model, threads=2, n_ctx=256, lean=True)
     assert r.released == 0 and len(_greedy(r, 4)) == 4
@@ -128,8 +129,8 @@ def test_a_lean_load_releases_nothing(tiny_builds):
 
 
 def test_lines_that_are_not_repacks_release_nothing(tiny_builds):
-    from edgeqwen.gguf_info import read_gguf_info
-    from edgeqwen.pagecache import Releaser
+    from edgeqwen.formats.gguf.info import read_gguf_info
+    from edgeqwen.formats.gguf.pagecache import Releaser
     model = next(Path(tiny_builds["q4_0"]).glob("*.gguf"))
     r = Releaser(model, read_gguf_info(model))
     for msg in ("load_tensors: CPU_REPACK model buffer size = 1.00 MiB", "repack: repack tensor no.such.tensor"):
@@ -139,7 +140,7 @@ def test_lines_that_are_not_repacks_release_nothing(tiny_builds):
 
 def test_a_load_that_reads_the_file_has_nothing_to_release(tiny_builds):
     from edgeqwen.hugepages import available
-    from edgeqwen.llama_runner import LlamaRunner
+    from edgeqwen.formats.gguf.runner import LlamaRunner
     if not available():
         pytest.skip("transparent huge pages are off: a normal load maps the file here")
     model = next(Path(tiny_builds["q4_0"]).glob("*.gguf")).resolve()

@@ -33,7 +33,7 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "worker", "--port", str(self.port),
                                       *threads, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True, preexec_fn=preexec_fn)
-        from edgeqwen.rpc import hello, parse_endpoint
+        from edgeqwen.formats.gguf.rpc import hello, parse_endpoint
         deadline = time.time() + 30
         while True:
             try:
@@ -75,7 +75,7 @@ def greedy(build, n=24, **kw):
 def test_split_over_two_workers_gives_the_same_tokens(tiny_builds, workers):
     """lean on both sides: a worker's CPU backend keeps no repacked (interleaved or AMX) weights, so a normal
     local load would run other kernels, in another summation order, on its share of the layers."""
-    from edgeqwen.rpc import parse_workers
+    from edgeqwen.formats.gguf.rpc import parse_workers
     eps = parse_workers(",".join(w.ep for w in workers))
     for q in ("f16", "q8_0", "q4_0"):
         alone = greedy(tiny_builds[q], lean=True)
@@ -86,7 +86,7 @@ def test_split_over_two_workers_gives_the_same_tokens(tiny_builds, workers):
 
 def test_split_really_puts_layers_on_the_workers(tiny_builds, workers):
     """Not just the same answer: the workers hold the weights (their memory grows), and the layer count is right."""
-    from edgeqwen.rpc import layer_params, parse_workers, worker_peak_memory
+    from edgeqwen.formats.gguf.rpc import layer_params, parse_workers, worker_peak_memory
     assert layer_params(2, 2, [1, 1, 1]) == {"n_gpu_layers": 2, "tensor_split": [1, 1]}
     assert layer_params(24, 1, [3, 1]) == {"n_gpu_layers": 6, "tensor_split": [1]}
     assert layer_params(24, 2, None) == {"n_gpu_layers": -1}
@@ -103,7 +103,7 @@ def test_split_really_puts_layers_on_the_workers(tiny_builds, workers):
 
 def test_worker_killed_mid_reply_ends_it_with_one_line(tiny_builds, workers):
     from edgeqwen.errors import RunnerError
-    from edgeqwen.rpc import parse_workers
+    from edgeqwen.formats.gguf.rpc import parse_workers
     from edgeqwen.runner import Sampling, load_runner
     eps = parse_workers(",".join(w.ep for w in workers))
     r = load_runner(tiny_builds["f16"], n_ctx=4096, workers=eps, split=[1, 1, 1])
@@ -122,7 +122,7 @@ def test_worker_killed_mid_reply_ends_it_with_one_line(tiny_builds, workers):
 
 def test_stalled_worker_is_a_deadline_not_a_hang(tiny_builds, workers, monkeypatch):
     from edgeqwen.errors import RunnerError
-    from edgeqwen.rpc import parse_workers
+    from edgeqwen.formats.gguf.rpc import parse_workers
     from edgeqwen.runner import Sampling, load_runner
     eps = parse_workers(",".join(w.ep for w in workers))
     r = load_runner(tiny_builds["f16"], n_ctx=4096, workers=eps, split=[1, 1, 1])
@@ -210,7 +210,7 @@ def _fake_server(answer: bytes | None):
 
 
 def test_other_version_and_silent_worker_are_one_line_in_bounded_time(tiny_builds):
-    from edgeqwen.rpc import CONN_CAPS
+    from edgeqwen.formats.gguf.rpc import CONN_CAPS
     srv, ep = _fake_server(struct.pack("<Q", 4 + CONN_CAPS) + bytes([8, 0, 0, 0]) + bytes(CONN_CAPS))
     p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", ep, timeout=30)
     srv.close()
@@ -254,7 +254,7 @@ def test_the_model_process_stays_in_step_after_a_closed_stream_or_an_error(tiny_
     """A consumer that stops reading (a server's client hanging up) or a refused prompt must not leave the
     child's replies queued for the next call."""
     from edgeqwen.errors import RunnerError
-    from edgeqwen.rpc import parse_workers
+    from edgeqwen.formats.gguf.rpc import parse_workers
     from edgeqwen.runner import Sampling, load_runner
     eps = parse_workers(",".join(w.ep for w in workers))
     r = load_runner(tiny_builds["q8_0"], n_ctx=256, workers=eps, split=[1, 1, 1], lean=True)

@@ -5,8 +5,8 @@ import hashlib
 import time
 from pathlib import Path
 
-from .errors import UsageError
-from .home import list_builds, read_manifest, resolve_build
+from ..errors import UsageError
+from ..home import list_builds, read_manifest, resolve_build
 
 SCHEMA = 1
 
@@ -14,9 +14,9 @@ SCHEMA = 1
 def resolve_reference(path: Path, manifest: dict | None, reference: str | None, log=None) -> Path | None:
     """The reference model file: given, else the f16 GGUF (fp32 ONNX for ONNX builds) of the same source,
     built if missing."""
-    from .build import BuildRequest, build
-    from .formats import FORMATS
-    from .recipes import get_recipe
+    from ..build import BuildRequest, build
+    from ..formats import FORMATS
+    from ..recipes import get_recipe
     if reference:
         ref = Path(reference)
         if ref.is_dir() and (ref / "config.json").exists() and read_manifest(ref) is None:

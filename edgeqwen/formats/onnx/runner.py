@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .errors import RunnerError
-from .measure import physical_cores
-from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
-from .text import clean
+from ...errors import RunnerError
+from ...process import physical_cores
+from ...runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+from ...text import clean
 
 
 def _json(path: Path) -> dict:
@@ -58,7 +58,7 @@ class OnnxRunner:
             cfg.clear_providers()  # CPU, whatever the folder's config asks for
             opts = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
-            from .hugepages import anonymous_mappings, available, collapse_new
+            from ...hugepages import anonymous_mappings, available, collapse_new
             before = anonymous_mappings() if available() else set()
             self.model = og.Model(cfg)
             # decode reads every prepacked weight per token: in huge pages, tg128 1.062x on the real 0.5B int4

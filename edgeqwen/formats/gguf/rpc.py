@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import RunnerError, UsageError
+from ...errors import RunnerError, UsageError
 
 log = logging.getLogger("edgeqwen")
 
@@ -255,7 +255,7 @@ def layer_params(n_layer: int, n_workers: int, split: list[float] | None) -> dic
 def serve_worker(host: str, port: int, threads: int, allow_remote: bool, cache_dir: Path | None = None,
                  ready=None) -> None:
     """Serve this machine's CPU to llama.cpp clients until interrupted (blocks)."""
-    from .hosts import check_host
+    from ...hosts import check_host
     where = check_host(host)
     if not where.loopback and not allow_remote:
         raise UsageError(f"--host {host} is not a loopback address: add --allow-remote if you mean it. "
@@ -436,8 +436,8 @@ def _child_main(conn, build: str, kw: dict, errlog: str) -> None:
     fd = os.open(errlog, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides what Ctrl-C means
-    from .errors import EdgeqwenError
-    from .runner import load_runner
+    from ...errors import EdgeqwenError
+    from ...runner import load_runner
     try:
         runner = load_runner(build, isolate=False, **kw)
     except EdgeqwenError as e:

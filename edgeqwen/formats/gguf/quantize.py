@@ -6,9 +6,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BuildError
-from .measure import physical_cores
-from .recipes import GGUF_QUANTS
+from ...errors import BuildError
+from ...process import physical_cores
+from ...recipes import GGUF_QUANTS
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
@@ -18,7 +18,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
         import llama_cpp
     except ImportError:
         raise BuildError("quantizing needs llama-cpp-python: run 'make setup' or pip install -e '.[gguf]'") from None
-    from .llama_runner import route_llama_logs
+    from .runner import route_llama_logs
     route_llama_logs()   # a line per tensor otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(GGUF_QUANTS[quant])
@@ -43,5 +43,5 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None,
         done.set()
         t.join()
     if rc != 0 or not dst.exists():
-        from .llama_runner import last_llama_error
+        from .runner import last_llama_error
         raise BuildError(f"llama.cpp's quantizer failed for {quant}: {last_llama_error() or f'code {rc}'}")

@@ -36,9 +36,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .errors import EdgeqwenError, RunnerError
-from .runner import Sampling
-from .text import clean
+from ..errors import EdgeqwenError, RunnerError
+from ..runner import Sampling
+from ..text import clean
 
 _log = logging.getLogger("edgeqwen")
 MAX_BODY = 1 << 20
@@ -142,7 +142,7 @@ class Metrics:
 
 
 def _build_meta(arg: str) -> tuple[str, dict]:
-    from .home import resolve_build
+    from ..home import resolve_build
     path, manifest = resolve_build(arg)
     m = manifest or {}
     name = m.get("name") or path.stem
@@ -174,7 +174,7 @@ class Server:
                 if s.runner is not None:
                     s.runner.close()
                     s.runner, s.resident = None, None
-                from .runner import load_runner
+                from ..runner import load_runner
                 _log.info("loading %s", name)
                 s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx, **self.cfg.load)
                 s.resident, s.failed = name, None
@@ -533,7 +533,7 @@ def create_app(server: Server) -> Starlette:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def page(request):
-        from .resources import data
+        from ..resources import data
         return HTMLResponse(data("chat.html").read_text(encoding="utf-8"))
 
     async def not_found(request, exc):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .benchmark import SCHEMA, BenchConfig, build_fields, limited_row, run_one
+from .bench import SCHEMA, BenchConfig, build_fields, limited_row, run_one
 from .memlimit import read_ahead_kb
 from .plan import predicted_min_ram_for_row
 
@@ -58,7 +58,7 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
     for _ in range(BASELINE_RUNS):
         base = run_one(build, threads, cfg)
         if base.get("status") != "ok":
-            from .errors import RunnerError
+            from ..errors import RunnerError
             raise RunnerError(f"{build} does not run even without a limit: {base.get('error')}")
         runs.append(base)
     # the bar every probe is judged against: one lucky-fast unlimited run made even a 4 GiB limit "too slow"

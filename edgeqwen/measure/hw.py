@@ -130,7 +130,7 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, repeats: int = 
 def versions() -> dict:
     import importlib.metadata as md
 
-    from . import __version__
+    from .. import __version__
     out = {"edgeqwen": __version__, "python": platform.python_version()}
     for pkg in ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "gguf", "numpy"):
         try:

@@ -13,9 +13,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .checkpoint import Checkpoint
-from .errors import BuildError, SourceError
-from .safetensors import Reader, TensorInfo, f32_to_bf16, to_f32
+from ...checkpoint import Checkpoint
+from ...errors import BuildError, SourceError
+from ...safetensors import Reader, TensorInfo, f32_to_bf16, to_f32
 
 T = gguf.GGMLQuantizationType
 OUT_TYPES = {"f32": (T.F32, gguf.LlamaFileType.ALL_F32), "f16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -106,7 +106,7 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     path = ckpt.path / "tokenizer.json"
     if not path.exists():
         raise BuildError(f"{ckpt.path}: no tokenizer.json; a build needs the tokenizer")
-    from .schemas import TokenizerFile, check_source, read_json
+    from ...schemas import TokenizerFile, check_source, read_json
     t = check_source(TokenizerFile, read_json(path, "tokenizer.json"), path, "tokenizer.json")
     vocab: dict[str, int] = dict(t.model.vocab)
     added = {a.id: {"id": a.id, "content": a.content, "special": a.special} for a in t.added_tokens}
@@ -137,7 +137,7 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     w.add_token_types(types)
     cfg_path = ckpt.path / "tokenizer_config.json"
     if cfg_path.exists():
-        from .schemas import TokenizerConfig
+        from ...schemas import TokenizerConfig
         check_source(TokenizerConfig, read_json(cfg_path, "tokenizer_config.json"), cfg_path, "tokenizer_config.json")
     try:   # gguf-py reads merges, special tokens and the chat template from the tokenizer files itself
         special = gguf.SpecialVocab(ckpt.path, load_merges=True, n_vocab=n_vocab)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import EdgeqwenError
-from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P, Finite
+from .. import __version__
+from ..errors import EdgeqwenError
+from ..params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P, Finite
 
 
 class Group(click.Group):
@@ -91,9 +91,9 @@ def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, th
       edgeqwen build 7b q4 --synthetic             # the 7B shape, random weights
       edgeqwen build 1.5b int4                     # ONNX int4 for onnxruntime-genai
     """
-    from .build import BuildRequest
-    from .build import build as run_build
-    from .recipes import get_recipe
+    from ..build import BuildRequest
+    from ..build import build as run_build
+    from ..recipes import get_recipe
     req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
                        tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,
                        keep_intermediate=keep_intermediate, smoke=not no_smoke, format=fmt)
@@ -109,9 +109,9 @@ def list_cmd(as_json):
     \b
       edgeqwen list
     """
-    from .home import builds_dir, list_builds
-    from .measure import human_bytes
-    from .recipes import ONNX_QUANTS, buildable_gguf_quants, load_recipes
+    from ..home import builds_dir, list_builds
+    from ..process import human_bytes
+    from ..recipes import ONNX_QUANTS, buildable_gguf_quants, load_recipes
     builds = list_builds()
     recipes = load_recipes()
     if as_json:
@@ -146,13 +146,13 @@ def device_options(f):
 
 
 def _devices(lean, workers, split) -> dict:
-    from .rpc import parse_split, parse_workers
+    from ..formats.gguf.rpc import parse_split, parse_workers
     eps = parse_workers(workers)
     return {"lean": lean, "workers": eps or None, "split": parse_split(split, len(eps))}
 
 
 def _sampling(max_tokens, temperature, top_p, seed):
-    from .runner import Sampling
+    from ..runner import Sampling
     return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
@@ -181,9 +181,9 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
       echo "Translate to French: cheese" | edgeqwen run qwen2-0.5b-q8_0 --temperature 0
       edgeqwen run qwen2-7b-q4_k_m "Hi" --workers 192.168.1.21:50052,192.168.1.22:50052
     """
-    from .errors import UsageError
-    from .runner import display_text, generate_text, load_runner
-    from .text import clean, decode
+    from ..errors import UsageError
+    from ..runner import display_text, generate_text, load_runner
+    from ..text import clean, decode
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise UsageError("no prompt: give one as an argument or on stdin")
@@ -205,7 +205,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     else:
         sys.stdout.write("\n")
     if verbose:
-        from .chat import stats_line
+        from ..chat import stats_line
         click.echo(f"{last.generation_tokens} tokens · " + stats_line(last), err=True)
     runner.close()
 
@@ -229,9 +229,9 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
     \b
       edgeqwen chat qwen2-1.5b-q4_k_m --system "Answer briefly."
     """
-    from .chat import repl
-    from .runner import load_runner
-    from .text import clean
+    from ..chat import repl
+    from ..runner import load_runner
+    from ..text import clean
     runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
     repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system and clean(system))
     runner.close()
@@ -267,10 +267,10 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
       edgeqwen serve qwen2-1.5b-q4_k_m --port 8080
       # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
     """
-    from .errors import UsageError
-    from .hosts import check_host, listen
-    from .serve import ServeConfig
-    from .serve import serve as run_server
+    from ..errors import UsageError
+    from ..hosts import check_host, listen
+    from ..serve.server import ServeConfig
+    from ..serve.server import serve as run_server
     where = check_host(host)
     if not where.loopback and not api_key:
         if not insecure_no_key:
@@ -305,10 +305,10 @@ def worker(host, port, threads, allow_remote, use_cache):
       pi-2$ edgeqwen worker --host 0.0.0.0 --allow-remote
       pi-1$ edgeqwen chat qwen2-7b-q4_k_m --workers pi-2.local:50052 --split 1,1
     """
-    from .home import home
-    from .measure import physical_cores
-    from .hosts import check_host
-    from .rpc import UNSAFE_WARNING, serve_worker
+    from ..home import home
+    from ..process import physical_cores
+    from ..hosts import check_host
+    from ..formats.gguf.rpc import UNSAFE_WARNING, serve_worker
     if not check_host(host).loopback and allow_remote:
         click.echo(f"Warning: listening on {host}. {UNSAFE_WARNING}", err=True)
     cache = home() / "rpc-cache" if use_cache else None
@@ -321,7 +321,7 @@ def worker(host, port, threads, allow_remote, use_cache):
 
 
 def _register() -> None:
-    from . import cli_manage, cli_measure
+    from . import manage as cli_manage, measure as cli_measure
     for c in cli_manage.COMMANDS + cli_measure.COMMANDS:
         cli.add_command(c)
 

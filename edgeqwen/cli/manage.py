@@ -18,8 +18,8 @@ def info(build, row_files, as_json):
     \b
       edgeqwen info qwen2-0.5b-q4_k_m --rows bench/results/*.jsonl
     """
-    from .manage import info as build_info
-    from .measure import human_bytes
+    from ..manage import info as build_info
+    from ..process import human_bytes
     d = build_info(build, list(row_files))
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -55,12 +55,12 @@ def verify(builds):
     \b
       edgeqwen verify qwen2-1.5b-q4_k_m
     """
-    from .home import resolve_build
-    from .manage import verify as check
+    from ..home import resolve_build
+    from ..manage import verify as check
     for b in builds:
         path, manifest = resolve_build(b)
         if manifest is None or not path.is_dir():
-            from .errors import UsageError
+            from ..errors import UsageError
             raise UsageError(f"{b}: verify needs a build folder or name (a bare model file has no manifest)")
         click.echo(f"{path.name}: ok ({check(path, manifest)[:16]})")
 
@@ -73,7 +73,7 @@ def rm_cmd(builds):
     \b
       edgeqwen rm qwen2-7b-q8_0 qwen2-7b-f16
     """
-    from .manage import remove
+    from ..manage import remove
     for p in remove(list(builds)):
         click.echo(f"removed {p}")
 
@@ -86,8 +86,8 @@ def gc(dry_run):
     \b
       edgeqwen gc --dry-run
     """
-    from .manage import collect, garbage
-    from .measure import human_bytes
+    from ..manage import collect, garbage
+    from ..process import human_bytes
     items = garbage()
     for g in items:
         click.echo(f"{'would remove' if dry_run else 'removing'} {g.path} ({human_bytes(g.bytes)}): {g.why}")

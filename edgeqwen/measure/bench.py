@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
-from .home import resolve_build
+from ..errors import UsageError
+from ..home import resolve_build
 
 SCHEMA = 1
 CHAT_PROMPT = [{"role": "user", "content": "Hi! Can you suggest three names for a small bakery?"}]
@@ -47,9 +47,9 @@ REPEAT_DONE = "# repeat done"   # the child's progress line on stdout; its last 
 
 def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     """Runs in the child: load the build, then measure it."""
-    from .measure import max_rss_bytes
-    from .rpc import parse_workers
-    from .runner import load_runner
+    from ..process import max_rss_bytes
+    from ..formats.gguf.rpc import parse_workers
+    from ..runner import load_runner
     # isolate=False: this child is already the process a lost worker may abort; the parent reports it
     runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
                          workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False)
@@ -69,7 +69,7 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     """
     import random
 
-    from .runner import Sampling
+    from ..runner import Sampling
     rng = random.Random(cfg.seed)
     vocab = runner.regular_vocab  # the build's own ordinary tokens: no special ids in random prompts
     greedy = Sampling(max_tokens=cfg.gen_tokens, temperature=0, ignore_eos=True)
@@ -118,7 +118,7 @@ def weight_bytes_per_token(model: Path) -> tuple[int, int, dict]:
     """
     import gguf
 
-    from .gguf_info import read_gguf_info
+    from ..formats.gguf.info import read_gguf_info
     info = read_gguf_info(model)
     names = {t.name: t.n_bytes for t in info.tensors}
     total = sum(names.values())
@@ -146,7 +146,7 @@ def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, o
     import threading
 
     from .memlimit import MemoryCgroup, drop_page_cache
-    cmd = [sys.executable, "-m", "edgeqwen.benchmark", build, str(threads), json.dumps(cfg.__dict__)]
+    cmd = [sys.executable, "-m", "edgeqwen.measure.bench", build, str(threads), json.dumps(cfg.__dict__)]
     cg = MemoryCgroup(memory_limit) if memory_limit else contextlib.nullcontext()
     if memory_limit:
         drop_page_cache(model_files(build))
@@ -194,7 +194,7 @@ def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, o
 
 def model_files(build: str) -> list[Path]:
     """The files a build's runner maps (what a memory limit must hold)."""
-    from .formats import hashed_paths
+    from ..formats import hashed_paths
     path, manifest = resolve_build(build)
     return [p for p in hashed_paths(path, manifest) if p.exists()] if path.is_dir() else [path]
 
@@ -221,7 +221,7 @@ def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict)
         "repeats": cfg.repeats, "lean": cfg.lean, **result,
     }
     if cfg.workers:   # several devices: who took part, in what shares, and what each used (when it is local)
-        from .rpc import parse_endpoint, worker_peak_memory
+        from ..formats.gguf.rpc import parse_endpoint, worker_peak_memory
         row.update(workers=cfg.workers, split=cfg.split,
                    worker_peak_rss={w: worker_peak_memory(parse_endpoint(w)) for w in cfg.workers})
     if result.get("status") == "ok" and model.suffix == ".gguf":
@@ -246,7 +246,7 @@ def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out
 
     With memory_limit, each build also runs inside a memory cgroup of that size, after an unlimited run that
     gives the speed it is judged against; both rows are recorded."""
-    from .progress import bar
+    from ..progress import bar
     for b in builds:
         resolve_build(b)  # fail on a bad name before measuring anything
     runs = 2 if memory_limit else 1
@@ -288,20 +288,20 @@ def _emit(row: dict, out: Path | None, progress) -> dict:
 
 def parse_threads(spec: str | None) -> list[int]:
     if not spec:
-        from .measure import physical_cores
+        from ..process import physical_cores
         return [physical_cores()]
     try:
         ts = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--threads {spec!r}: give numbers separated by commas, e.g. 1,2,4") from None
-    from .params import MAX_THREADS
+    from ..params import MAX_THREADS
     if not ts or min(ts) < 1 or max(ts) > MAX_THREADS:
         raise UsageError(f"--threads {spec!r}: thread counts must be between 1 and {MAX_THREADS}")
     return ts
 
 
 if __name__ == "__main__":
-    from .errors import EdgeqwenError
+    from ..errors import EdgeqwenError
     try:
         print(json.dumps(worker(sys.argv[1], int(sys.argv[2]), BenchConfig(**json.loads(sys.argv[3])))))
     except EdgeqwenError as e:   # one line for the parent's failure row, not a traceback

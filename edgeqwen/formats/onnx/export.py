@@ -28,10 +28,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import _pybind_state as ort_c
 
-from .checkpoint import Checkpoint
-from .errors import BuildError
-from .onnx_layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers
-from .safetensors import Reader, to_f32
+from ...checkpoint import Checkpoint
+from ...errors import BuildError
+from .layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers
+from ...safetensors import Reader, to_f32
 
 
 # MatMulNBits with int8 activations; lower levels decode many times slower on CPU.
@@ -58,7 +58,7 @@ def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
         biggest = max(info.n_elements for info in ckpt.tensors.values())
         return base + 3 * biggest * 4
     if sc.algo == "k_quant":
-        from .measure import physical_cores
+        from ...process import physical_cores
         base += KQUANT_ELEMENTS * 4 * 24 * physical_cores()  # the search's temporaries, one set per thread
     return base + v * (h // BLOCK) * 5  # the lm_head scales (and zero points) are gathered before they are written
 
@@ -176,7 +176,7 @@ def _kquant_pool():
     exporter has threads and mapped files open."""
     import multiprocessing
 
-    from .measure import physical_cores
+    from ...process import physical_cores
     n = physical_cores()
     if n < 2:
         return None
@@ -493,8 +493,8 @@ def copy_tokenizer(src: Path, out_dir: Path) -> None:
             shutil.copyfile(src / name, out_dir / name)
 
 
-if __name__ == "__main__":  # python -m edgeqwen.onnx_export CHECKPOINT OUT_DIR PRECISION (for the build benchmark)
+if __name__ == "__main__":  # python -m edgeqwen.formats.onnx.export CHECKPOINT OUT_DIR PRECISION (build benchmark)
     import sys
 
-    from .checkpoint import open_checkpoint
+    from ...checkpoint import open_checkpoint
     print(json.dumps(export(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])))

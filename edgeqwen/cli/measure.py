@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
+from ..params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
 
 
 @click.command("bench")
@@ -34,14 +34,14 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
       edgeqwen bench qwen2-0.5b-q4_k_m qwen2-0.5b-q8_0 --threads 1,2 --out results.jsonl
       edgeqwen bench qwen2-7b-q4_k_m --workers pi-2.local:50052 --split 1,1
     """
-    from .benchmark import BenchConfig, bench, parse_threads
-    from .hw import device_label, fingerprint
-    from .table import render_rows
+    from ..measure.bench import BenchConfig, bench, parse_threads
+    from ..measure.hw import device_label, fingerprint
+    from ..measure.table import render_rows
     ts = parse_threads(threads)
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
-        from .errors import UsageError
+        from ..errors import UsageError
         raise UsageError("--prompt-tokens >= 1, --gen-tokens >= 2 and --repeats >= 1")
-    from .rpc import check_workers, parse_split, parse_workers
+    from ..formats.gguf.rpc import check_workers, parse_split, parse_workers
     eps = parse_workers(workers)
     if eps:
         check_workers(eps)
@@ -50,7 +50,7 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
                       split=parse_split(split, len(eps)))
     limit = None
     if memory_limit:
-        from .memlimit import MemoryCgroup, parse_size
+        from ..measure.memlimit import MemoryCgroup, parse_size
         limit = parse_size(memory_limit)
         with MemoryCgroup(limit):   # fail now, with one line, if cgroups are unavailable
             pass
@@ -63,11 +63,11 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
         if row["status"] != "ok":
             click.echo(f"{row['build']['name']} ({row['threads']} threads): {row['status']}: {row['error']}", err=True)
     rows = bench(list(builds), ts, cfg, fp, out=out, progress=progress, memory_limit=limit)
-    from .plan import predicted_rss_for_row
+    from ..measure.plan import predicted_rss_for_row
     click.echo(render_rows(rows, "md", plan_fn=predicted_rss_for_row))
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:   # the rows are written (a failure is a result too), but a script must not take it for success
-        from .errors import EdgeqwenError
+        from ..errors import EdgeqwenError
         raise EdgeqwenError(f"{len(failed)} of {len(rows)} measurements failed"
                             + (f" (rows in {out})" if out else "") + ": " + failed[0]["error"].splitlines()[0][:200])
 
@@ -81,7 +81,7 @@ def hw(as_json, no_bandwidth):
     \b
       edgeqwen hw --json
     """
-    from .hw import fingerprint
+    from ..measure.hw import fingerprint
     fp = fingerprint(bandwidth=not no_bandwidth)
     if as_json:
         click.echo(json.dumps(fp, indent=2))
@@ -110,17 +110,17 @@ def table(files, fmt, plot, claims, devices):
     \b
       edgeqwen table bench/results/*.jsonl --claims --plot results.png
     """
-    from .plan import predicted_rss_for_row
-    from .table import load_rows, render_rows
-    from .table import plot as draw
+    from ..measure.plan import predicted_rss_for_row
+    from ..measure.table import load_rows, render_rows
+    from ..measure.table import plot as draw
     rows = load_rows(list(files))
     if not rows:
-        from .errors import UsageError
+        from ..errors import UsageError
         raise UsageError("no rows in " + ", ".join(map(str, files)))
     click.echo(render_rows(rows, fmt, plan_fn=predicted_rss_for_row))
     if claims:
-        from .claims import judge, load_claims, render_claims
-        from .plan import load_devices
+        from ..measure.claims import judge, load_claims, render_claims
+        from ..measure.plan import load_devices
         devs = load_devices(devices)
         cs = load_claims(None if str(claims) == "-" else claims)
         click.echo("\n" + render_claims([judge(c, rows, devs) for c in cs]))
@@ -147,9 +147,9 @@ def plan_cmd(size, quant, ctx, device, pool, devices):
       edgeqwen plan 7b q4 --ctx 32768 --device x86-laptop-ddr5-16gb
       edgeqwen plan 72b q4 --devices 5xraspberry-pi-5-16gb
     """
-    from .errors import UsageError
-    from .hw import fingerprint
-    from .plan import describe, describe_pool, load_devices, parse_pool, plan, plan_pool
+    from ..errors import UsageError
+    from ..measure.hw import fingerprint
+    from ..measure.plan import describe, describe_pool, load_devices, parse_pool, plan, plan_pool
     if pool:
         if device:
             raise UsageError("give --device or --devices, not both")
@@ -184,9 +184,9 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
     \b
       edgeqwen eval qwen2-0.5b-q4_k_m --text en --text zh --out results.jsonl
     """
-    from .evaluate import evaluate_files, load_text
-    from .evalrows import eval_row, resolve_reference
-    from .home import resolve_build
+    from ..measure.evaluate import evaluate_files, load_text
+    from ..measure.evalrows import eval_row, resolve_reference
+    from ..home import resolve_build
     path, manifest = resolve_build(build)
     model_file = path / manifest["file"] if path.is_dir() else path
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
@@ -223,25 +223,25 @@ def fit_cmd(build, device, threads, lean, fraction, resolution, out):
     \b
       edgeqwen fit qwen2-7b-q4_k_m --device raspberry-pi-5-8gb --out results.jsonl
     """
-    from .fit import fit
-    from .hw import fingerprint
-    from .measure import human_bytes, physical_cores
-    from .memlimit import MemoryCgroup, parse_size
+    from ..measure.fit import fit
+    from ..measure.hw import fingerprint
+    from ..process import human_bytes, physical_cores
+    from ..measure.memlimit import MemoryCgroup, parse_size
     res = parse_size(resolution)
     with MemoryCgroup(1 << 30):   # one clear line now if cgroups are unavailable
         pass
     prof = None
     if device:
-        from .errors import UsageError
-        from .plan import load_devices
+        from ..errors import UsageError
+        from ..measure.plan import load_devices
         devs = load_devices()
         if device not in devs:
             raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
         prof = (device, devs[device])
     fp = fingerprint()
     rows = []
-    from .formats import detect
-    from .home import resolve_build
+    from ..formats import detect
+    from ..home import resolve_build
     can_lean = detect(*resolve_build(build)).lean
     for mode in [lean] if lean is not None else [False, True] if can_lean else [False]:
         row = fit(build, threads or physical_cores(), fp, lean=mode, fraction=fraction, resolution=res, device=prof)

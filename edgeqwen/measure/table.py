@@ -7,7 +7,7 @@ import io
 import json
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def load_rows(files: list[Path]) -> list[dict]:
@@ -20,7 +20,7 @@ def load_rows(files: list[Path]) -> list[dict]:
             raise UsageError(f"{f}: cannot read ({e.strerror})") from None
         except UnicodeDecodeError:
             raise UsageError(f"{f}: not a text file of JSON lines") from None
-        from .schemas import check_row
+        from ..schemas import check_row
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue

@@ -4,22 +4,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def claims_file():
-    from .resources import data
+    from ..resources import data
     return data("claims.toml")
 
 
 def load_claims(path: Path | None = None) -> list[dict]:
-    from .recipes import load_toml
+    from ..recipes import load_toml
     path = path or claims_file()
     data = load_toml(path, "claims")
     claims = data.get("claim", [])
     if not isinstance(claims, list):
         raise UsageError(f"{path}: claims are [[claim]] tables")
-    from .schemas import Claim, check
+    from ..schemas import Claim, check
     for i, c in enumerate(claims, 1):
         who = c.get("id", f"#{i}") if isinstance(c, dict) else f"#{i}"
         check(Claim, c, f"{path}: claim {who}", "the claim", "a table")
@@ -50,7 +50,7 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     profile = devices.get(claim["device"])
     if profile is None:
         raise UsageError(f"claim {claim['id']}: unknown device {claim['device']!r}; see edgeqwen plan --device list")
-    from .recipes import DEFAULT_ALIASES
+    from ..recipes import DEFAULT_ALIASES
     quant = DEFAULT_ALIASES.get(claim["quant"], claim["quant"])
     ctx = claim.get("ctx", 4096)
     same = [r for r in rows if r.get("kind") == "bench" and r["build"].get("size") == claim["model"]

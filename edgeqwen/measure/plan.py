@@ -13,7 +13,7 @@ from pathlib import Path
 
 import gguf
 
-from .errors import UsageError
+from ..errors import UsageError
 
 T = gguf.GGMLQuantizationType
 # Models beyond the recipes, by arithmetic (their published config.json shapes).
@@ -173,7 +173,7 @@ METADATA_BYTES = 6 << 20  # vocabulary, merges and chat template in the GGUF hea
 
 
 def model_config(size: str) -> dict:
-    from .recipes import get_recipe
+    from ..recipes import get_recipe
     key = size.lower()
     if key in EXTRA_MODELS:
         return dict(EXTRA_MODELS[key])
@@ -189,15 +189,15 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     the repacked originals resident (before pagecache.py, or where it cannot release them); resident: a
     normal load that reads the file into memory (the runner on Linux) rather than mapping it, as a lean one does.
     """
-    from .formats import format_of_quant
-    from .recipes import get_recipe
+    from ..formats import format_of_quant
+    from ..recipes import get_recipe
     cfg = model_config(size)
     if config:
         cfg.update({k: v for k, v in config.items() if v is not None})
     if size.lower() not in EXTRA_MODELS:
         quant = get_recipe(size).resolve_quant(quant)
     else:
-        from .recipes import DEFAULT_ALIASES
+        from ..recipes import DEFAULT_ALIASES
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
     if format_of_quant(quant) == "onnx":
         return plan_onnx(size, quant, cfg, ctx, prompt_tokens)
@@ -263,7 +263,7 @@ def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) ->
     """An ONNX build: the exporter's own initializer list (onnx_layout), what onnxruntime holds of each role,
     an fp32 KV cache genai allocates for the whole context, and the prompt's logits (the graph returns a row
     per prompt token)."""
-    from .onnx_layout import file_bytes, initializers, qwen2_shapes
+    from ..formats.onnx.layout import file_bytes, initializers, qwen2_shapes
     if cfg.get("num_experts"):
         raise UsageError(f"{size} is a mixture of experts; ONNX builds are of dense models only")
     shapes = qwen2_shapes(cfg)
@@ -281,15 +281,15 @@ def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) ->
 # --- device profiles ---------------------------------------------------------------------------
 
 def devices_file():
-    from .resources import data
+    from ..resources import data
     return data("devices.toml")
 
 
 def load_devices(path: Path | None = None) -> dict[str, dict]:
-    from .recipes import load_toml
+    from ..recipes import load_toml
     path = path or devices_file()
     data = load_toml(path, "device profiles")
-    from .schemas import DeviceProfile, check
+    from ..schemas import DeviceProfile, check
     for name, d in data.items():
         check(DeviceProfile, d, f"{path}: device {name}", "the profile", "a table")
     return data
@@ -424,7 +424,7 @@ def plan_pool(size: str, quant: str, pool: list[tuple[str, dict]], ctx: int = 40
 
     Layers go to devices in proportion to the RAM each has left after its fixed costs, as llama.cpp's
     free-memory split would; the first device also keeps the token embeddings, the last the output layer."""
-    from .recipes import DEFAULT_ALIASES, get_recipe
+    from ..recipes import DEFAULT_ALIASES, get_recipe
     p = plan(size, quant, ctx=ctx)
     cfg = model_config(size)
     q = p.quant if size.lower() in EXTRA_MODELS else get_recipe(size).resolve_quant(quant, "gguf")

@@ -14,7 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import UsageError
+from ..errors import UsageError
 
 V2_ROOT = Path("/sys/fs/cgroup")
 V1_ROOT = Path("/sys/fs/cgroup/memory")

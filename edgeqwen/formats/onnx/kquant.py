@@ -55,7 +55,7 @@ def _prepare(data, num_bits, group_size):
 
 @functools.cache
 def jit():
-    """The numba-compiled search (edgeqwen/_kquant_jit.py), or None without numba
+    """The numba-compiled search (edgeqwen/formats/onnx/_kquant_jit.py), or None without numba
     (EDGEQWEN_KQUANT=numpy also says no)."""
     if os.environ.get("EDGEQWEN_KQUANT") == "numpy":
         return None

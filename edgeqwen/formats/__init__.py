@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunnerError
+from ..errors import RunnerError
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,14 @@ class Format:
 FORMATS: dict[str, Format] = {
     "gguf": Format(
         name="gguf", quants=(), reference_quant="f16", model_file="model.gguf", hashed_files=("model.gguf",),
-        builder="edgeqwen.build:build_gguf", runner="edgeqwen.llama_runner:LlamaRunner", needs="llama_cpp",
+        builder="edgeqwen.build:build_gguf", runner="edgeqwen.formats.gguf.runner:LlamaRunner", needs="llama_cpp",
         install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), plan=True, workers=True,
         lean=True),
     "onnx": Format(
         name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.build:build_onnx",
-        runner="edgeqwen.onnx_runner:OnnxRunner", needs="onnxruntime_genai", install="pip install 'edgeqwen[onnx]'",
+        runner="edgeqwen.formats.onnx.runner:OnnxRunner", needs="onnxruntime_genai",
+        install="pip install 'edgeqwen[onnx]'",
         suffixes=(".onnx",), marker="genai_config.json", plan=True),
 }
 
@@ -86,7 +87,7 @@ def build_hash(folder: Path, manifest: dict, on_bytes: Callable[[int], None] | N
     """The sha256 a manifest records for its build: the file's for one file, else a hash of the files' hashes."""
     import hashlib
 
-    from .checkpoint import sha256_file
+    from ..checkpoint import sha256_file
     paths = hashed_paths(folder, manifest)
     if len(paths) == 1:
         return sha256_file(paths[0], on_bytes)

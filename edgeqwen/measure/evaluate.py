@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 
 TEXTS = {"en": "eval-en.txt", "zh": "eval-zh.txt"}   # bundled in edgeqwen/data
 
@@ -25,7 +25,7 @@ TEXTS = {"en": "eval-en.txt", "zh": "eval-zh.txt"}   # bundled in edgeqwen/data
 def load_text(spec: str) -> tuple[str, str]:
     """'en', 'zh' or a file path -> (label, text)."""
     if spec in TEXTS:
-        from .resources import data
+        from ..resources import data
         return spec, data(TEXTS[spec]).read_text(encoding="utf-8")
     p = Path(spec)
     try:
@@ -83,7 +83,7 @@ class ChunkStats:
 
 def open_logit_model(model: Path, ctx: int, threads: int | None = None):
     """The build's own runner (its format's row), loaded for whole-window logits."""
-    from .formats import detect
+    from ..formats import detect
     return detect(Path(model)).runner_class()(Path(model), threads=threads, n_ctx=ctx, logits=True)
 
 
@@ -114,7 +114,7 @@ def score_pass(model, text: str, ctx: int, workdir: Path, name: str, label: str 
     first = ctx // 2
     files = []
     t0 = time.perf_counter()
-    from .progress import bar
+    from ..progress import bar
     with bar(label or name, len(chunks), unit="window") as upd:
         for i, chunk in enumerate(chunks):
             files.append(workdir / f"{name}-{i}.npy")

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .errors import RunnerError
-from .measure import physical_cores
-from .runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
-from .text import clean
+from ...errors import RunnerError
+from ...process import physical_cores
+from ...runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+from ...text import clean
 
 _log = logging.getLogger("edgeqwen.llama")
 GGML_LOG_LEVEL_ERROR = 4
@@ -86,7 +86,7 @@ def _watching(path: Path, info, mapped: bool):
     """While libllama loads `path` (inside _model_params' lock): if it maps the file, drop each repacked original
     once copied (pagecache.py); if it reads the file, give the buffers it reads into huge pages (hugepages.py).
     Yields (releaser, hugepager), either None."""
-    from .hugepages import hugepager
+    from ...hugepages import hugepager
     from .pagecache import releaser_for
     watchers = (releaser_for(path, info), None) if mapped else (None, hugepager())
     _watchers[:] = [w for w in watchers if w is not None]
@@ -143,7 +143,7 @@ class LlamaRunner:
         # A normal load reads the weights into memory libllama allocates, which hugepages.py gives 2 MiB pages
         # (tok/s +4-6% on the real 0.5B q8_0 and q4_0, README); a lean load, or one where huge pages cannot be
         # had, maps the file: one copy the kernel may evict (the untied embedding table is read a row a token).
-        from .hugepages import available
+        from ...hugepages import available
         self.mapped = lean or not available()
         t0 = time.perf_counter()
         try:
@@ -278,7 +278,7 @@ def _check_gguf(path: Path):
         raise RunnerError(f"{path}: cannot read ({e.strerror})") from None
     if magic != b"GGUF":
         raise RunnerError(f"{path}: not a GGUF file")
-    from .gguf_info import read_gguf_info
+    from .info import read_gguf_info
     try:
         info = read_gguf_info(path)
     except (ValueError, OSError) as e:
@@ -295,14 +295,14 @@ def _probe(path: Path) -> None:
     """Load an untrusted file in a child process first: what llama.cpp still aborts on (a GGML_ASSERT on some
     metadata, duplicate token strings) then kills the child, not us, and becomes one line. Passing files are
     remembered by path, size and mtime."""
-    from .runner import IN_CHILD, smoke_check
+    from ...runner import IN_CHILD, smoke_check
     if os.environ.get(IN_CHILD):
         return
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if key in _probed:
         return
-    from .errors import BuildError
+    from ...errors import BuildError
     try:
         smoke_check(path, threads=1, tokens=1, timeout=600)
     except BuildError as e:

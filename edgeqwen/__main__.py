@@ -1,0 +1,4 @@
+"""python -m edgeqwen"""
+from .cli import main
+
+main()

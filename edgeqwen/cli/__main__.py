@@ -1,0 +1,4 @@
+"""python -m edgeqwen.cli"""
+from . import main
+
+main()
