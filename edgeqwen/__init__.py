@@ -45,7 +45,7 @@ class Model:
 
 def load(build, threads: int | None = None, ctx: int | None = None) -> Model:
     """Load a build (name, folder or model file) with its format's backend."""
-    from .runner import load_runner
+    from .formats.load import load_runner
     return Model(load_runner(build, threads=threads, n_ctx=ctx))
 
 

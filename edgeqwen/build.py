@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint, sha256_file
-from .formats.gguf.convert import OUT_TYPES, convert, output_size
+from .checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint
 from .errors import BuildError, SourceError, UsageError
 from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
-from .process import PeakRSS, Timer, human_bytes, max_rss_bytes
-from .formats import FORMATS, build_hash, format_of_quant
-from .progress import bar
+from .process import Timer, human_bytes, max_rss_bytes
+from .formats import FORMATS, format_of_quant
 from .recipes import Recipe
 
 _logger = logging.getLogger("edgeqwen")
@@ -70,7 +68,7 @@ def build_name(req: BuildRequest, quant: str) -> str:
     return f"{req.recipe.name}-{quant}" + ("-synthetic" if req.synthetic else "")
 
 
-def _say(log, msg):
+def say(log, msg):
     if log:
         log(msg)
 
@@ -96,7 +94,7 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
         if existing.get("quant") != quant or existing.get("source", {}).get("id") != source_desc["id"]:
             raise UsageError(f"{final} holds a different build ({existing.get('name')}, from "
                              f"{existing.get('source', {}).get('id')}); use --force to replace it or --name")
-        _say(log, f"{name}: already built at {final} (use --force to rebuild)")
+        say(log, f"{name}: already built at {final} (use --force to rebuild)")
         return final
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -120,11 +118,11 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
         manifest["host"] = {"machine": platform.machine(), "system": platform.system()}
         manifest["peak_rss_bytes"]["process_max"] = max_rss_bytes()
         if req.smoke:
-            from .runner import smoke_check
+            from .formats.smoke import smoke_check
             with Timer() as t:
                 manifest["smoke"] = smoke_check(model, threads=req.threads)
             manifest["timings_s"]["smoke"] = round(t.seconds, 2)
-            _say(log, f"smoke check: {manifest['smoke']['tokens']} tokens, {manifest['smoke']['decode_tps']} tok/s")
+            say(log, f"smoke check: {manifest['smoke']['tokens']} tokens, {manifest['smoke']['decode_tps']} tok/s")
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_json_atomic(tmp / MANIFEST, manifest)
         _install(tmp, final)
@@ -133,60 +131,8 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
         raise
     from .manage import remember_verified
     remember_verified(final, manifest)
-    _say(log, f"built {name}: {final / manifest['file']} ({human_bytes(manifest['file_size'])})")
+    say(log, f"built {name}: {final / manifest['file']} ({human_bytes(manifest['file_size'])})")
     return final
-
-
-def build_gguf(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
-    """The GGUF row's builder: our converter to f16 (or straight to f32/f16/bf16), then libllama's quantizer."""
-    direct = quant in OUT_TYPES
-    conv_type = quant if direct else "f16"
-    need = output_size(ckpt, conv_type) + (0 if direct else _estimate(ckpt, quant))
-    _check_disk(tmp, need)
-
-    conv_out = tmp / ("model.gguf" if direct else "model-f16.gguf")
-    _say(log, f"converting {ckpt.path} -> {conv_type} GGUF")
-    with Timer() as t, PeakRSS() as rss, bar("convert", output_size(ckpt, conv_type)) as upd:
-        _disk_guard(lambda: convert(ckpt, conv_out, conv_type, name=name, progress=upd))
-    manifest["timings_s"]["convert"] = round(t.seconds, 2)
-    manifest["peak_rss_bytes"]["convert"] = rss.peak
-    if not direct:
-        from .formats.gguf.quantize import quantize
-        _say(log, f"quantizing to {quant} ({req.threads or 'all'} threads)")
-        with Timer() as t, PeakRSS() as rss, bar(f"quantize {quant}", _estimate(ckpt, quant)) as upd:
-            _disk_guard(lambda: quantize(conv_out, tmp / "model.gguf", quant, req.threads, upd))
-        manifest["timings_s"]["quantize"] = round(t.seconds, 2)
-        manifest["peak_rss_bytes"]["quantize"] = rss.peak
-        if req.keep_intermediate:
-            conv_out.rename(tmp / "model-f16.gguf")
-        else:
-            conv_out.unlink()
-    model = tmp / "model.gguf"
-    manifest.update(file="model.gguf", file_size=model.stat().st_size, sha256=sha256_file(model))
-    return model
-
-
-def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
-    """The ONNX row's builder: edgeqwen's own exporter, weight by weight (onnx_export.py)."""
-    try:
-        from .formats.onnx import export as onnx_export  # imports onnx and onnxruntime
-    except ImportError as e:
-        raise BuildError(f"ONNX builds need {e.name}, which is not installed: pip install -e '.[onnx]'") from None
-    check_ram(onnx_export.peak_estimate(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")
-    size = onnx_export.output_size(ckpt, quant)
-    _check_disk(tmp, size)
-    _say(log, f"writing {quant} ONNX decoder from {ckpt.path}")
-    with Timer() as t, PeakRSS() as rss, bar(f"export {quant}", size) as upd:
-        info = _disk_guard(lambda: onnx_export.export(ckpt, tmp, quant, progress=upd))
-    manifest["timings_s"]["export"] = round(t.seconds, 2)
-    manifest["peak_rss_bytes"]["export"] = rss.peak
-    model = tmp / "model.onnx"
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest.update(file="model.onnx", files=files, file_size=info["bytes"])
-    manifest.update(sha256=build_hash(tmp, manifest),
-                    onnx={"block_size": onnx_export.BLOCK, "accuracy_level": onnx_export.ACCURACY_LEVEL,
-                          "symmetric": True, "nodes": info["nodes"]})
-    return model
 
 
 def available_ram() -> int:
@@ -236,9 +182,9 @@ def _resolve_source(req: BuildRequest, log) -> tuple[Checkpoint, dict]:
         return ckpt, {"path": str(path), "tokenizer": (read_manifest(path) or {}).get("tokenizer")}
     if req.source:
         ckpt = open_checkpoint(Path(req.source))
-        _say(log, f"hashing source files in {ckpt.path}")
+        say(log, f"hashing source files in {ckpt.path}")
         return ckpt, {"path": str(ckpt.path), "files": ckpt.file_hashes()}
-    _say(log, f"fetching {req.recipe.hub_repo}@{req.recipe.revision} through huggingface_hub")
+    say(log, f"fetching {req.recipe.hub_repo}@{req.recipe.revision} through huggingface_hub")
     path, commit = fetch_from_hub(req.recipe.hub_repo, req.recipe.revision)
     return open_checkpoint(path), {"path": str(path), "commit": commit}
 
@@ -260,16 +206,16 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
     if read_manifest(final) is not None:
         return final
     if tok_src == "generated":
-        _say(log, "real tokenizer not available: generating one with Qwen2's size and special tokens")
+        say(log, "real tokenizer not available: generating one with Qwen2's size and special tokens")
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final.parent)
     tmp = final.parent / f"{final.name}{TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     config = recipe.hf_config()
-    _check_disk(tmp.parent, sum(_numel(s) for s in _shapes(config)) * 2)
-    _say(log, f"writing synthetic {recipe.name} checkpoint (seed {seed}) to {final}")
+    check_disk(tmp.parent, sum(_numel(s) for s in _shapes(config)) * 2)
+    say(log, f"writing synthetic {recipe.name} checkpoint (seed {seed}) to {final}")
     try:
-        _disk_guard(lambda: write_synthetic(tmp, config, seed=seed, tokenizer=Path(tokenizer) if tokenizer else None))
+        disk_guard(lambda: write_synthetic(tmp, config, seed=seed, tokenizer=Path(tokenizer) if tokenizer else None))
         write_json_atomic(tmp / MANIFEST, {"synthetic": True, "recipe": recipe.name, "seed": seed,
                                            "tokenizer": tok_src})
         if final.exists():
@@ -301,12 +247,12 @@ def _check_against_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
         raise SourceError(f"{ckpt.path} is not a {recipe.name} checkpoint: {'; '.join(diff)}")
 
 
-def _estimate(ckpt: Checkpoint, quant: str) -> int:
+def estimate_bytes(ckpt: Checkpoint, quant: str) -> int:
     n = sum(t.n_elements for t in ckpt.tensors.values())
     return int(n * _BPW.get(quant, 8.5) / 8) + (16 << 20)
 
 
-def _check_disk(path: Path, need: int) -> None:
+def check_disk(path: Path, need: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if os.environ.get("EDGEQWEN_SKIP_DISK_CHECK"):  # for filesystems that misreport free space
         return
@@ -315,7 +261,7 @@ def _check_disk(path: Path, need: int) -> None:
         raise BuildError(f"not enough disk space at {path}: need {human_bytes(need)}, {human_bytes(free)} free")
 
 
-def _disk_guard(fn):
+def disk_guard(fn):
     try:
         return fn()
     except OSError as e:

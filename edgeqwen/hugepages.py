@@ -14,10 +14,10 @@ read-only ext4 mapping (EINVAL, Linux 6.18), which is why normal loads read the 
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import re
-
-from .formats.gguf.pagecache import madvise
 
 _log = logging.getLogger("edgeqwen")
 BUFFER_LINE = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")
@@ -27,6 +27,18 @@ MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25   # Linux 6.1+
 HUGE_PAGE = 2 << 20
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """libc's madvise on any mapping (Python's mmap.madvise only reaches mappings Python made); 0 on success."""
+    return _libc().madvise(addr, length, advice)
 
 
 def anonymous_mappings() -> set[tuple[int, int]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BuildError, UsageError
-from .formats import FORMATS, build_hash, hashed_paths
+from .formats import build_hash, hashed_paths
 from .home import TMP_MARK, builds_dir, checkpoints_dir, home, list_builds, resolve_build, write_json_atomic
 
 _log = logging.getLogger("edgeqwen")
@@ -75,30 +75,6 @@ def check_build(path: Path, manifest: dict | None) -> None:
     """The check every load makes: re-hash only when size or mtime changed since the last good check."""
     if manifest and manifest.get("sha256") and path.is_dir():
         verify(path, manifest, force=False)
-
-
-# --- info -----------------------------------------------------------------------------------------
-
-def info(build: str, row_files: list[Path] = ()) -> dict:
-    from .measure.table import load_rows
-    path, manifest = resolve_build(build)
-    if manifest is None:
-        raise UsageError(f"{path} has no manifest; info needs a build folder or name")
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
-    out = {"path": str(path), "manifest": manifest, "files": files,
-           "disk_bytes": sum(files.values())}
-    fmt = FORMATS.get(manifest.get("format", "gguf"))
-    size = (manifest.get("recipe") or {}).get("size")
-    if fmt and fmt.plan and size:
-        from .measure.plan import plan
-        try:
-            p = plan(size, manifest["quant"], config=manifest.get("config"))
-            out["plan"] = {"file_bytes": p.file_bytes, "peak_ram_bytes": p.peak_ram, "ctx": p.ctx}
-        except UsageError:
-            pass
-    rows = load_rows(list(row_files)) if row_files else []
-    out["rows"] = [r for r in rows if (r.get("build") or {}).get("sha256") == manifest.get("sha256")]
-    return out
 
 
 # --- rm and gc ------------------------------------------------------------------------------------

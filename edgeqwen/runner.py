@@ -6,21 +6,15 @@ decode tok/s, peak RSS); the last one has finish_reason set and the backend's ow
 """
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import psutil
 
-from .errors import BuildError, RunnerError
-from .home import resolve_build
+from .errors import RunnerError
 
 DEFAULT_CTX = 4096
 
@@ -69,43 +63,6 @@ class Runner(Protocol):
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]: ...
     def logits(self, tokens: list[int]) -> np.ndarray: ...   # [len(tokens), vocab], from an empty context
     def close(self) -> None: ...
-
-
-def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
-                logits: bool = False, lean: bool = False, workers: list | None = None,
-                split: list[float] | None = None, isolate: bool = True) -> Runner:
-    """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
-
-    lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
-    logits=True loads it for `logits()` over whole windows (eval) rather than for streaming.
-    workers: llama.cpp RPC workers (rpc.Endpoint) to spread the layers over, in split proportions
-    (this machine first); the model then runs in a child process unless isolate=False (see rpc.py).
-    """
-    from .formats import detect
-    from .manage import check_build
-    path, manifest = resolve_build(str(build))
-    fmt = detect(path, manifest)
-    if lean and not fmt.lean:
-        # onnxruntime can skip prepacking (session.disable_prepacking, a flat string key of genai's
-        # session_options), but MatMulNBits then dequantizes its weights on every call: the real 0.5B int4
-        # decoded at 0.54 tok/s instead of 25.8, at 1.28 GiB peak RSS instead of 0.78 (README)
-        raise RunnerError(f"--lean needs a GGUF build: an ONNX build without prepacked weights is ~50x slower "
-                          f"and larger ({path.name} is {fmt.name})")
-    if workers:
-        if not fmt.workers:
-            raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")
-        if isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
-            from .formats.gguf.rpc import IsolatedRunner, check_workers
-            check_workers(workers)
-            return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
-                                  workers=workers, split=split)
-    cls = fmt.runner_class()
-    check_build(path, manifest)
-    model = path / manifest["file"] if path.is_dir() else path
-    extra = {"lean": True} if lean else {}
-    if workers:
-        extra.update(workers=workers, split=split)
-    return cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **special) -> str:
@@ -204,56 +161,3 @@ def generate_text(runner: Runner, prompt: str, sampling: Sampling, raw: bool = F
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tokens = runner.tokenize(runner.apply_chat_template(msgs), special=True)
     return runner.stream(tokens, sampling)
-
-
-# --- the build's smoke check, in a child process so a crash in ggml becomes a clear error -------
-
-IN_CHILD = "EDGEQWEN_IN_CHILD_CHECK"   # set in the smoke/probe child: it must not probe again
-
-
-def smoke_check(model: Path, threads: int | None = None, tokens: int = 8, timeout: float = 1800) -> dict:
-    import os
-    cmd = [sys.executable, "-m", "edgeqwen.runner", "smoke", str(model), str(threads or 0), str(tokens)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, IN_CHILD: "1"}, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise BuildError(f"{model}: the check did not finish in {timeout:.0f} s") from None
-    if p.returncode < 0:
-        sig = signal.Signals(-p.returncode).name
-        from .formats import detect
-        if detect(model).name == "onnx":
-            raise BuildError(f"onnxruntime crashed ({sig}) running {model}")
-        if sig == "SIGABRT":
-            raise BuildError(f"llama.cpp crashed (SIGABRT) on {model}: an assertion failed on something in the file, "
-                             "which is malformed")
-        raise BuildError(f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
-                         "reinstall llama-cpp-python with 'make setup'")
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("Error: ")
-        raise BuildError(f"smoke check failed for {model}: {last}")
-    try:
-        result = json.loads(p.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise BuildError(f"smoke check of {model} printed no result") from None
-    if result["tokens"] < 1:
-        raise BuildError(f"smoke check: {model} generated no tokens")
-    return result
-
-
-def _smoke_main(model: str, threads: str, n: str) -> None:
-    from .errors import EdgeqwenError
-    try:
-        r = load_runner(model, threads=int(threads) or None, n_ctx=512)
-    except EdgeqwenError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        sys.exit(1)
-    last = None
-    text = ""
-    for last in generate_text(r, "Say hello.", Sampling(max_tokens=int(n), temperature=0, ignore_eos=True)):
-        text += last.text
-    print(json.dumps({"tokens": last.generation_tokens, "text": text, "decode_tps": round(last.generation_tps, 2)}))
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["smoke"]:
-        _smoke_main(*sys.argv[2:5])

@@ -19,7 +19,8 @@ EMULATED = os.environ.get("EDGEQWEN_EMULATED")
 
 
 def _greedy(build, n=8):
-    from edgeqwen.runner import Sampling, generate_text, load_runner
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.runner import Sampling, generate_text
     r = load_runner(build, n_ctx=256)
     try:
         out = list(generate_text(r, "Hello", Sampling(max_tokens=n, temperature=0, ignore_eos=True), raw=True))

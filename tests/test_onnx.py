@@ -12,7 +12,8 @@ from conftest import run_cli
 from edgeqwen.build import BuildRequest, build
 from edgeqwen.errors import BuildError
 from edgeqwen.recipes import get_recipe
-from edgeqwen.runner import Sampling, load_runner
+from edgeqwen.formats.load import load_runner
+from edgeqwen.runner import Sampling
 
 pytest.importorskip("onnxruntime_genai")
 

@@ -63,7 +63,8 @@ def workers():
 
 
 def greedy(build, n=24, **kw):
-    from edgeqwen.runner import Sampling, generate_text, load_runner
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.runner import Sampling, generate_text
     r = load_runner(build, n_ctx=512, **kw)
     try:
         return [x.token for x in generate_text(r, "Hello there", Sampling(max_tokens=n, temperature=0,
@@ -92,7 +93,7 @@ def test_split_really_puts_layers_on_the_workers(tiny_builds, workers):
     assert layer_params(24, 2, None) == {"n_gpu_layers": -1}
     eps = parse_workers(",".join(w.ep for w in workers))
     before = [worker_peak_memory(e) for e in eps]
-    from edgeqwen.runner import load_runner
+    from edgeqwen.formats.load import load_runner
     r = load_runner(tiny_builds["f16"], n_ctx=512, workers=eps, split=[1, 1, 1])
     assert r.gpu_layers == 2 and r.workers == [str(e) for e in eps]
     after = [worker_peak_memory(e) for e in eps]
@@ -104,7 +105,8 @@ def test_split_really_puts_layers_on_the_workers(tiny_builds, workers):
 def test_worker_killed_mid_reply_ends_it_with_one_line(tiny_builds, workers):
     from edgeqwen.errors import RunnerError
     from edgeqwen.formats.gguf.rpc import parse_workers
-    from edgeqwen.runner import Sampling, load_runner
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.runner import Sampling
     eps = parse_workers(",".join(w.ep for w in workers))
     r = load_runner(tiny_builds["f16"], n_ctx=4096, workers=eps, split=[1, 1, 1])
     got = 0
@@ -123,7 +125,8 @@ def test_worker_killed_mid_reply_ends_it_with_one_line(tiny_builds, workers):
 def test_stalled_worker_is_a_deadline_not_a_hang(tiny_builds, workers, monkeypatch):
     from edgeqwen.errors import RunnerError
     from edgeqwen.formats.gguf.rpc import parse_workers
-    from edgeqwen.runner import Sampling, load_runner
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.runner import Sampling
     eps = parse_workers(",".join(w.ep for w in workers))
     r = load_runner(tiny_builds["f16"], n_ctx=4096, workers=eps, split=[1, 1, 1])
     monkeypatch.setenv("EDGEQWEN_WORKER_TIMEOUT", "3")   # read at each wait: loading keeps its own deadline
@@ -255,7 +258,8 @@ def test_the_model_process_stays_in_step_after_a_closed_stream_or_an_error(tiny_
     child's replies queued for the next call."""
     from edgeqwen.errors import RunnerError
     from edgeqwen.formats.gguf.rpc import parse_workers
-    from edgeqwen.runner import Sampling, load_runner
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.runner import Sampling
     eps = parse_workers(",".join(w.ep for w in workers))
     r = load_runner(tiny_builds["q8_0"], n_ctx=256, workers=eps, split=[1, 1, 1], lean=True)
     try:

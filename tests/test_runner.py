@@ -5,7 +5,8 @@ import pytest
 from conftest import run_cli
 
 from edgeqwen.errors import RunnerError
-from edgeqwen.runner import Sampling, load_runner
+from edgeqwen.formats.load import load_runner
+from edgeqwen.runner import Sampling
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,8 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
       edgeqwen run qwen2-7b-q4_k_m "Hi" --workers 192.168.1.21:50052,192.168.1.22:50052
     """
     from ..errors import UsageError
-    from ..runner import display_text, generate_text, load_runner
+    from ..formats.load import load_runner
+    from ..runner import display_text, generate_text
     from ..text import clean, decode
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -230,7 +231,7 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
       edgeqwen chat qwen2-1.5b-q4_k_m --system "Answer briefly."
     """
     from ..chat import repl
-    from ..runner import load_runner
+    from ..formats.load import load_runner
     from ..text import clean
     runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
     repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system and clean(system))

@@ -18,7 +18,7 @@ def info(build, row_files, as_json):
     \b
       edgeqwen info qwen2-0.5b-q4_k_m --rows bench/results/*.jsonl
     """
-    from ..manage import info as build_info
+    from ..measure.info import info as build_info
     from ..process import human_bytes
     d = build_info(build, list(row_files))
     if as_json:

@@ -46,12 +46,13 @@ class Format:
 FORMATS: dict[str, Format] = {
     "gguf": Format(
         name="gguf", quants=(), reference_quant="f16", model_file="model.gguf", hashed_files=("model.gguf",),
-        builder="edgeqwen.build:build_gguf", runner="edgeqwen.formats.gguf.runner:LlamaRunner", needs="llama_cpp",
+        builder="edgeqwen.formats.gguf.build:build_gguf", runner="edgeqwen.formats.gguf.runner:LlamaRunner",
+        needs="llama_cpp",
         install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), plan=True, workers=True,
         lean=True),
     "onnx": Format(
         name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
-        hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.build:build_onnx",
+        hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.formats.onnx.build:build_onnx",
         runner="edgeqwen.formats.onnx.runner:OnnxRunner", needs="onnxruntime_genai",
         install="pip install 'edgeqwen[onnx]'",
         suffixes=(".onnx",), marker="genai_config.json", plan=True),

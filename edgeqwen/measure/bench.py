@@ -49,7 +49,7 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     """Runs in the child: load the build, then measure it."""
     from ..process import max_rss_bytes
     from ..formats.gguf.rpc import parse_workers
-    from ..runner import load_runner
+    from ..formats.load import load_runner
     # isolate=False: this child is already the process a lost worker may abort; the parent reports it
     runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
                          workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False)

@@ -174,7 +174,7 @@ class Server:
                 if s.runner is not None:
                     s.runner.close()
                     s.runner, s.resident = None, None
-                from ..runner import load_runner
+                from ..formats.load import load_runner
                 _log.info("loading %s", name)
                 s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx, **self.cfg.load)
                 s.resident, s.failed = name, None

@@ -20,28 +20,16 @@ reads the file into memory (hugepages.py) and maps no originals to give back.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 import re
+
+from ...hugepages import madvise
 
 _log = logging.getLogger("edgeqwen")
 REPACK_LINE = re.compile(r"(?:^|: )(?:amx )?repack tensor (\S+)")   # both wordings above
 STILL_READ = "token_embd.weight"   # gathered from, a row a token, from the file (never released when tied)
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-@functools.cache
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return libc
-
-
-def madvise(addr: int, length: int, advice: int) -> int:
-    """libc's madvise on any mapping (Python's mmap.madvise only reaches mappings Python made); 0 on success."""
-    return _libc().madvise(addr, length, advice)
 
 
 class Releaser:

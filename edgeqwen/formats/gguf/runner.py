@@ -295,7 +295,7 @@ def _probe(path: Path) -> None:
     """Load an untrusted file in a child process first: what llama.cpp still aborts on (a GGML_ASSERT on some
     metadata, duplicate token strings) then kills the child, not us, and becomes one line. Passing files are
     remembered by path, size and mtime."""
-    from ...runner import IN_CHILD, smoke_check
+    from ..smoke import IN_CHILD, smoke_check
     if os.environ.get(IN_CHILD):
         return
     st = path.stat()

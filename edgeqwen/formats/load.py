@@ -1,0 +1,68 @@
+"""Open any build with its format's runner: the one place that decides between the runner in this process and,
+for a model spread over llama.cpp RPC workers, the one in a child process (gguf/isolated.py)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import RunnerError
+from ..home import resolve_build
+from ..manage import check_build
+from ..runner import Runner, Sampling, generate_text
+from . import detect
+
+
+def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
+                logits: bool = False, lean: bool = False, workers: list | None = None,
+                split: list[float] | None = None, isolate: bool = True) -> Runner:
+    """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
+
+    lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
+    logits=True loads it for `logits()` over whole windows (eval) rather than for streaming.
+    workers: llama.cpp RPC workers (rpc.Endpoint) to spread the layers over, in split proportions
+    (this machine first); the model then runs in a child process unless isolate=False (see gguf/isolated.py).
+    """
+    path, manifest = resolve_build(str(build))
+    fmt = detect(path, manifest)
+    if lean and not fmt.lean:
+        # onnxruntime can skip prepacking (session.disable_prepacking, a flat string key of genai's
+        # session_options), but MatMulNBits then dequantizes its weights on every call: the real 0.5B int4
+        # decoded at 0.54 tok/s instead of 25.8, at 1.28 GiB peak RSS instead of 0.78 (README)
+        raise RunnerError(f"--lean needs a GGUF build: an ONNX build without prepacked weights is ~50x slower "
+                          f"and larger ({path.name} is {fmt.name})")
+    if workers:
+        if not fmt.workers:
+            raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")
+        if isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
+            from .gguf.isolated import IsolatedRunner
+            from .gguf.rpc import check_workers
+            check_workers(workers)
+            return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
+                                  workers=workers, split=split)
+    cls = fmt.runner_class()
+    check_build(path, manifest)
+    model = path / manifest["file"] if path.is_dir() else path
+    extra = {"lean": True} if lean else {}
+    if workers:
+        extra.update(workers=workers, split=split)
+    return cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
+
+
+def _smoke_main(model: str, threads: str, n: str) -> None:
+    from ..errors import EdgeqwenError
+    try:
+        r = load_runner(model, threads=int(threads) or None, n_ctx=512)
+    except EdgeqwenError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)
+    last = None
+    text = ""
+    for last in generate_text(r, "Say hello.", Sampling(max_tokens=int(n), temperature=0, ignore_eos=True)):
+        text += last.text
+    print(json.dumps({"tokens": last.generation_tokens, "text": text, "decode_tps": round(last.generation_tps, 2)}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["smoke"]:
+        _smoke_main(*sys.argv[2:5])

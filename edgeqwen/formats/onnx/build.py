@@ -1,0 +1,36 @@
+"""The ONNX row's builder (the formats table names it): a checkpoint -> model.onnx, its data and genai_config.json,
+written weight by weight by our exporter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...build import BuildRequest, check_disk, check_ram, disk_guard, say
+from ...checkpoint import Checkpoint
+from ...errors import BuildError
+from ...formats import build_hash
+from ...home import MANIFEST
+from ...process import PeakRSS, Timer
+from ...progress import bar
+
+
+def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
+    """The ONNX row's builder: edgeqwen's own exporter, weight by weight (onnx_export.py)."""
+    try:
+        from . import export as onnx_export  # imports onnx and onnxruntime
+    except ImportError as e:
+        raise BuildError(f"ONNX builds need {e.name}, which is not installed: pip install -e '.[onnx]'") from None
+    check_ram(onnx_export.peakestimate_bytes(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")
+    size = onnx_export.output_size(ckpt, quant)
+    check_disk(tmp, size)
+    say(log, f"writing {quant} ONNX decoder from {ckpt.path}")
+    with Timer() as t, PeakRSS() as rss, bar(f"export {quant}", size) as upd:
+        info = disk_guard(lambda: onnx_export.export(ckpt, tmp, quant, progress=upd))
+    manifest["timings_s"]["export"] = round(t.seconds, 2)
+    manifest["peak_rss_bytes"]["export"] = rss.peak
+    model = tmp / "model.onnx"
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest.update(file="model.onnx", files=files, file_size=info["bytes"])
+    manifest.update(sha256=build_hash(tmp, manifest),
+                    onnx={"block_size": onnx_export.BLOCK, "accuracy_level": onnx_export.ACCURACY_LEVEL,
+                          "symmetric": True, "nodes": info["nodes"]})
+    return model

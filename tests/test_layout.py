@@ -1,0 +1,127 @@
+"""The house's rules, read off the source (ast): dependencies point one way, cli -> serve / measure -> formats ->
+the shared core, and no module imports itself back through others (lazy imports inside functions count too)."""
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "edgeqwen"
+FACADE = {"edgeqwen", "edgeqwen.__main__"}   # the public API and `python -m edgeqwen`: import anything, lazily
+RANK = {"core": 0, "formats": 1, "measure": 2, "serve": 2, "cli": 3}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = p.relative_to(PKG.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = p
+    return out
+
+
+def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the edgeqwen modules it imports (a `from package import name` of a submodule is that submodule)."""
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if not target.startswith("edgeqwen"):
+                    continue
+                names = [a.name for a in node.names if not (target == "edgeqwen" and a.name == "__version__")]
+                subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in mods]
+                deps.update(subs)
+                if len(subs) < len(names):
+                    deps.add(target)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("edgeqwen"))
+        graph[name] = {d for d in deps if d != name and d in mods}
+    return graph
+
+
+def stage(name: str) -> str:
+    parts = name.split(".")
+    if name == "edgeqwen.formats":      # the formats table: data every stage may read
+        return "core"
+    if name == "edgeqwen.build" or parts[1:2] == ["formats"]:   # build runs a format's builder
+        return "formats"
+    if parts[1:2] in (["measure"], ["serve"], ["cli"]):
+        return parts[1]
+    return "core"
+
+
+def folder(name: str) -> str | None:
+    """The format folder a module lives in (gguf, onnx, ...), if any."""
+    parts = name.split(".")
+    return parts[2] if len(parts) >= 3 and parts[1] == "formats" and (PKG / "formats" / parts[2]).is_dir() else None
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for a, deps in graph.items():
+        if a in FACADE:
+            continue
+        for b in deps:
+            sa, sb = stage(a), stage(b)
+            if b in FACADE:
+                out.append(f"{a} imports the package facade {b}")
+            elif RANK[sb] > RANK[sa] or {sa, sb} == {"measure", "serve"}:
+                out.append(f"{a} ({sa}) imports {b} ({sb})")
+            elif None is not folder(a) != folder(b) is not None:
+                out.append(f"{a} imports another format's folder: {b}")
+    return sorted(out)
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), the facade left out."""
+    index, low, on, stack, out, n = {}, {}, set(), [], [], [0]
+
+    def visit(v):
+        index[v] = low[v] = n[0]
+        n[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w in FACADE:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+    for v in graph:
+        if v not in index and v not in FACADE:
+            visit(v)
+    return out
+
+
+def test_the_checker_finds_what_it_looks_for():
+    fake = {"edgeqwen.runner": {"edgeqwen.formats.gguf.rpc"}, "edgeqwen.formats.gguf.rpc": {"edgeqwen.runner"},
+            "edgeqwen.measure.plan": {"edgeqwen.serve.server"}, "edgeqwen.serve.server": set(),
+            "edgeqwen.formats.onnx.runner": {"edgeqwen.formats.gguf.info"}, "edgeqwen.formats.gguf.info": set()}
+    assert violations(fake) == [
+        "edgeqwen.formats.onnx.runner imports another format's folder: edgeqwen.formats.gguf.info",
+        "edgeqwen.measure.plan (measure) imports edgeqwen.serve.server (serve)",
+        "edgeqwen.runner (core) imports edgeqwen.formats.gguf.rpc (formats)"]
+    assert cycles(fake) == [["edgeqwen.formats.gguf.rpc", "edgeqwen.runner"]]
+
+
+def test_imports_point_one_way_and_never_round():
+    graph = imports(modules())
+    assert len(graph) > 40 and graph["edgeqwen.cli"]   # the walk found the package
+    assert violations(graph) == []
+    assert cycles(graph) == []
