@@ -23,7 +23,12 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for t in ast.walk(tree) if isinstance(t, ast.If) and getattr(t.test, "id", "") ==
+                       "TYPE_CHECKING" for n in ast.walk(t)}   # annotations: never imported at run time
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - node.level + 1]
@@ -111,11 +116,11 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_checker_finds_what_it_looks_for():
     fake = {"edgeqwen.runner": {"edgeqwen.formats.gguf.rpc"}, "edgeqwen.formats.gguf.rpc": {"edgeqwen.runner"},
-            "edgeqwen.measure.plan": {"edgeqwen.serve.server"}, "edgeqwen.serve.server": set(),
+            "edgeqwen.measure.plan": {"edgeqwen.serve.queue"}, "edgeqwen.serve.queue": set(),
             "edgeqwen.formats.onnx.runner": {"edgeqwen.formats.gguf.info"}, "edgeqwen.formats.gguf.info": set()}
     assert violations(fake) == [
         "edgeqwen.formats.onnx.runner imports another format's folder: edgeqwen.formats.gguf.info",
-        "edgeqwen.measure.plan (measure) imports edgeqwen.serve.server (serve)",
+        "edgeqwen.measure.plan (measure) imports edgeqwen.serve.queue (serve)",
         "edgeqwen.runner (core) imports edgeqwen.formats.gguf.rpc (formats)"]
     assert cycles(fake) == [["edgeqwen.formats.gguf.rpc", "edgeqwen.runner"]]
 

@@ -242,7 +242,7 @@ def test_load_16_clients_none_lost_or_mixed(server, tiny_builds):
 def test_health_is_503_while_loading(tiny_builds):
     from starlette.testclient import TestClient
 
-    from edgeqwen.serve.server import ServeConfig, Server, create_app
+    from edgeqwen.serve import ServeConfig, Server, create_app
     srv = Server(ServeConfig(builds=[str(tiny_builds["q4_0"])]))
     with TestClient(create_app(srv)) as tc:
         r = tc.get("/health")

@@ -19,7 +19,7 @@ def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: 
         from . import export as onnx_export  # imports onnx and onnxruntime
     except ImportError as e:
         raise BuildError(f"ONNX builds need {e.name}, which is not installed: pip install -e '.[onnx]'") from None
-    check_ram(onnx_export.peakestimate_bytes(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")
+    check_ram(onnx_export.peak_estimate(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")
     size = onnx_export.output_size(ckpt, quant)
     check_disk(tmp, size)
     say(log, f"writing {quant} ONNX decoder from {ckpt.path}")

@@ -1,0 +1,93 @@
+"""`edgeqwen serve | worker`: the HTTP server, and this machine's CPU for another machine's model."""
+from __future__ import annotations
+
+
+import click
+
+from ..params import CTX, THREADS, Finite
+from .run import _devices, device_options
+
+
+@click.command()
+@click.argument("builds", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; any but loopback needs --api-key (or --insecure-no-key).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="EDGEQWEN_API_KEY", help="Require this bearer key (or $EDGEQWEN_API_KEY).")
+@click.option("--insecure-no-key", is_flag=True, help="Serve a non-loopback host without a key (anyone who "
+              "reaches the port can use the model).")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 4096),
+              help="Requests that may wait for the model; more get 503.")
+@click.option("--request-timeout", default=600.0, show_default=True, type=Finite(1, 86400),
+              help="Seconds one request may generate for; then it ends as if max_tokens were reached.")
+@click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
+@click.option("--cors", help="Allow this browser origin (CORS is off by default).")
+@device_options
+def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, ctx, threads, cors, lean,
+          workers, split):
+    """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    Every build is loaded once before the server listens; one is resident at a time and
+    swapped on demand; requests queue in FIFO order. A request whose client disconnects
+    stops generating; max_tokens is capped at what the context leaves after the prompt.
+    Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+    \b
+      edgeqwen serve qwen2-1.5b-q4_k_m --port 8080
+      # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+    """
+    from ..errors import UsageError
+    from ..hosts import check_host, listen
+    from ..serve import ServeConfig
+    from ..serve import serve as run_server
+    where = check_host(host)
+    if not where.loopback and not api_key:
+        if not insecure_no_key:
+            raise UsageError(f"--host {host} is reachable from the network: give --api-key KEY (or "
+                             "$EDGEQWEN_API_KEY), or --insecure-no-key to serve it to anyone who can reach it")
+        click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
+                   "model", err=True)
+    cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
+                      load=_devices(lean, workers, split), request_timeout=request_timeout)
+    sock = listen(where, port)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    run_server(cfg, sock, on_ready=lambda: click.echo(f"serving {', '.join(builds)} on {url} (OpenAI API at /v1)",
+                                                       err=True))
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; any other than "
+              "loopback needs --allow-remote.")
+@click.option("--port", default=50052, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", type=THREADS, help="Default: physical cores.")
+@click.option("--allow-remote", is_flag=True, help="Listen on a non-loopback address (read the warning it prints).")
+@click.option("--cache", "use_cache", is_flag=True, help="Keep received weights in the cache folder, so a model "
+              "reloads without sending them again (llama.cpp's rpc-server -c).")
+def worker(host, port, threads, allow_remote, use_cache):
+    """Serve this machine's CPU to another machine's run, chat, bench or serve (--workers).
+
+    llama.cpp's RPC backend: the client sends this worker its share of the layers and runs
+    them here for every token. One client at a time. The protocol is unauthenticated: keep
+    workers on 127.0.0.1, a trusted LAN or an SSH tunnel, never an open network.
+
+    \b
+      pi-2$ edgeqwen worker --host 0.0.0.0 --allow-remote
+      pi-1$ edgeqwen chat qwen2-7b-q4_k_m --workers pi-2.local:50052 --split 1,1
+    """
+    from ..home import home
+    from ..process import physical_cores
+    from ..hosts import check_host
+    from ..formats.gguf.rpc import UNSAFE_WARNING, serve_worker
+    if not check_host(host).loopback and allow_remote:
+        click.echo(f"Warning: listening on {host}. {UNSAFE_WARNING}", err=True)
+    cache = home() / "rpc-cache" if use_cache else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+    n = threads or physical_cores()
+    serve_worker(host, port, n, allow_remote, cache_dir=cache,
+                 ready=lambda: click.echo(f"worker listening on {host}:{port} with {n} threads (Ctrl-C stops)",
+                                          err=True))
+
+
+COMMANDS = [serve, worker]

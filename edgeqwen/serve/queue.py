@@ -1,0 +1,274 @@
+"""The model slot and its queue: one model resident and one sequence at a time, on one worker thread; requests
+wait in a bounded FIFO queue (a full one is a 503); a job stops at its next token when its client goes away, its
+time runs out or the server shuts down; a model process that died is dropped and loaded again."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from ..errors import EdgeqwenError, RunnerError
+from ..runner import Sampling
+from .metrics import Metrics
+from .schemas import ApiError, MAX_BODY
+
+
+_log = logging.getLogger("edgeqwen")
+REQUEST_TIMEOUT_S = 600.0   # llama-server's own default HTTP timeout
+
+
+# --- the model slot -------------------------------------------------------------------------------
+
+@dataclass
+class ServeConfig:
+    builds: list[str]
+    threads: int | None = None
+    ctx: int | None = None
+    max_queue: int = 16
+    api_key: str | None = None
+    max_body: int = MAX_BODY
+    cors: str | None = None
+    load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
+    request_timeout: float = REQUEST_TIMEOUT_S  # wall-clock seconds one request may generate for
+
+
+@dataclass
+class _Slot:
+    """The resident model, touched only on the worker thread."""
+    names: dict[str, str]                # served id -> build argument
+    meta: dict[str, dict]
+    runner: object = None
+    resident: str | None = None
+    loading: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0
+    failed: str | None = None            # why the last model process died (until the next load)
+
+
+def _build_meta(arg: str) -> tuple[str, dict]:
+    from ..home import resolve_build
+    path, manifest = resolve_build(arg)
+    m = manifest or {}
+    name = m.get("name") or path.stem
+    return name, {"id": name, "object": "model", "created": int(path.stat().st_mtime), "owned_by": "edgeqwen",
+                  "format": m.get("format", "gguf"), "quant": m.get("quant"), "file_size": m.get("file_size")}
+
+
+class Server:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        names, meta = {}, {}
+        for b in cfg.builds:
+            n, d = _build_meta(b)
+            if n in names:
+                raise EdgeqwenError(f"two builds are both named {n!r}")
+            names[n], meta[n] = b, d
+        self.slot = _Slot(names, meta)
+        self.metrics = Metrics()
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeqwen-model")
+        self.jobs: set[_Job] = set()   # running or about to run: cancelled together at shutdown
+        self.closing = False
+
+    # worker-thread side
+    def _ensure(self, name: str):
+        s = self.slot
+        if s.resident != name:
+            s.loading = True
+            try:
+                if s.runner is not None:
+                    s.runner.close()
+                    s.runner, s.resident = None, None
+                from ..formats.load import load_runner
+                _log.info("loading %s", name)
+                s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx, **self.cfg.load)
+                s.resident, s.failed = name, None
+            finally:
+                s.loading = False
+        return s.runner
+
+    def _drop(self, why: str) -> None:
+        """The model process died (a worker lost): forget it; the next request loads it again."""
+        s = self.slot
+        _log.warning("the model process of %s died: %s; it is loaded again on the next request", s.resident, why)
+        with contextlib.suppress(Exception):
+            s.runner.close()
+        s.runner, s.resident, s.failed = None, None, why
+
+    def load_all(self) -> None:
+        """Before listening: load every build once (an unloadable one raises its RunnerError here), the first last,
+        and keep it resident."""
+        names = list(self.slot.names)
+        for name in names[1:] + names[:1]:
+            self.pool.submit(self._ensure, name).result()
+
+    def cancel_all(self) -> None:
+        """Shutting down: refuse what waits, stop what runs at its next token."""
+        self.closing = True
+        for job in list(self.jobs):
+            job.cancel.set()
+
+    def close(self) -> None:
+        def shut():
+            if self.slot.runner is not None:
+                self.slot.runner.close()
+        self.pool.submit(shut).result()
+        self.pool.shutdown()
+
+
+# --- generation -------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    name: str
+    chat: list[dict] | None
+    prompt: str | None
+    sampling: Sampling
+    stops: list[str]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: float = float("inf")   # time.monotonic() after which it stops ("length")
+
+    __hash__ = object.__hash__
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of text could start a stop string (so they are not sent yet)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def _run_job(server: Server, job: _Job, emit) -> None:
+    """On the worker thread: tokenize, check the context, stream; emit(kind, payload) for each event."""
+    runner = server._ensure(job.name)
+    try:
+        if job.chat is not None:
+            tokens = runner.tokenize(runner.apply_chat_template(job.chat), special=True)
+        else:
+            tokens = runner.tokenize(job.prompt, special=True)
+    except EdgeqwenError as e:
+        raise ApiError(400, str(e)) from None
+    if not tokens:
+        raise ApiError(400, "the prompt is empty")
+    if len(tokens) >= runner.n_ctx:
+        raise ApiError(400, f"the prompt is {len(tokens)} tokens and the context holds {runner.n_ctx}: "
+                            f"{len(tokens) - runner.n_ctx + 1} tokens too many", code="context_length_exceeded")
+    emit("prompt", len(tokens))
+    pending, last = "", None
+    stream = runner.stream(tokens, job.sampling)
+    try:
+        for last in stream:
+            if job.cancel.is_set():
+                last.finish_reason = "cancelled"
+                break
+            if time.monotonic() > job.deadline:
+                _log.info("a request reached --request-timeout %.0f s after %d tokens: stopped",
+                          server.cfg.request_timeout, last.generation_tokens)
+                last.finish_reason = "length"
+                break
+            pending += last.text
+            hit = min((i for i in (pending.find(s) for s in job.stops) if i >= 0), default=-1)
+            if hit >= 0:
+                emit("text", pending[:hit])
+                last.finish_reason = "stop"
+                break
+            keep = _held_back(pending, job.stops) if job.stops and not last.finish_reason else 0
+            if len(pending) > keep:
+                emit("text", pending[:len(pending) - keep])
+                pending = pending[len(pending) - keep:]
+    except RunnerError as e:   # the model process died mid-answer (IsolatedRunner): load it afresh next time
+        server._drop(str(e))
+        raise
+    finally:
+        with contextlib.suppress(RunnerError):
+            stream.close()
+    emit("done", last)
+
+
+async def _admit(server: Server, name: str):
+    """Wait for the model slot in FIFO order; a full queue is a 503."""
+    s = server.slot
+    if server.closing:
+        raise ApiError(503, "the server is shutting down", "server_busy")
+    if name not in s.names:
+        raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(s.names)}", code="model_not_found")
+    if s.lock.locked() and s.waiting >= server.cfg.max_queue:
+        raise ApiError(503, f"the queue is full ({server.cfg.max_queue} waiting)", "server_busy",
+                       headers={"Retry-After": "2"})
+    s.waiting += 1
+    server.metrics.queue.set(s.waiting)
+    try:
+        await s.lock.acquire()
+    finally:
+        s.waiting -= 1
+        server.metrics.queue.set(s.waiting)
+    if server.closing:
+        s.lock.release()
+        raise ApiError(503, "the server is shutting down", "server_busy")
+
+
+def _start(server: Server, job: _Job) -> asyncio.Queue:
+    """Run the job on the model thread (the slot, taken by _admit, is released when it ends, whatever the
+    client does); its events arrive on the returned queue."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    job.deadline = time.monotonic() + server.cfg.request_timeout
+    server.jobs.add(job)
+
+    def emit(kind, payload):
+        loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+
+    def work():
+        try:
+            _run_job(server, job, emit)
+        except BaseException as e:  # noqa: B036  handed to the request's task, which turns it into a response
+            emit("error", e)
+    fut = loop.run_in_executor(server.pool, work)
+
+    def done(_):
+        server.jobs.discard(job)
+        server.slot.lock.release()
+    fut.add_done_callback(done)
+    return q
+
+
+async def _until_gone(request: Request, job: _Job) -> None:
+    """Set job.cancel when the client disconnects (a non-streaming request: nothing else would notice)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            job.cancel.set()
+            return
+
+
+async def _first(q: asyncio.Queue) -> int:
+    """The prompt's token count, or the error that refused it (before any response is started)."""
+    kind, payload = await q.get()
+    if kind == "error":
+        raise payload
+    return payload
+
+
+async def _events(q: asyncio.Queue, job: _Job):
+    """The worker's text and done events; closing this iterator (a client gone) cancels the job."""
+    try:
+        while True:
+            kind, payload = await q.get()
+            if kind == "error":
+                raise payload
+            yield kind, payload
+            if kind == "done":
+                return
+    finally:
+        job.cancel.set()
+
+

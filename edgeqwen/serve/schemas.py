@@ -1,0 +1,114 @@
+"""The HTTP API's requests and errors: pydantic schemas (types and ranges checked once, at the boundary),
+the body reader (size limit, invalid or too deeply nested JSON, a client gone mid-body) and OpenAI's error shape."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ..runner import Sampling
+from ..text import clean
+
+
+_log = logging.getLogger("edgeqwen")
+MAX_BODY = 1 << 20
+
+
+# --- request schemas (pydantic: types and ranges checked once, at the boundary) -------------------
+
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)   # OpenAI clients send fields we ignore
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(1, ge=1)
+    ignore_eos: bool = False   # llama-server's extension: generate max_tokens whatever the model says
+
+
+class _Part(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[_Part]
+
+    def text(self) -> str:
+        return clean(self.content if isinstance(self.content, str) else "".join(p.text for p in self.content))
+
+
+class ChatRequest(_Req):
+    messages: list[_Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse({"error": {"message": e.message, "type": e.type, "code": e.code}}, status_code=e.status,
+                        headers=e.headers)
+
+
+def _sampling(req: _Req, n_default: int) -> Sampling:
+    return Sampling(max_tokens=req.max_completion_tokens or req.max_tokens or n_default,
+                    temperature=0.7 if req.temperature is None else req.temperature,
+                    top_p=0.8 if req.top_p is None else req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
+
+
+class _Gone(Exception):
+    """The client went away before its request was read (a normal event: one log line, no response)."""
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    from starlette.requests import ClientDisconnect
+    size = request.headers.get("content-length")
+    if size and size.isdigit() and int(size) > limit:
+        raise ApiError(413, f"the request body is {size} bytes; the limit is {limit}", code="body_too_large")
+    body = b""
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    except ClientDisconnect:
+        raise _Gone from None
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the body is not valid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return data
+
+
+def _parse(model: type[BaseModel], data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        raise ApiError(400, f"{where}: {err['msg']}", code="invalid_value") from None
+
+
