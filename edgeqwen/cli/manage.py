@@ -1,4 +1,4 @@
-"""`edgeqwen info | verify | rm | gc`: the builds on disk. Registered on the group in cli.py."""
+"""`edgeqwen info | verify | rm | gc`: the builds on disk. Registered on the group in cli/__init__.py."""
 from __future__ import annotations
 
 import json

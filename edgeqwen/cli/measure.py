@@ -1,4 +1,4 @@
-"""`edgeqwen bench | hw | table | plan | eval`: measuring. Registered on the group in cli.py."""
+"""`edgeqwen bench | hw | table | plan | eval`: measuring. Registered on the group in cli/__init__.py."""
 from __future__ import annotations
 
 import json

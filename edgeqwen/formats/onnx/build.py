@@ -14,7 +14,7 @@ from ...progress import bar
 
 
 def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
-    """The ONNX row's builder: edgeqwen's own exporter, weight by weight (onnx_export.py)."""
+    """The ONNX row's builder: edgeqwen's own exporter, weight by weight (export.py)."""
     try:
         from . import export as onnx_export  # imports onnx and onnxruntime
     except ImportError as e:

@@ -11,7 +11,7 @@ size
 (fp32, which transposes whole matrices, is the exception and is only a reference).
 
 One module on purpose: the graph's node names and the weight writer's initializer names must agree one
-for one. What each precision writes, and how many bytes, is data in onnx_layout.py (plan reads it too).
+for one. What each precision writes, and how many bytes, is data in layout.py (plan reads it too).
 """
 from __future__ import annotations
 
