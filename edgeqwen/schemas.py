@@ -73,6 +73,8 @@ class _BenchFields(_Open):
     lean: StrictBool = False
     prompt_tokens: Count | None = None
     gen_tokens: Count | None = None
+    busy: StrictBool = False
+    load: dict[StrictStr, NonNeg] | None = None
 
     @model_validator(mode="after")
     def _ok_has_figures(self):

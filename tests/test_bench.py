@@ -126,6 +126,11 @@ max_peak_rss_gib = 1
     assert verdicts["a"]["verdict"] == "PASS" and verdicts["a"]["row"]["device"]["device_id"] == "dev-a"
     assert verdicts["b"]["verdict"] == "FAIL"
     assert verdicts["c"]["verdict"] == "UNTESTED" and "row" not in verdicts["c"]
+    # the same rows measured beside other work decide nothing: a busy row is shown, never a verdict
+    busy = [dict(r, busy=True, load={"others_before": 0.0, "others_during": 1.0, "steal": 0.0}) for r in rows]
+    verdicts = {c["id"]: judge(c, busy, devs) for c in load_claims(claims)}
+    assert {v["verdict"] for v in verdicts.values()} == {"UNTESTED"}
+    assert "BUSY: other processes used 1.00 cores" in render_rows(busy)
 
 
 def test_emulated_rows_never_count_for_speed(rows, tmp_path):
@@ -330,3 +335,55 @@ def test_table_columns_use_llama_bench_test_names(rows):
     assert line.count("20.00 ± 0.00") == 2   # FakeRunner decodes at 20 tok/s at either depth
     mixed = [dict(rows[0]), dict(rows[1], prompt_tokens=512)]
     assert "| pp t/s | tg t/s | tg@d t/s |" in render_rows(mixed, "md")
+
+
+def _hog():
+    """A CPU hog: one core of busy loop, as another user's job would be."""
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def test_a_bench_beside_a_cpu_hog_is_marked_busy_and_a_quiet_one_is_not(tiny_builds, tmp_path):
+    import time
+    out = tmp_path / "r.jsonl"
+    args = ("bench", tiny_builds["q8_0"], "--threads", "1", "--repeats", "2", "--prompt-tokens", "32",
+            "--gen-tokens", "16", "--out", out)
+    hog = _hog()
+    try:
+        time.sleep(0.3)
+        busy = run_cli(*args)
+    finally:
+        hog.kill()
+        hog.wait()
+    quiet = run_cli(*args)
+    assert busy.returncode == quiet.returncode == 0, busy.stderr + quiet.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["busy"] and rows[0]["load"]["others_during"] > 0.5, rows[0]["load"]
+    assert not rows[1]["busy"] and rows[1]["load"]["others_during"] < 0.25, rows[1]["load"]
+    assert "BUSY: other processes used" in busy.stdout
+
+
+def test_fit_refuses_a_baseline_taken_beside_a_cpu_hog(tiny_builds):
+    import os
+
+    from edgeqwen.measure import memlimit
+    if os.geteuid() != 0 or memlimit._version() is None:
+        pytest.skip("needs root and the cgroup memory controller")
+    hog = _hog()
+    try:
+        r = run_cli("fit", tiny_builds["q8_0"], "--threads", "1", "--lean", timeout=600)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert r.returncode == 1 and "the machine is busy" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr
+
+
+def test_fit_refuses_a_baseline_whose_runs_disagree():
+    from edgeqwen.errors import RunnerError
+    from edgeqwen.measure.fit import _check_baseline
+    runs = [{"tg": {"mean": x}} for x in (0.87, 0.88, 1.36)]   # a fit's real baseline, beside another job
+    with pytest.raises(RunnerError, match="disagree"):
+        _check_baseline("b", runs, 0.88)
+    _check_baseline("b", [{"tg": {"mean": x}} for x in (26.8, 27.5, 28.5)], 27.5)   # quiet: 6% apart

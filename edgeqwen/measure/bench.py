@@ -139,8 +139,18 @@ def run_one(build: str, threads: int, cfg: BenchConfig, timeout: float = 3600, o
     """One fresh child process; its stdout carries a line per repeat, then the result as JSON.
 
     memory_limit: run the child in a memory cgroup of that many bytes, after evicting the model's pages
-    from the page cache so the child is charged for every page it reads.
+    from the page cache so the child is charged for every page it reads. The row records the machine's load
+    before and during the run, and is marked busy when other processes took the CPU (busy.py).
     """
+    from .busy import Watch, idle_look, load_fields
+    before = idle_look()
+    with Watch() as during:
+        row = _run_child(build, threads, cfg, timeout, on_repeat, memory_limit)
+    return {**row, **load_fields(before, during)}
+
+
+def _run_child(build: str, threads: int, cfg: BenchConfig, timeout: float, on_repeat,
+               memory_limit: int | None) -> dict:
     import contextlib
     import tempfile
     import threading

@@ -57,7 +57,9 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
             and r["build"].get("quant") == quant and row_matches_device(r, profile)]
     # An emulated run proves the build runs on that ISA (at any context), never how fast: kept apart, never a
     # verdict on speed.
-    matching = [r for r in same if not r["device"].get("emulated") and (r.get("n_ctx") or 4096) >= ctx]
+    # A run on a busy machine (busy.py) measured the other processes as much as the build: never a verdict.
+    matching = [r for r in same if not r["device"].get("emulated") and not r.get("busy")
+                and (r.get("n_ctx") or 4096) >= ctx]
     emulated = [r for r in same if r["device"].get("emulated") and r.get("status") == "ok"]
     min_tps, max_rss = claim.get("min_decode_tps"), claim.get("max_peak_rss_gib")
 

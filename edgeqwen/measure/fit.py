@@ -29,6 +29,8 @@ _log = logging.getLogger("edgeqwen")
 FIT_CONFIG = BenchConfig(prompt_tokens=64, gen_tokens=48, repeats=2, n_ctx=4096, empty_tg=False)
 RETRIES = 2
 BASELINE_RUNS = 3
+# the most three unlimited runs may disagree, (fastest - slowest) / median: quiet runs here moved by 10-30%
+BASELINE_SPREAD = 0.40
 NEAR_MISS = 0.85   # share of the bar
 FAULT_S = 0.01     # the most one major fault costs here: an 8 MiB read-ahead window from this VM's disk
 
@@ -43,6 +45,24 @@ def _noise_can_explain(row: dict, limit: int, bar: float, tokens: int) -> bool:
     lost_s = tokens * (1 / tg - 1 / bar)
     return ((peak is not None and peak < limit - (1 << 20))
             or (tg >= NEAR_MISS * bar and faults is not None and faults * FAULT_S < lost_s))
+
+
+def _check_baseline(build: str, runs: list[dict], base_tg: float) -> None:
+    """Refuse to bisect against a baseline taken on a busy machine, or whose runs disagree by more than
+    BASELINE_SPREAD: a fit once took 0.87 / 0.88 / 1.36 tok/s (another job on the cores) as the bar and reported a
+    min RAM against it; the same build decoded at 27 tok/s minutes later."""
+    from ..errors import RunnerError
+    from .busy import busy_line
+    busy = [r for r in runs if r.get("busy")]
+    if busy:
+        raise RunnerError(f"fit {build}: the machine is busy ({busy_line(busy[0])} during an unlimited run); "
+                          "stop what else runs and try again")
+    speeds = [r["tg"]["mean"] for r in runs]
+    spread = (max(speeds) - min(speeds)) / base_tg if base_tg > 0 else float("inf")
+    if spread > BASELINE_SPREAD:
+        raise RunnerError(f"fit {build}: the unlimited runs disagree ({', '.join(f'{x:.2f}' for x in speeds)} tok/s, "
+                          f"{spread:.0%} apart, more than {BASELINE_SPREAD:.0%}): something else is using the machine; "
+                          "try again when it is quiet")
 
 
 def _passes(row: dict, base_tg: float, fraction: float) -> bool:
@@ -66,6 +86,7 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
     runs.sort(key=lambda r: r["tg"]["mean"])
     base = runs[len(runs) // 2]
     base_tg = base["tg"]["mean"]
+    _check_baseline(build, runs, base_tg)
     peak = max(max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) for r in runs)
     probes = []
     tokens = cfg.gen_tokens * cfg.repeats

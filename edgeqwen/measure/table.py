@@ -128,6 +128,9 @@ def _status(row: dict) -> str:
         notes.append(f"with {len(row['workers'])} RPC worker(s), split {row.get('split') or 'by free memory'}")
     if row.get("lean"):
         notes.append("lean")
+    if row.get("busy"):   # measured beside other work: shown, never a verdict (claims.py)
+        from .busy import busy_line
+        notes.append(f"BUSY: {busy_line(row)}")
     return s + (f" ({', '.join(notes)})" if notes else "")
 
 
