@@ -86,7 +86,7 @@ class _BenchFields(_Open):
 class _EvalFields(_Open):
     text: StrictStr
     ppl: Annotated[StrictInt | StrictFloat, Field(gt=0, le=1e12)]
-    tokens_scored: Count
+    tokens_scored: Count = None   # optional, never null
     # optional, but never null: the table formats what is present
     ref_ppl: NonNeg = None
     kl_mean: NonNeg = None

@@ -226,7 +226,7 @@ def render_quality(rows: list[dict], fmt: str = "md") -> str:
     if fmt == "html":
         return "<h3>Quality</h3><table>" + "".join(
             "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in [head] + body) + "</table>"
-    scored = sorted({f"{t} {r['tokens_scored']}" for per in q.values() for t, r in per.items()})
+    scored = sorted({f"{t} {r['tokens_scored']}" for per in q.values() for t, r in per.items() if "tokens_scored" in r})
     return "\n".join(["### Quality (eval rows)", "",
                       f"Tokens scored per text: {', '.join(scored)}. KL is KL(reference || build) in nats per token.",
                       "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
