@@ -82,8 +82,9 @@ def open_checkpoint(path: Path) -> Checkpoint:
     config = _load_json(path / "config.json", "config.json")
     arch = arch_for_config(config)
     if arch is None:
-        raise SourceError(f"{path}: config is model_type={config.get('model_type')!r} "
-                          f"({', '.join(config.get('architectures') or ['?'])}), not qwen2")
+        names = config.get("architectures")
+        names = ", ".join(map(str, names)) if isinstance(names, list) and names else "?"
+        raise SourceError(f"{path}: config is model_type={config.get('model_type')!r} ({names}), not qwen2")
     if config.get("auto_map"):
         raise SourceError(f"{path}: config asks for remote code (auto_map); edgeqwen never runs remote code")
     missing = [k for k in arch.required_config if k not in config]

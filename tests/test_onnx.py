@@ -220,14 +220,14 @@ def test_ram_preflight_refuses_before_loading(tiny_ckpt, tmp_path):
 def test_interrupted_onnx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
     import contextlib
 
-    import edgeqwen.build
+    import edgeqwen.formats.onnx.build
 
     @contextlib.contextmanager
     def interrupting_bar(label, total, unit="B"):
         def upd(n):
             raise KeyboardInterrupt
         yield upd
-    monkeypatch.setattr(edgeqwen.build, "bar", interrupting_bar)
+    monkeypatch.setattr(edgeqwen.formats.onnx.build, "bar", interrupting_bar)
     with pytest.raises(KeyboardInterrupt):
         build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="int4", source=tiny_ckpt, out=tmp_path / "b"),
               log=None)
