@@ -55,7 +55,8 @@ def prepare(root: Path) -> None:
 def dump(root: Path, arch: str) -> dict[str, Path]:
     """Greedy tokens and teacher-forced logits of every build, from this machine, into DIR/<arch>/."""
     _env(root)
-    from edgeqwen.runner import Sampling, load_runner
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.runner import Sampling
     outdir = root / arch
     outdir.mkdir(exist_ok=True)
     x86 = root / "x86_64" / "f16.npz"
