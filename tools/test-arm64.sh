@@ -95,7 +95,8 @@ fi
 PY=${PYTHON:-$REPO/.venv/bin/python}
 agree=$CACHE/agree
 # Rebuilt when the code that makes or runs the builds changes (its content, committed or not).
-astamp=$(cd "$REPO" && cat edgeqwen/*.py tools/arm64/agreement.py tests/conftest.py | sha256sum | cut -c1-16)
+astamp=$(cd "$REPO" && find edgeqwen -name '*.py' | LC_ALL=C sort | xargs cat tools/arm64/agreement.py tests/conftest.py \
+         | sha256sum | cut -c1-16)
 if [[ ! -f $agree/x86_64/int4.npz ]] || [[ $(cat "$agree/.stamp" 2>/dev/null) != "$astamp" ]]; then
   say "building the tiny model on x86 and recording its outputs"
   rm -rf "$agree"; mkdir -p "$agree"
