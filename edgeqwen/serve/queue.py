@@ -123,7 +123,7 @@ class Server:
 
 # --- generation -------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)   # a job is itself: kept in a set of running jobs
 class _Job:
     name: str
     chat: list[dict] | None
@@ -132,8 +132,6 @@ class _Job:
     stops: list[str]
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")   # time.monotonic() after which it stops ("length")
-
-    __hash__ = object.__hash__
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from ...build import BuildRequest, check_disk, check_ram, disk_guard, say
 from ...checkpoint import Checkpoint
 from ...errors import BuildError
-from ...formats import build_hash
+from .. import build_hash
 from ...home import MANIFEST
 from ...process import PeakRSS, Timer
 from ...progress import bar

@@ -47,7 +47,8 @@ class OnnxRunner:
         if not (self.folder / "genai_config.json").exists():
             raise RunnerError(f"{self.folder}: no genai_config.json; not an ONNX build folder")
         self.threads = threads or physical_cores()
-        train_ctx = _json(self.folder / "genai_config.json").get("model", {}).get("context_length")
+        genai_model = _json(self.folder / "genai_config.json").get("model", {})
+        train_ctx = genai_model.get("context_length")
         if not train_ctx:
             raise RunnerError(f"{self.folder}/genai_config.json is unreadable or has no context_length")
         # logits(): a window of n_ctx tokens plus the one genai reserves to generate
@@ -69,7 +70,7 @@ class OnnxRunner:
         self.load_s = time.perf_counter() - t0
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         # ordinary text tokens: the BPE vocabulary's ids (added and special tokens come after them)
-        n_model = _json(self.folder / "genai_config.json").get("model", {}).get("vocab_size") or 0
+        n_model = genai_model.get("vocab_size") or 0
         n_bpe = len(_json(self.folder / "tokenizer.json").get("model", {}).get("vocab") or {})
         self.regular_vocab = min(x for x in (n_model, n_bpe) if x) if (n_model or n_bpe) else 1
         tok_cfg = _json(self.folder / "tokenizer_config.json")
