@@ -20,8 +20,15 @@ class Arch:
     # config.json keys we require, and defaults written by --synthetic
     required_config: tuple[str, ...]
     synthetic_defaults: dict = field(default_factory=dict)
-    # Tensors present in a checkpoint besides the per-block ones the name map knows.
+    # q, k and v projections carry a bias (Qwen2 does; Llama does not).
     attention_bias: bool = True
+    # The tokenizer adds no BOS token before a prompt (written to GGUF as tokenizer.ggml.add_bos_token).
+    add_bos: bool = False
+    # Ids past the tokenizer's vocabulary up to vocab_size (the embedding is padded to a multiple of 128):
+    # llama.cpp's converter names them this way, so our files match its files token for token.
+    pad_token: str = "[PAD{}]"
+    # The rope scalings a checkpoint of this family may carry (Qwen2.5 ships yarn for long contexts).
+    rope_kinds: tuple[str, ...] = ()
 
     @property
     def gguf_name(self) -> str:
@@ -41,6 +48,9 @@ ARCHS: dict[str, Arch] = {
         gguf_arch=gguf.MODEL_ARCH.QWEN2,
         tokenizer_pre="qwen2",
         required_config=_QWEN_REQUIRED,
+        attention_bias=True,
+        add_bos=False,
+        rope_kinds=("yarn",),
         synthetic_defaults={
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
             "initializer_range": 0.02, "attention_dropout": 0.0, "use_cache": True,

@@ -16,6 +16,7 @@ import gguf
 from .arch import Arch, arch_for_config
 from .errors import SourceError
 from .safetensors import Reader, TensorInfo, read_header
+from .schemas import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
@@ -28,19 +29,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 @dataclass
 class Checkpoint:
     path: Path
-    config: dict
+    config: ModelConfig   # config.json, parsed once: every stage reads this, never the file
     arch: Arch
     tensors: dict[str, TensorInfo]
     files: list[Path] = field(default_factory=list)
-    cfg: object = None   # schemas.ModelConfig: the same config, typed and range-checked
 
     @property
     def n_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        return self.config.num_hidden_layers
 
     @property
     def tied(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
+        return self.config.tie_word_embeddings
 
     def reader(self) -> Reader:
         return Reader(self.tensors)
@@ -52,6 +52,19 @@ class Checkpoint:
         names = [p for p in names if p.exists()]
         with bar("hash source", sum(p.stat().st_size for p in names)) as upd:
             return {p.name: sha256_file(p, upd) for p in names}
+
+
+def copy_tokenizer(src: Path, out_dir: Path, also: tuple[str, ...] = ()) -> None:
+    """The tokenizer, its chat template and generation defaults, beside a build's weights (genai and mlx-lm
+    read them from the build folder)."""
+    import shutil
+
+    from .errors import BuildError
+    if not (src / "tokenizer.json").exists():
+        raise BuildError(f"{src}: no tokenizer.json; a build needs the tokenizer")
+    for name in (*TOKENIZER_FILES, "chat_template.jinja", "generation_config.json", *also):
+        if (src / name).exists():
+            shutil.copyfile(src / name, out_dir / name)
 
 
 def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, block: int = 16 << 20) -> str:
@@ -90,7 +103,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
     missing = [k for k in arch.required_config if k not in config]
     if missing:
         raise SourceError(f"{path}: config.json lacks {', '.join(missing)}")
-    from .schemas import ModelConfig, WeightIndex, check_source
+    from .schemas import WeightIndex, check_source
     cfg = check_source(ModelConfig, config, path / "config.json", "config.json")
 
     index = path / "model.safetensors.index.json"
@@ -111,7 +124,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
             raise SourceError(f"{path}: the index names {f.name}, which is missing")
         tensors.update(read_header(f))
     _check_tokenizer_files(path)
-    ckpt = Checkpoint(path=path, config=config, arch=arch, tensors=tensors, files=files, cfg=cfg)
+    ckpt = Checkpoint(path=path, config=cfg, arch=arch, tensors=tensors, files=files)
     check_tensors(ckpt)
     return ckpt
 
@@ -124,16 +137,16 @@ def _check_tokenizer_files(path: Path) -> None:
             check_source(model, read_json(path / name, name), path / name, name)
 
 
-def expected_tensors(config: dict, arch: Arch) -> dict[str, tuple[int, ...]]:
+def expected_tensors(config: ModelConfig, arch: Arch) -> dict[str, tuple[int, ...]]:
     """Every tensor a complete checkpoint of this config has, with its Hugging Face shape."""
-    h, ff = int(config["hidden_size"]), int(config["intermediate_size"])
-    nh, nkv = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
-    hd = int(config.get("head_dim") or h // nh)
-    v = int(config["vocab_size"])
+    h, ff = config.hidden_size, config.intermediate_size
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    hd = config.head_size
+    v = config.vocab_size
     out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not config.get("tie_word_embeddings", False):
+    if not config.tie_word_embeddings:
         out["lm_head.weight"] = (v, h)
-    for i in range(int(config["num_hidden_layers"])):
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         out.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),

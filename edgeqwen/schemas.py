@@ -154,6 +154,11 @@ def check(model: type[BaseModel], data, where: str, what: str, kind: str = "a JS
     return data
 
 
+def check_typed(model: type[BaseModel], data, where: str, what: str):
+    """As check, returning the typed model (a config a manifest or recipe gives plan)."""
+    return _validate(model, data, where, what, "a JSON object", UsageError)
+
+
 def check_row(data, where: str) -> dict:
     check(Row, data, where, "a row")
     return check(ROW_FIELDS[data["kind"]], data, where, f"a {data['kind']} row")
@@ -161,7 +166,7 @@ def check_row(data, where: str) -> dict:
 
 class Manifest(_Open):
     name: str
-    format: Literal["gguf", "onnx"] = "gguf"
+    format: Literal["gguf", "onnx", "mlx"] = "gguf"
     quant: str
     file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # one file inside the build folder
     file_size: int = Field(ge=0)
@@ -219,6 +224,20 @@ class ModelConfig(_Open):
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} does not divide into {self.num_attention_heads} heads")
         return self
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_kind(self) -> str | None:
+        """The rope scaling's kind ("yarn", ...), or None for plain rope."""
+        r = self.rope_scaling
+        return (r.rope_type or r.type) if r else None
+
+    def extra(self, key: str, default=None):
+        """A config.json key this schema does not name (an MoE's expert counts, say)."""
+        return (self.model_extra or {}).get(key, default)
 
 
 class WeightIndex(_Open):
@@ -309,6 +328,30 @@ class DeviceProfile(_Open):
     usable_fraction: Annotated[Num, Field(gt=0, le=1)] = 0.8
     efficiency: Annotated[Num, Field(gt=0, le=1)] = 0.6
     amx: StrictBool = False
+    unified_memory: StrictBool = False   # Apple Silicon: CPU and GPU share the RAM (MLX's working-set limit)
+
+
+class PublishedRow(BaseModel):
+    """A measurement someone published (data/published.toml): every figure with its source."""
+    model_config = ConfigDict(extra="forbid")
+    device: str
+    device_class: Literal["pi", "apple", "x86"]
+    chip: str
+    ram_gib: Annotated[Num, Field(gt=0, le=1 << 12)] | None = None
+    gpu_cores: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    bandwidth_gbs: Annotated[Num, Field(gt=0, le=1e4)] | None = None
+    backend: Literal["llama.cpp CPU", "llama.cpp Metal", "Ollama", "Ollama Metal", "MLX"]
+    threads: Annotated[StrictInt, Field(ge=1, le=1024)] | None = None
+    model: str
+    params_b: Annotated[Num, Field(gt=0, le=1e4)]
+    quant: str
+    file_gib: Annotated[Num, Field(gt=0, le=1e4)] | None = None
+    test: str
+    tok_s: Annotated[Num, Field(gt=0, le=1e6)]
+    source: Annotated[str, Field(pattern=r"^https://")]
+    source_date: str | None = None
+    ambiguous: StrictBool = False
+    note: str | None = None
 
 
 class Claim(BaseModel):

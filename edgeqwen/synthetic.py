@@ -44,7 +44,8 @@ def _write_shards(out: Path, shards: list[list], fill) -> tuple[dict, int]:
 def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | None = None) -> None:
     """Write config.json, generation_config.json, sharded bf16 safetensors and a tokenizer into out."""
     out.mkdir(parents=True, exist_ok=True)
-    shapes = expected_tensors(config, _arch_of(config))
+    from .schemas import ModelConfig
+    shapes = expected_tensors(ModelConfig.model_validate(config), _arch_of(config))
     specs = [(n, "BF16", s) for n, s in shapes.items()]
     shards: list[list] = [[]]
     size = 0

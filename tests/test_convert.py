@@ -121,3 +121,35 @@ def test_generated_tokenizer_has_qwen2_specials(tmp_path):
     tok = json.loads((tmp_path / "tokenizer.json").read_text())
     assert len(tok["model"]["vocab"]) == 151643
     assert [a["id"] for a in tok["added_tokens"]] == [151643, 151644, 151645]
+
+
+def _with_config(src, dst, **over):
+    """A copy of a checkpoint folder (weights linked) whose config.json has `over` on top."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    (dst / "config.json").unlink()
+    (dst / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), **over}))
+    return dst
+
+
+def test_the_arch_rows_facts_reach_the_file(tiny_ckpt, tiny_f16, tmp_path):
+    """No BOS, padding names and the rope kinds a Qwen2 checkpoint may carry come from its arch row."""
+    from edgeqwen.arch import ARCHS
+    from edgeqwen.errors import BuildError
+    row = ARCHS["qwen2"]
+    r = gguf.GGUFReader(tiny_f16)
+    K = gguf.Keys
+    assert _field(r, K.Tokenizer.ADD_BOS) is row.add_bos is False
+    tokens = _field(r, K.Tokenizer.LIST)
+    assert tokens[-1] == row.pad_token.format(len(tokens) - 1)
+    yarn = _with_config(tiny_ckpt, tmp_path / "yarn", rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    convert(open_checkpoint(yarn), tmp_path / "yarn.gguf")
+    r = gguf.GGUFReader(tmp_path / "yarn.gguf")
+    assert _field(r, K.Rope.SCALING_TYPE.format(arch="qwen2")) == "yarn"
+    assert _field(r, K.Rope.SCALING_FACTOR.format(arch="qwen2")) == 4.0
+    other = _with_config(tiny_ckpt, tmp_path / "longrope", rope_scaling={"rope_type": "longrope", "factor": 4.0})
+    with pytest.raises(BuildError, match="longrope"):
+        convert(open_checkpoint(other), tmp_path / "longrope.gguf")
+    assert not (tmp_path / "longrope.gguf").exists() or (tmp_path / "longrope.gguf").stat().st_size == 0

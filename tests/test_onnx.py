@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import interrupted_build, run_cli, two_chat_turns
 
 from edgeqwen.build import BuildRequest, build
 from edgeqwen.errors import BuildError
@@ -178,11 +178,7 @@ def test_int4_promotes_llama_cpp_s_sensitive_layers_and_lm_head_to_int8(onnx_bui
 def test_chat_turns_reuse_the_generator_and_give_the_same_tokens(onnx_builds):
     r = load_runner(onnx_builds["int8"], threads=2, n_ctx=256)
     greedy = Sampling(max_tokens=6, temperature=0)
-    t1 = r.tokenize(r.apply_chat_template([{"role": "user", "content": "Hello there, how are you?"}]))
-    first = list(r.stream(t1, greedy))
-    t2 = t1 + [x.token for x in first if x.token is not None] + r.tokenize("\n<|im_start|>user\nAnd you?<|im_end|>\n")
-    reused = list(r.stream(t2, greedy))
-    assert reused[-1].cached_tokens > len(t1) // 2
+    t2, reused = two_chat_turns(r, greedy)
     r.close()
     fresh_runner = load_runner(onnx_builds["int8"], threads=2, n_ctx=256)
     fresh = list(fresh_runner.stream(t2, greedy))
@@ -218,19 +214,8 @@ def test_ram_preflight_refuses_before_loading(tiny_ckpt, tmp_path):
 
 
 def test_interrupted_onnx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
-    import contextlib
-
     import edgeqwen.formats.onnx.build
-
-    @contextlib.contextmanager
-    def interrupting_bar(label, total, unit="B"):
-        def upd(n):
-            raise KeyboardInterrupt
-        yield upd
-    monkeypatch.setattr(edgeqwen.formats.onnx.build, "bar", interrupting_bar)
-    with pytest.raises(KeyboardInterrupt):
-        build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="int4", source=tiny_ckpt, out=tmp_path / "b"),
-              log=None)
+    interrupted_build(edgeqwen.formats.onnx.build, monkeypatch, tiny_ckpt, tmp_path / "b", "int4")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -80,23 +80,30 @@ def output_size(ckpt: Checkpoint, outtype: str) -> int:
     return sum(t.nbytes for t in plan_tensors(ckpt, outtype)) + (16 << 20)
 
 
+# How each rope scaling kind an arch row allows is written, in gguf-py's vocabulary.
+ROPE_SCALING = {"yarn": gguf.RopeScalingType.YARN, "linear": gguf.RopeScalingType.LINEAR}
+
+
 def add_model_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint, ftype: gguf.LlamaFileType, name: str) -> None:
     c = ckpt.config
     w.add_name(name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_block_count(ckpt.n_layers)
-    w.add_context_length(int(c["max_position_embeddings"]))
-    w.add_embedding_length(int(c["hidden_size"]))
-    w.add_feed_forward_length(int(c["intermediate_size"]))
-    w.add_head_count(int(c["num_attention_heads"]))
-    w.add_head_count_kv(int(c["num_key_value_heads"]))
-    w.add_rope_freq_base(float(c["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
-    rope = c.get("rope_scaling") or {}
-    if rope.get("type", rope.get("rope_type")) == "yarn":
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(rope["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(float(c.rope_theta))
+    w.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    if c.rope_kind is not None:
+        if c.rope_kind not in ckpt.arch.rope_kinds or c.rope_kind not in ROPE_SCALING:
+            raise BuildError(f"{ckpt.path}: rope_scaling {c.rope_kind!r} is not one {ckpt.arch.name} builds take "
+                             f"({', '.join(ckpt.arch.rope_kinds) or 'none'})")
+        w.add_rope_scaling_type(ROPE_SCALING[c.rope_kind])
+        w.add_rope_scaling_factor(float(c.rope_scaling.factor))
+        if c.rope_scaling.original_max_position_embeddings:
+            w.add_rope_scaling_orig_ctx_len(c.rope_scaling.original_max_position_embeddings)
     w.add_file_type(ftype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -114,7 +121,7 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
         vocab[a["content"]] = a["id"]
     if not vocab:
         raise SourceError(f"{path}: the tokenizer's vocabulary is empty")
-    n_vocab = int(ckpt.config["vocab_size"])
+    n_vocab = ckpt.config.vocab_size
     if max(vocab.values()) >= n_vocab:
         raise BuildError(f"tokenizer has ids up to {max(vocab.values())} but vocab_size is {n_vocab}")
     reverse = {i: t for t, i in vocab.items()}
@@ -122,7 +129,7 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     for i in range(n_vocab):
         t = reverse.get(i)
         if t is None:
-            tokens.append(f"[PAD{i}]")
+            tokens.append(ckpt.arch.pad_token.format(i))
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             special = added[i].get("special") or (t.startswith("<|") and t.endswith("|>"))
@@ -144,8 +151,8 @@ def add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
         special.add_to_gguf(w, quiet=True)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError) as e:
         raise SourceError(f"{ckpt.path}: the tokenizer files are malformed ({type(e).__name__}: {e})") from None
-    if "bos" not in special.add_special_token:
-        w.add_add_bos_token(False)  # Qwen2 adds no BOS
+    if "bos" not in special.add_special_token:   # the tokenizer files did not say: the arch row does
+        w.add_add_bos_token(ckpt.arch.add_bos)
 
 
 def convert(ckpt: Checkpoint, out_path: Path, outtype: str = "f16", name: str | None = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +27,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import _pybind_state as ort_c
 
-from ...checkpoint import Checkpoint
+from ...checkpoint import Checkpoint, copy_tokenizer
 from ...errors import BuildError
 from .layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers
 from ...safetensors import Reader, to_f32
+from ...schemas import ModelConfig
 
 
 # MatMulNBits with int8 activations; lower levels decode many times slower on CPU.
 ACCURACY_LEVEL = 4
 DATA_FILE = "model.onnx.data"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "generation_config.json", "config.json")
 MS = "com.microsoft"
 
 
@@ -51,7 +49,7 @@ def output_size(ckpt: Checkpoint, precision: str) -> int:
 def peak_estimate(ckpt: Checkpoint, precision: str) -> int:
     """Rough peak RSS of export(): a base plus what the largest weight needs in flight."""
     c = ckpt.config
-    h, v = int(c["hidden_size"]), int(c["vocab_size"])
+    h, v = c.hidden_size, c.vocab_size
     base = 400 << 20
     sc = PRECISIONS[precision]
     if sc.bits is None:  # whole fp32 matrices are transposed in memory
@@ -294,21 +292,20 @@ class _Graph:
         return self.node("MatMul", [x, wname], f"/{name}/MatMul", outputs=[out] if out else None)[0]
 
 
-def _rope_cache(config: dict, head: int) -> tuple[np.ndarray, np.ndarray]:
+def _rope_cache(config: ModelConfig, head: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_positions, head/2] computed in fp32 as transformers does."""
-    theta = float(config["rope_theta"])
+    theta = float(config.rope_theta)
     inv = (1.0 / (theta ** (np.arange(0, head, 2, dtype=np.int64).astype(np.float32) / head))).astype(np.float32)
-    t = np.arange(int(config["max_position_embeddings"]), dtype=np.float32)
+    t = np.arange(config.max_position_embeddings, dtype=np.float32)
     freqs = np.outer(t, inv).astype(np.float32)
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
 def _check_supported(ckpt: Checkpoint) -> None:
     c = ckpt.config
-    rope = c.get("rope_scaling") or {}
-    if rope and rope.get("type", rope.get("rope_type")) not in (None, "default"):
-        raise BuildError(f"ONNX export does not support rope_scaling {rope}; build a GGUF instead")
-    if c.get("use_sliding_window"):
+    if c.rope_kind not in (None, "default"):   # the rotary cache below is plain rope only
+        raise BuildError(f"ONNX export does not support rope_scaling {c.rope_kind!r}; build a GGUF instead")
+    if c.extra("use_sliding_window"):
         raise BuildError("ONNX export does not support sliding-window attention; build a GGUF instead")
 
 
@@ -320,10 +317,10 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
     scheme = PRECISIONS[precision]
     bits, algo = scheme.bits, scheme.algo
     c = ckpt.config
-    hidden, vocab, n_layers = int(c["hidden_size"]), int(c["vocab_size"]), ckpt.n_layers
-    n_heads, n_kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
-    head = hidden // n_heads
-    eps = float(c["rms_norm_eps"])
+    hidden, vocab, n_layers = c.hidden_size, c.vocab_size, ckpt.n_layers
+    n_heads, n_kv = c.num_attention_heads, c.num_key_value_heads
+    head = c.head_size
+    eps = float(c.rms_norm_eps)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = _DataFile(out_dir / DATA_FILE, progress)
     reader = ckpt.reader()
@@ -383,9 +380,10 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
                 h, residual = o[0], o[3]
             a = f"{p}.self_attn"
             qkv = g.matmul(h, f"{p}.attn.qkv_proj", [f"{a}.{t}_proj.weight" for t in "qkv"], hidden, sensitive, algo)
-            bias = g.tensor(f"{p}.attn.qkv_proj.Add.bias", np.float32, ((n_heads + 2 * n_kv) * head,),
-                            (np.concatenate([w.full(f"{a}.{t}_proj.bias").ravel() for t in "qkv"]),))
-            qkv = g.node("Add", [qkv, bias], f"/{p}/attn/qkv_proj/Add")[0]
+            if ckpt.arch.attention_bias:
+                bias = g.tensor(f"{p}.attn.qkv_proj.Add.bias", np.float32, ((n_heads + 2 * n_kv) * head,),
+                                (np.concatenate([w.full(f"{a}.{t}_proj.bias").ravel() for t in "qkv"]),))
+                qkv = g.node("Add", [qkv, bias], f"/{p}/attn/qkv_proj/Add")[0]
             pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
             inputs += [pk, pv]
             outputs += [f"present.{i}.key", f"present.{i}.value"]
@@ -439,7 +437,7 @@ def export(ckpt: Checkpoint, out_dir: Path, precision: str, progress: Callable[[
                               producer_name="edgeqwen", ir_version=10)
     onnx.save_model(model, out_dir / "model.onnx")
     write_genai_config(ckpt, out_dir)
-    copy_tokenizer(ckpt.path, out_dir)
+    copy_tokenizer(ckpt.path, out_dir, also=("config.json",))
     return {"nodes": len(g.nodes), "initializers": len(g.inits),
             "bytes": (out_dir / "model.onnx").stat().st_size + (out_dir / DATA_FILE).stat().st_size}
 
@@ -449,30 +447,30 @@ def write_genai_config(ckpt: Checkpoint, out_dir: Path) -> None:
     gen = {}
     if (ckpt.path / "generation_config.json").exists():
         gen = json.loads((ckpt.path / "generation_config.json").read_text())
-    eos = gen.get("eos_token_id", c.get("eos_token_id"))
-    n_heads = int(c["num_attention_heads"])
-    ctx = int(c["max_position_embeddings"])
+    eos = gen.get("eos_token_id", c.eos_token_id)
+    n_heads = c.num_attention_heads
+    ctx = c.max_position_embeddings
     cfg = {
         "model": {
-            "bos_token_id": gen.get("bos_token_id", c.get("bos_token_id")),
+            "bos_token_id": gen.get("bos_token_id", c.bos_token_id),
             "eos_token_id": eos,
-            "pad_token_id": gen.get("pad_token_id", c.get("pad_token_id", eos[-1] if isinstance(eos, list) else eos)),
+            "pad_token_id": gen.get("pad_token_id", c.extra("pad_token_id", eos[-1] if isinstance(eos, list) else eos)),
             "context_length": ctx,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx",
-                "head_size": int(c["hidden_size"]) // n_heads,
-                "hidden_size": int(c["hidden_size"]),
+                "head_size": c.head_size,
+                "hidden_size": c.hidden_size,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": n_heads,
                 "num_hidden_layers": ckpt.n_layers,
-                "num_key_value_heads": int(c["num_key_value_heads"]),
+                "num_key_value_heads": c.num_key_value_heads,
             },
             "type": ckpt.arch.name,
-            "vocab_size": int(c["vocab_size"]),
+            "vocab_size": c.vocab_size,
         },
         "search": {
             "do_sample": bool(gen.get("do_sample", False)), "num_beams": 1, "num_return_sequences": 1,
@@ -483,14 +481,6 @@ def write_genai_config(ckpt: Checkpoint, out_dir: Path) -> None:
         },
     }
     (out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=4) + "\n")
-
-
-def copy_tokenizer(src: Path, out_dir: Path) -> None:
-    if not (src / "tokenizer.json").exists():
-        raise BuildError(f"{src}: no tokenizer.json; a build needs the tokenizer")
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, out_dir / name)
 
 
 if __name__ == "__main__":  # python -m edgeqwen.formats.onnx.export CHECKPOINT OUT_DIR PRECISION (build benchmark)

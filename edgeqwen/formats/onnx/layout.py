@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ...schemas import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -60,31 +64,12 @@ def matrix_parts(n: int, k: int, bits: int | None, zero_points: bool = False) ->
             "zp": n * -(-blocks * bits // 8) if zero_points else 0}
 
 
-def qwen2_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """The Hugging Face tensors (name -> shape) a Qwen2 config.json implies."""
-    h, ff, n = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
-    hd = h // int(cfg["num_attention_heads"])
-    q, kv = int(cfg["num_attention_heads"]) * hd, int(cfg["num_key_value_heads"]) * hd
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (int(cfg["vocab_size"]), h),
-                                       "model.norm.weight": (h,)}
-    for i in range(n):
-        p = f"model.layers.{i}"
-        out |= {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-                f"{p}.self_attn.q_proj.weight": (q, h), f"{p}.self_attn.q_proj.bias": (q,),
-                f"{p}.self_attn.k_proj.weight": (kv, h), f"{p}.self_attn.k_proj.bias": (kv,),
-                f"{p}.self_attn.v_proj.weight": (kv, h), f"{p}.self_attn.v_proj.bias": (kv,),
-                f"{p}.self_attn.o_proj.weight": (h, q), f"{p}.mlp.gate_proj.weight": (ff, h),
-                f"{p}.mlp.up_proj.weight": (ff, h), f"{p}.mlp.down_proj.weight": (h, ff)}
-    if not cfg.get("tie_word_embeddings", False):
-        out["lm_head.weight"] = (int(cfg["vocab_size"]), h)
-    return out
-
-
-def initializers(shapes: dict[str, tuple[int, ...]], cfg: dict, precision: str) -> Iterator[tuple[str, str, int]]:
+def initializers(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig,
+                 precision: str) -> Iterator[tuple[str, str, int]]:
     """(source tensor, role, bytes) for every initializer the export writes from these tensors (and, as
     "folded", the copies onnxruntime makes of some, which take no room in the file: file_bytes)."""
-    tied, n_layers = bool(cfg.get("tie_word_embeddings", False)), int(cfg["num_hidden_layers"])
-    h, v = int(cfg["hidden_size"]), int(cfg["vocab_size"])
+    tied, n_layers = cfg.tie_word_embeddings, cfg.num_hidden_layers
+    h, v = cfg.hidden_size, cfg.vocab_size
     sc = PRECISIONS[precision]
     bits, zp = sc.bits, sc.algo == "k_quant"
     promoted = {f"model.layers.{i}.{t}" for i in (promoted_layers(n_layers) if sc.mixed else ())
@@ -110,8 +95,7 @@ def initializers(shapes: dict[str, tuple[int, ...]], cfg: dict, precision: str) 
             yield from parts(name, v, h, sc.head_bits())
         else:
             yield from parts(name, shape[0], shape[1], sc.mixed if name in promoted else bits)
-    head = h // int(cfg["num_attention_heads"])
-    yield "rotary cos/sin", "small", 2 * int(cfg.get("max_position_embeddings", 32768)) * head // 2 * 4
+    yield "rotary cos/sin", "small", 2 * cfg.max_position_embeddings * cfg.head_size // 2 * 4
 
 
 def padding(n_layers: int) -> int:
