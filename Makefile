@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml tools/install-llama-cpp.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	PYTHON=$(BIN)/python tools/install-llama-cpp.sh
-	$(BIN)/python -m pip install -q -e '.[gguf,onnx,serve,dev]'
+	$(BIN)/python -m pip install -q -e '.[gguf,onnx,serve,dev,mlx]'
 	touch $@
 
 # What the tests compare against (Hugging Face transformers, onnxruntime-genai's builder). Optional:
@@ -22,7 +22,7 @@ reference: $(VENV)/.reference-done
 
 $(VENV)/.reference-done: $(VENV)/.setup-done
 	$(BIN)/python -m pip install -q '$(TORCH)'
-	$(BIN)/python -m pip install -q -e '.[gguf,onnx,serve,dev,reference]'
+	$(BIN)/python -m pip install -q -e '.[gguf,onnx,serve,dev,mlx,reference]'
 	touch $@
 
 test: setup

@@ -51,7 +51,8 @@ class BuildRequest:
     threads: int | None = None
     keep_intermediate: bool = False
     smoke: bool = True
-    format: str | None = None          # 'gguf' | 'onnx'; by default the quant name decides
+    format: str | None = None          # 'gguf' | 'onnx' | 'mlx'; by default the quant name decides
+    group_size: int | None = None      # MLX quantization groups (default 64)
     role: str | None = None            # "reference": made by eval, and `gc` may remove it once unused
 
 
@@ -65,7 +66,8 @@ def build_name(req: BuildRequest, quant: str) -> str:
             raise UsageError(f"--name {req.name!r}: a build name is one path component of letters, digits and . _ + - "
                              "(starting with a letter or digit)")
         return req.name
-    return f"{req.recipe.name}-{quant}" + ("-synthetic" if req.synthetic else "")
+    group = f"-g{req.group_size}" if req.group_size and req.group_size != 64 else ""
+    return f"{req.recipe.name}-{quant}{group}" + ("-synthetic" if req.synthetic else "")
 
 
 def say(log, msg):
@@ -79,6 +81,8 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
     fmt = format_of_quant(quant)
     if req.synthetic and req.source:
         raise UsageError("--synthetic and --source exclude each other")
+    if req.group_size is not None and fmt != "mlx":
+        raise UsageError(f"--group-size is for MLX builds (mlx4, mlx8); {quant} is a {fmt} build")
     name = build_name(req, quant)
     final = Path(req.out) if req.out else builds_dir() / name
     source_desc = _describe_source(req)
@@ -111,7 +115,7 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
         ckpt, source = _resolve_source(req, log)
         manifest["source"] = {**source_desc, **source}
         _check_against_recipe(ckpt, req.recipe)
-        manifest["config"] = {k: ckpt.config.get(k) for k in (*SHAPE_KEYS, "vocab_size", "tie_word_embeddings",
+        manifest["config"] = {k: getattr(ckpt.config, k) for k in (*SHAPE_KEYS, "vocab_size", "tie_word_embeddings",
                                                              "max_position_embeddings", "rope_theta")}
         model = FORMATS[fmt].load("builder")(req, ckpt, quant, name, tmp, manifest, log)
         manifest["tools"] = tool_versions()
@@ -230,7 +234,8 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
 def _shapes(config):
     from .arch import arch_for_config
     from .checkpoint import expected_tensors
-    return expected_tensors(config, arch_for_config(config)).values()
+    from .schemas import ModelConfig
+    return expected_tensors(ModelConfig.model_validate(config), arch_for_config(config)).values()
 
 
 def _numel(shape) -> int:
@@ -241,8 +246,8 @@ def _numel(shape) -> int:
 
 
 def _check_against_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
-    diff = [f"{k} {ckpt.config.get(k)} (recipe {recipe.config[k]})" for k in SHAPE_KEYS
-            if k in recipe.config and ckpt.config.get(k) != recipe.config[k]]
+    diff = [f"{k} {getattr(ckpt.config, k)} (recipe {recipe.config[k]})" for k in SHAPE_KEYS
+            if k in recipe.config and getattr(ckpt.config, k) != recipe.config[k]]
     if diff:
         raise SourceError(f"{ckpt.path} is not a {recipe.name} checkpoint: {'; '.join(diff)}")
 
@@ -273,7 +278,8 @@ def disk_guard(fn):
 def tool_versions() -> dict:
     import importlib.metadata as md
     out = {"edgeqwen": __version__, "python": platform.python_version()}
-    for pkg in ("gguf", "llama_cpp_python", "numpy", "huggingface_hub", "onnx", "onnxruntime", "onnxruntime-genai"):
+    for pkg in ("gguf", "llama_cpp_python", "numpy", "huggingface_hub", "onnx", "onnxruntime", "onnxruntime-genai",
+                "mlx", "mlx-lm"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -36,7 +36,10 @@ NOT_FOR_DENSE = {"mxfp4_moe", "nvfp4"}
 # ONNX precisions (onnxruntime-genai decoders, block-32 weights; onnx_export.PRECISIONS says how each
 # quantizes): int4 is the Q4_K_M-like mix, int4_rtn the builder's plain default, fp32 the reference.
 ONNX_QUANTS = _FORMATS["onnx"].quants
+# MLX builds (mlx-lm folders): 4- and 8-bit affine in groups of 64, and the unquantized reference.
+MLX_QUANTS = _FORMATS["mlx"].quants
 FORMATS = tuple(_FORMATS)
+_WHAT = {"onnx": "an ONNX precision", "mlx": "an MLX quant", "gguf": "a GGUF quant"}
 # The short names every recipe ships with; a recipe's [aliases] may add more.
 DEFAULT_ALIASES = {"q4": "q4_k_m", "q8": "q8_0"}
 
@@ -60,7 +63,7 @@ class Recipe:
     path: Path | None = None
 
     def quant_names(self) -> list[str]:
-        return sorted(self.aliases) + buildable_gguf_quants() + list(ONNX_QUANTS)
+        return sorted(self.aliases) + buildable_gguf_quants() + list(ONNX_QUANTS) + list(MLX_QUANTS)
 
     def resolve_quant(self, quant: str, fmt: str | None = None) -> str:
         """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type and the ONNX precisions.
@@ -71,12 +74,15 @@ class Recipe:
         q = self.aliases.get(q, DEFAULT_ALIASES.get(q, q))
         if fmt is not None and fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
-        if q in ONNX_QUANTS:
-            if fmt == "gguf":
-                raise UsageError(f"{quant!r} is an ONNX precision; GGUF quants: {', '.join(buildable_gguf_quants())}")
-            return q
-        if fmt == "onnx":
-            raise UsageError(f"{quant!r} is not an ONNX precision; choose {', '.join(ONNX_QUANTS)}")
+        for row in _FORMATS.values():   # the formats with names of their own (GGUF owns the rest)
+            if not row.quants:
+                continue
+            if q in row.quants:
+                if fmt not in (None, row.name):
+                    raise UsageError(f"{quant!r} is {_WHAT[row.name]}; {fmt} quants: {', '.join(_names(fmt))}")
+                return q
+            if fmt == row.name:
+                raise UsageError(f"{quant!r} is not {_WHAT[row.name]}; choose {', '.join(row.quants)}")
         if q not in GGUF_QUANTS:
             raise UsageError(f"unknown quant {quant!r}; choose one of: {', '.join(self.quant_names())}")
         if q in NEEDS_IMATRIX:
@@ -93,6 +99,10 @@ class Recipe:
         cfg["tie_word_embeddings"] = self.tied_embeddings
         cfg.setdefault("max_position_embeddings", self.context_length)
         return cfg
+
+
+def _names(fmt: str) -> list[str]:
+    return buildable_gguf_quants() if fmt == "gguf" else list(_FORMATS[fmt].quants)
 
 
 def buildable_gguf_quants() -> list[str]:
@@ -132,7 +142,7 @@ def parse_recipe(path) -> Recipe:
         raise _fail(path, f"[config] lacks {', '.join(absent)}")
     aliases = {k.lower(): v.lower() for k, v in data.get("aliases", {}).items()}
     for alias, target in aliases.items():
-        if target not in GGUF_QUANTS and target not in ONNX_QUANTS:
+        if target not in GGUF_QUANTS and target not in ONNX_QUANTS and target not in MLX_QUANTS:
             raise _fail(path, f"alias {alias} -> {target!r} is not a quant type; choose from {', '.join(GGUF_QUANTS)}")
     for key, typ in (("context_length", int), ("tied_embeddings", bool), ("revision", str), ("hub_repo", str)):
         if not isinstance(data[key], typ):

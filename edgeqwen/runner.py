@@ -65,6 +65,31 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+def side_json(path) -> dict:
+    """An optional side file of a build folder: unreadable or not an object counts as absent."""
+    import json
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def folder_chat_template(folder, tok_cfg: dict) -> str | None:
+    """chat_template.jinja (newer checkpoints) or tokenizer_config.json's chat_template."""
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    tpl = tok_cfg.get("chat_template")
+    return tpl if isinstance(tpl, str) else None
+
+
+def regular_vocab_of(folder, n_model: int) -> int:
+    """Ordinary text tokens of a folder with tokenizer.json: the BPE vocabulary's ids (added and special tokens
+    come after them), at most the model's vocabulary."""
+    n_bpe = len(side_json(folder / "tokenizer.json").get("model", {}).get("vocab") or {})
+    return min(x for x in (n_model, n_bpe) if x) if (n_model or n_bpe) else 1
+
+
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True, **special) -> str:
     """Render a model's chat template the way transformers does, in a sandbox."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment

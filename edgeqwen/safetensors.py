@@ -19,6 +19,8 @@ from .errors import SourceError
 # safetensors dtype -> (numpy storage dtype, bytes per element); bf16 is carried as raw uint16.
 DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
 CHUNK_BYTES = 16 << 20
+# What a build may write besides: MLX's packed quantized weights (a source checkpoint never holds them).
+WRITE_DTYPES = {**DTYPES, "U32": (np.uint32, 4)}
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,9 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate one file's header: truncation and unknown dtypes fail here, before any work."""
+def read_header(path: Path, dtypes: dict = DTYPES) -> dict[str, TensorInfo]:
+    """Parse and validate one file's header: truncation and unknown dtypes fail here, before any work.
+    dtypes: what may appear (a checkpoint's floats; a build's WRITE_DTYPES)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -62,12 +65,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise SourceError(f"{path}: __metadata__ must be an object")
             continue
         e = check_source(TensorEntry, meta, path, f"tensor {name}")
-        if e.dtype not in DTYPES:
-            raise SourceError(f"{path}: tensor {name} has dtype {e.dtype}; only BF16, F16 and F32 are supported")
+        if e.dtype not in dtypes:
+            raise SourceError(f"{path}: tensor {name} has dtype {e.dtype}; only {', '.join(dtypes)} are supported")
         begin, end = e.data_offsets
         shape = tuple(e.shape)
         info = TensorInfo(name, e.dtype, shape, base + begin, base + end, path)
-        if end - begin != info.n_elements * DTYPES[e.dtype][1]:
+        if end - begin != info.n_elements * dtypes[e.dtype][1]:
             raise SourceError(f"{path}: tensor {name} size does not match its shape {shape}")
         if base + end > size:
             raise SourceError(f"{path} is truncated: tensor {name} ends at byte {base + end}, file has {size}")
@@ -159,7 +162,7 @@ def write_safetensors(path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, dtype, shape in specs:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * WRITE_DTYPES[dtype][1]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()

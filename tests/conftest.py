@@ -127,6 +127,35 @@ def onnx_builds(tiny_ckpt, tiny_untied_ckpt):
     return out
 
 
+def interrupted_build(module, monkeypatch, tiny_ckpt, out, quant) -> None:
+    """A build whose builder's progress bar raises KeyboardInterrupt (Ctrl-C mid-write), through the real path."""
+    import contextlib
+
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+
+    @contextlib.contextmanager
+    def interrupting_bar(label, total, unit="B"):
+        def upd(n):
+            raise KeyboardInterrupt
+        yield upd
+    monkeypatch.setattr(module, "bar", interrupting_bar)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant=quant, source=tiny_ckpt, out=out), log=None)
+
+
+def two_chat_turns(runner, greedy) -> tuple[list[int], list]:
+    """A first turn, then a second whose prompt extends the first's answer: (the second prompt, its Responses),
+    which must reuse the first turn's KV."""
+    t1 = runner.tokenize(runner.apply_chat_template([{"role": "user", "content": "Hello there, how are you?"}]))
+    first = list(runner.stream(t1, greedy))
+    t2 = (t1 + [x.token for x in first if x.token is not None]
+          + runner.tokenize("\n<|im_start|>user\nAnd you?<|im_end|>\n"))
+    reused = list(runner.stream(t2, greedy))
+    assert reused[-1].cached_tokens > len(t1) // 2
+    return t2, reused
+
+
 def run_cli(*args, input=None, env=None, timeout=300) -> subprocess.CompletedProcess:
     """The real command in a child process (so crashes and exit codes are real)."""
     e = dict(os.environ)

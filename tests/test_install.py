@@ -57,25 +57,31 @@ def test_build_output_is_quiet_and_generated_text_is_clean_utf8(tiny_ckpt, tmp_p
     assert not any(ord(c) < 32 and c not in "\n\t" for c in text)
 
 
-@pytest.mark.parametrize("arch,target,want,absent", [
+@pytest.mark.parametrize("arch,target,want,absent,system", [
+    # Apple Silicon: Metal with its shaders embedded, no x86 flags (clang is asked, as on a Mac)
+    ("arm64", None, ["system=Darwin", "-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON", "-DGGML_RPC=ON"],
+     ["-fno-tree-dse", "GGML_CPU_ARM_ARCH", "GGML_METAL=OFF"], "Darwin"),
+    # an Intel Mac: CPU and Accelerate, no Metal
+    ("x86_64", None, ["system=Darwin", "-DGGML_METAL=OFF", "-DGGML_BLAS_VENDOR=Apple"], ["GGML_METAL=ON"], "Darwin"),
     # a Pi building for itself: -mcpu=native through GGML_NATIVE, no x86-only flags, RPC on
-    ("aarch64", None, ["cross=0", "-DGGML_NATIVE=ON", "-DGGML_RPC=ON"], ["-fno-tree-dse", "GGML_CPU_ARM_ARCH"]),
+    ("aarch64", None, ["cross=0", "-DGGML_NATIVE=ON", "-DGGML_RPC=ON"], ["-fno-tree-dse", "GGML_CPU_ARM_ARCH"],
+     "Linux"),
     # x86 with gcc: the AMX-safe flags
-    ("x86_64", None, ["cross=0", "-DGGML_NATIVE=ON"], ["GGML_CPU_ARM_ARCH"]),
+    ("x86_64", None, ["cross=0", "-DGGML_NATIVE=ON"], ["GGML_CPU_ARM_ARCH", "GGML_METAL"], "Linux"),
     # cross for a Pi 5 from x86: Debian's cross gcc, no native tuning, the A76's dotprod and fp16
     ("x86_64", "aarch64", ["cross=1", "aarch64-linux-gnu-gcc", "-DGGML_NATIVE=OFF",
-                           "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16", "-DGGML_RPC=ON"], ["-fno-tree-dse"]),
+                           "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16", "-DGGML_RPC=ON"], ["-fno-tree-dse"], "Linux"),
 ])
-def test_install_script_flags_per_arch(arch, target, want, absent):
+def test_install_script_flags_per_arch(arch, target, want, absent, system):
     import shutil
     import subprocess
     from conftest import REPO
     if target and not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("gcc-aarch64-linux-gnu is not installed")
-    env = dict(os.environ, EDGEQWEN_UNAME_M=arch, CC="gcc")
+    env = dict(os.environ, EDGEQWEN_UNAME_M=arch, EDGEQWEN_UNAME_S=system, CC="clang" if system == "Darwin" else "gcc")
     args = ["bash", str(REPO / "tools/install-llama-cpp.sh"), "--print-flags"]
     args += ["--target", target] if target else []
     out = subprocess.run(args, capture_output=True, text=True, env=env, check=True).stdout
     assert all(w in out for w in want) and not any(a in out for a in absent), out
-    if arch == "x86_64" and not target:
+    if arch == "x86_64" and not target and system == "Linux":
         assert "-fno-tree-dse -fno-dse" in out

@@ -28,6 +28,7 @@ done
 [[ -z "$target" || "$target" == aarch64 ]] || { echo "install-llama-cpp.sh: only --target aarch64 is supported" >&2; exit 2; }
 
 arch=${EDGEQWEN_UNAME_M:-$(uname -m)}   # EDGEQWEN_UNAME_M: see another arch's flags with --print-flags
+system=${EDGEQWEN_UNAME_S:-$(uname -s)} # EDGEQWEN_UNAME_S: likewise another system's (Darwin)
 cross=0
 [[ -n "$target" && "$arch" != "$target" ]] && cross=1
 if (( cross )); then
@@ -50,14 +51,22 @@ else
   # Optimise for this machine (AVX-512/AMX here, NEON/dotprod on a Pi: -mcpu=native). Set explicitly
   # because ggml turns it off whenever SOURCE_DATE_EPOCH is set, which wheel builds can do.
   # GGML_RPC: llama.cpp's RPC backend, for `edgeqwen worker` and --workers (several devices).
-  cmake_args=${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_RPC=ON}
+  if [[ "$system" == Darwin && "$arch" == arm64 ]]; then
+    # Apple Silicon: llama.cpp's Metal backend (the GPU) with the shader library embedded in the wheel
+    cmake_args=${CMAKE_ARGS:--DGGML_METAL=ON -DGGML_METAL_EMBED_LIBRARY=ON -DGGML_NATIVE=ON -DGGML_RPC=ON}
+  elif [[ "$system" == Darwin ]]; then
+    # Intel Macs: the CPU with Apple's Accelerate BLAS; their GPUs are not what Metal in llama.cpp targets
+    cmake_args=${CMAKE_ARGS:--DGGML_METAL=OFF -DGGML_BLAS=ON -DGGML_BLAS_VENDOR=Apple -DGGML_NATIVE=ON -DGGML_RPC=ON}
+  else
+    cmake_args=${CMAKE_ARGS:--DGGML_NATIVE=ON -DGGML_RPC=ON}
+  fi
   # A native build is only good for this CPU: its model and flags are part of the cache key.
   cpu_id=$( (grep -m1 -E '^(model name|flags|Features)' /proc/cpuinfo; grep -m1 -E '^(flags|Features)' /proc/cpuinfo) 2>/dev/null \
             || sysctl -n machdep.cpu.brand_string 2>/dev/null || uname -m)
 fi
 if (( print_flags )); then
-  printf 'arch=%s\ntarget=%s\ncross=%s\ncompiler=%s\nextra_cflags=%s\ncmake_args=%s\n' \
-    "$arch" "${target:-$arch}" "$cross" "$cc_id" "$flags" "$cmake_args"
+  printf 'system=%s\narch=%s\ntarget=%s\ncross=%s\ncompiler=%s\nextra_cflags=%s\ncmake_args=%s\n' \
+    "$system" "$arch" "${target:-$arch}" "$cross" "$cc_id" "$flags" "$cmake_args"
   exit 0
 fi
 key=$(printf '%s|%s|%s|%s|%s|%s' "$VERSION" "$arch" "$cc_id" "$flags" "$cmake_args" "$cpu_id" | { sha256sum 2>/dev/null || shasum -a 256; } | cut -c1-16)

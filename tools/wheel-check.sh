@@ -13,7 +13,8 @@ bin="$work/venv/bin"
 whl=$(ls "$work/dist"/edgeqwen-*.whl)
 listing=$(unzip -l "$whl")
 echo "wheel: $(basename "$whl") ($(tail -n1 <<<"$listing" | awk '{print $2}') files)"
-for f in data/recipes/qwen2-0.5b.toml data/devices.toml data/claims.toml data/eval-en.txt; do
+for f in data/recipes/qwen2-0.5b.toml data/devices.toml data/claims.toml data/eval-en.txt data/published.toml \
+         data/apple_chips.toml formats/mlx/runner.py; do
   grep -q "edgeqwen/$f" <<<"$listing" || { echo "edgeqwen/$f is missing from the wheel"; exit 1; }
 done
 PYTHON="$bin/python" "$repo/tools/install-llama-cpp.sh" >/dev/null

@@ -23,10 +23,12 @@ from ..params import THREADS
 @click.option("--threads", type=THREADS, help="Quantization threads (default: physical cores).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the f16 GGUF next to the quantized one.")
 @click.option("--no-smoke", is_flag=True, help="Skip the load-and-generate check after building.")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]),
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "mlx"]),
               help="Insist on a format (default: the QUANT name decides).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="MLX builds: weights per quantization group (default 64, as mlx-lm).")
 def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, threads, keep_intermediate, no_smoke,
-          fmt):
+          fmt, group_size):
     """Build MODEL (a size such as 1.5b, or a recipe name) as QUANT.
 
     QUANT is any llama.cpp file type by its lower-case name (q4_k_m, q8_0, q6_k, q2_k,
@@ -35,20 +37,24 @@ def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, th
     weights; int4 mixes like q4_k_m: k-quant scales, lm_head and the sensitive layers at
     int8; int4_rtn is plain round-to-nearest everywhere, smaller and less accurate; fp32 is
     the reference). ONNX builds are written weight by weight, so even 7B needs well under
-    1 GB of RAM to build; set EDGEQWEN_RAM_BUDGET (e.g. 4G) to cap it.
+    1 GB of RAM to build; set EDGEQWEN_RAM_BUDGET (e.g. 4G) to cap it. mlx4, mlx8 or
+    mlx_bf16 make an MLX folder that mlx-lm opens (Apple Silicon; mlx[cpu] on Linux),
+    streamed the same way.
 
     \b
       edgeqwen build 1.5b q4                       # Qwen/Qwen2-1.5B-Instruct from the hub
       edgeqwen build 0.5b q8 --source ./my-qwen2   # a local checkpoint
       edgeqwen build 7b q4 --synthetic             # the 7B shape, random weights
       edgeqwen build 1.5b int4                     # ONNX int4 for onnxruntime-genai
+      edgeqwen build 1.5b mlx4                     # MLX 4-bit for mlx-lm on a Mac
     """
     from ..build import BuildRequest
     from ..build import build as run_build
     from ..recipes import get_recipe
     req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
                        tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,
-                       keep_intermediate=keep_intermediate, smoke=not no_smoke, format=fmt)
+                       keep_intermediate=keep_intermediate, smoke=not no_smoke, format=fmt,
+                       group_size=int(group_size) if group_size else None)
     folder = run_build(req)
     click.echo(str(folder))
 
@@ -63,13 +69,14 @@ def list_cmd(as_json):
     """
     from ..home import builds_dir, list_builds
     from ..process import human_bytes
-    from ..recipes import ONNX_QUANTS, buildable_gguf_quants, load_recipes
+    from ..recipes import MLX_QUANTS, ONNX_QUANTS, buildable_gguf_quants, load_recipes
     builds = list_builds()
     recipes = load_recipes()
     if as_json:
         click.echo(json.dumps({"builds": [{"path": str(p), **m} for p, m in builds],
                                "recipes": {n: {"size": r.size, "hub_repo": r.hub_repo} for n, r in recipes.items()},
-                               "quants": buildable_gguf_quants(), "onnx_quants": list(ONNX_QUANTS)}, indent=2))
+                               "quants": buildable_gguf_quants(), "onnx_quants": list(ONNX_QUANTS),
+                               "mlx_quants": list(MLX_QUANTS)}, indent=2))
         return
     click.echo(f"Builds in {builds_dir()}:")
     if not builds:
@@ -84,6 +91,7 @@ def list_cmd(as_json):
         click.echo(f"  {r.size:6s} {n:14s} {r.hub_repo:28s} tied={str(r.tied_embeddings).lower():5s} {aliases}")
     click.echo("GGUF quants: " + ", ".join(buildable_gguf_quants()))
     click.echo("ONNX quants: " + ", ".join(ONNX_QUANTS))
+    click.echo("MLX quants: " + ", ".join(MLX_QUANTS))
 
 
 COMMANDS = [build, list_cmd]

@@ -1,12 +1,13 @@
 """Build formats as rows of one table: what each quant name means, how it is built, run and checked.
 
-Adding a backend (an MLX runner on Apple Silicon, say) is one new module plus one row here.
+Adding a backend is one folder (its builder, runner and layout) plus one row here.
 Functions and classes are named as "module:attr" strings so that importing this table never
 imports a backend (llama_cpp, onnxruntime).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,38 +25,53 @@ class Format:
     builder: str                     # "module:function(req, ckpt, quant, name, tmp, manifest, log, progress)"
     runner: str                      # "module:Class(model, threads=, n_ctx=, manifest=)"
     needs: str                       # the import the runner needs
+    engine: str                      # what runs it, as an error names it ("llama.cpp crashed ...")
     install: str                     # how to install it
     suffixes: tuple[str, ...]        # model files of this format outside a build folder
     marker: str | None = None        # a file whose presence makes a folder this format
     plan: bool = False               # `edgeqwen plan` can predict it
     workers: bool = False            # can spread layers over llama.cpp RPC workers (--workers)
     lean: bool = False               # has a useful load without a second (repacked / prepacked) weight copy
+    # import `needs` here to check it; False where the runner must import it itself (MLX makes its streams on the
+    # importing thread, so its runner imports it on the MLX thread and says the same line when it is missing)
+    import_check: bool = True
 
     def load(self, what: str):
         module, attr = getattr(self, what).split(":")
         return getattr(importlib.import_module(module), attr)
 
     def runner_class(self):
+        missing = RunnerError(f"{self.name} builds need {self.needs}, which is not installed: {self.install}")
         try:
-            importlib.import_module(self.needs)
+            if self.import_check:
+                importlib.import_module(self.needs)
+            elif importlib.util.find_spec(self.needs) is None:
+                raise missing
+            return self.load("runner")
         except ImportError:
-            raise RunnerError(f"{self.name} builds need {self.needs}, which is not installed: {self.install}") from None
-        return self.load("runner")
+            raise missing from None
 
 
 FORMATS: dict[str, Format] = {
     "gguf": Format(
         name="gguf", quants=(), reference_quant="f16", model_file="model.gguf", hashed_files=("model.gguf",),
         builder="edgeqwen.formats.gguf.build:build_gguf", runner="edgeqwen.formats.gguf.runner:LlamaRunner",
-        needs="llama_cpp",
+        needs="llama_cpp", engine="llama.cpp",
         install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), plan=True, workers=True,
         lean=True),
     "onnx": Format(
         name="onnx", quants=("int4", "int4_rtn", "int8", "fp32"), reference_quant="fp32", model_file="model.onnx",
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.formats.onnx.build:build_onnx",
-        runner="edgeqwen.formats.onnx.runner:OnnxRunner", needs="onnxruntime_genai",
+        runner="edgeqwen.formats.onnx.runner:OnnxRunner", needs="onnxruntime_genai", engine="onnxruntime",
         install="pip install 'edgeqwen[onnx]'",
         suffixes=(".onnx",), marker="genai_config.json", plan=True),
+    # Apple Silicon's own runtime (Metal there; mlx[cpu] runs the same folders on Linux, for correctness).
+    "mlx": Format(
+        name="mlx", quants=("mlx4", "mlx8", "mlx_bf16"), reference_quant="mlx_bf16", model_file="model.safetensors",
+        hashed_files=("model.safetensors",), builder="edgeqwen.formats.mlx.build:build_mlx",
+        runner="edgeqwen.formats.mlx.runner:MlxRunner", needs="mlx_lm", engine="mlx",
+        install="pip install 'edgeqwen[mlx]' (mlx and mlx-lm; on Linux mlx[cpu])", suffixes=(".safetensors",),
+        plan=True, import_check=False),
 }
 
 
@@ -74,7 +90,8 @@ def detect(path: Path, manifest: dict | None = None) -> Format:
     for f in FORMATS.values():
         if path.suffix in f.suffixes or (f.marker and path.is_dir() and (path / f.marker).exists()):
             return f
-    raise RunnerError(f"{path}: not a model file edgeqwen can run (.gguf, .onnx, or a build folder)")
+    raise RunnerError(f"{path}: not a model file edgeqwen can run (.gguf, .onnx, .safetensors of an MLX folder, "
+                      "or a build folder)")
 
 
 def hashed_paths(folder: Path, manifest: dict) -> list[Path]:

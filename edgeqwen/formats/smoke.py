@@ -24,8 +24,9 @@ def smoke_check(model: Path, threads: int | None = None, tokens: int = 8, timeou
         raise BuildError(f"{model}: the check did not finish in {timeout:.0f} s") from None
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
-        if detect(model).name == "onnx":
-            raise BuildError(f"onnxruntime crashed ({sig}) running {model}")
+        fmt = detect(model)
+        if fmt.name != "gguf":   # llama.cpp's crashes have known causes, said below
+            raise BuildError(f"{fmt.engine} crashed ({sig}) running {model}")
         if sig == "SIGABRT":
             raise BuildError(f"llama.cpp crashed (SIGABRT) on {model}: an assertion failed on something in the file, "
                              "which is malformed")

@@ -132,11 +132,42 @@ def versions() -> dict:
 
     from .. import __version__
     out = {"edgeqwen": __version__, "python": platform.python_version()}
-    for pkg in ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "gguf", "numpy"):
+    for pkg in ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "mlx", "mlx-lm", "gguf", "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    return out
+
+
+def apple_chips() -> dict[str, dict]:
+    from ..recipes import load_toml
+    from ..resources import data
+    return load_toml(data("apple_chips.toml"), "Apple chip table")
+
+
+def apple_info(sysctl=_sysctl) -> dict | None:
+    """An Apple Silicon Mac from sysctl: the chip (binned variants told apart by their performance cores), the
+    core split, unified memory, the published memory bandwidth (with its source) and the GPU. sysctl stands in
+    for the command (tests feed recorded outputs)."""
+    brand = sysctl("machdep.cpu.brand_string")
+    if not brand.startswith("Apple M"):
+        return None
+
+    def num(key):
+        v = sysctl(key)
+        return int(v) if v.isdigit() else 0
+    perf, eff = num("hw.perflevel0.physicalcpu"), num("hw.perflevel1.physicalcpu")
+    cands = [(name, c) for name, c in apple_chips().items() if c.get("brand_string", name) == brand]
+
+    def has(cores, n):
+        return n in cores if isinstance(cores, list) else cores == n
+    name, chip = next(((n, c) for n, c in cands if has(c.get("performance_cores"), perf)),
+                      cands[0] if cands else (brand, {}))
+    out = {"chip": name, "performance_cores": perf, "efficiency_cores": eff, "unified_memory": num("hw.memsize"),
+           "gpu": True, "model": sysctl("hw.model") or None}
+    if chip.get("bandwidth_gbs"):
+        out.update(bandwidth_published_gbs=chip["bandwidth_gbs"], bandwidth_source=chip["source"])
     return out
 
 
@@ -155,6 +186,13 @@ def fingerprint(bandwidth: bool = True) -> dict:
     }
     if emu:
         fp["emulator"] = emu
+        # the board being emulated, not the host: a harness that knows it says its RAM (tools/test-arm64.sh)
+        gib = os.environ.get("EDGEQWEN_EMULATED_RAM_GIB", "")
+        if gib.isdigit() and 0 < int(gib) <= 1024:
+            fp.update(host_ram_total=fp["ram_total"], ram_total=int(gib) << 30,
+                      ram_available=min(fp["ram_available"], int(gib) << 30))
+    if sys.platform == "darwin" and (apple := apple_info()):
+        fp["apple"] = apple
     if bandwidth:
         fp["bandwidth_gbs"] = memory_bandwidth()
     fp["device_id"] = device_id(fp)
@@ -173,5 +211,6 @@ def device_id(fp: dict) -> str:
 
 def device_label(fp: dict) -> str:
     emu = " · EMULATED (correctness only)" if fp.get("emulated") else ""
+    host = " (the host's)" if fp.get("emulated") and "host_ram_total" not in fp else ""
     return (f"{fp.get('device', '?')} · {fp.get('cpu', '?')} · {fp.get('physical_cores', '?')}C · "
-            f"{round(fp.get('ram_total', 0) / 2**30)} GiB{emu}")
+            f"{round(fp.get('ram_total', 0) / 2**30)} GiB{host}{emu}")

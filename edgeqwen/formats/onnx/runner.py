@@ -12,25 +12,9 @@ import psutil
 
 from ...errors import RunnerError
 from ...process import physical_cores
-from ...runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+from ...runner import (DEFAULT_CTX, Response, Sampling, check_prompt, folder_chat_template, regular_vocab_of,
+                       render_chat, respond, shared_prefix, side_json)
 from ...text import clean
-
-
-def _json(path: Path) -> dict:
-    """An optional side file of a build: unreadable or not an object counts as absent."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _chat_template(folder: Path, tok_cfg: dict) -> str | None:
-    """chat_template.jinja (newer checkpoints) or tokenizer_config.json's chat_template."""
-    if (folder / "chat_template.jinja").exists():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    tpl = tok_cfg.get("chat_template")
-    return tpl if isinstance(tpl, str) else None
 
 
 class OnnxRunner:
@@ -47,7 +31,7 @@ class OnnxRunner:
         if not (self.folder / "genai_config.json").exists():
             raise RunnerError(f"{self.folder}: no genai_config.json; not an ONNX build folder")
         self.threads = threads or physical_cores()
-        genai_model = _json(self.folder / "genai_config.json").get("model", {})
+        genai_model = side_json(self.folder / "genai_config.json").get("model", {})
         train_ctx = genai_model.get("context_length")
         if not train_ctx:
             raise RunnerError(f"{self.folder}/genai_config.json is unreadable or has no context_length")
@@ -70,11 +54,9 @@ class OnnxRunner:
         self.load_s = time.perf_counter() - t0
         self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
         # ordinary text tokens: the BPE vocabulary's ids (added and special tokens come after them)
-        n_model = genai_model.get("vocab_size") or 0
-        n_bpe = len(_json(self.folder / "tokenizer.json").get("model", {}).get("vocab") or {})
-        self.regular_vocab = min(x for x in (n_model, n_bpe) if x) if (n_model or n_bpe) else 1
-        tok_cfg = _json(self.folder / "tokenizer_config.json")
-        self.chat_template = _chat_template(self.folder, tok_cfg)
+        self.regular_vocab = regular_vocab_of(self.folder, genai_model.get("vocab_size") or 0)
+        tok_cfg = side_json(self.folder / "tokenizer_config.json")
+        self.chat_template = folder_chat_template(self.folder, tok_cfg)
         eos = tok_cfg.get("eos_token")
         self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
         self.proc = psutil.Process(os.getpid())
