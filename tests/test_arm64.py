@@ -77,6 +77,17 @@ def test_bench_one_short_repeat(tiny_builds, tmp_path):
         assert p.returncode == 0 and "emulated" in p.stdout and "EMULATED" in p.stdout
 
 
+def test_survey_quick(tmp_path):
+    """The device kit on ARM: a quick synthetic survey; under emulation its rows are marked so (correctness only)."""
+    out = tmp_path / "s"
+    p = run_cli("survey", "--quick", "--synthetic", "--sizes", "tiny-qwen2", "--out", out, timeout=3600)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for f in out.glob("*.jsonl") for line in f.read_text().splitlines() if line.strip()]
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["device"]["arch"] == platform.machine().lower()
+    if EMULATED:
+        assert rows[0]["device"]["emulated"] is True and "EMULATED" in next(out.glob("*.md")).read_text()
+
+
 def test_hw():
     p = run_cli("hw", "--json", "--no-bandwidth")
     assert p.returncode == 0, p.stderr

@@ -185,9 +185,8 @@ def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
     """Qwen2-0.5B's 896-wide rows cannot hold K-quant blocks: llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
     import collections
 
-    from edgeqwen.measure.plan import tensor_types
-    from edgeqwen.recipes import get_recipe
-    cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
+    from edgeqwen.measure.plan import model_config, tensor_types
+    cfg = model_config("0.5b", {"tie_word_embeddings": False})
     counts = collections.Counter(t.name for *_, t in tensor_types(cfg, "q4_k_m"))
     # what llama.cpp wrote for the real (untied) 0.5B checkpoint
     assert counts == {"Q5_0": 133, "F32": 121, "Q8_0": 13, "Q6_K": 12, "Q4_K": 12}
@@ -269,10 +268,9 @@ def test_plan_peak_counts_repacked_copies_only_where_the_originals_stay():
 
 def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():
     """llama.cpp's AMX buffer type keeps a repacked copy of every Q8_0/K-quant matrix but token_embd."""
-    from edgeqwen.measure.plan import nbytes, tensor_types
-    from edgeqwen.recipes import get_recipe
-    cfg = dict(get_recipe("0.5b").hf_config(), tie_word_embeddings=False)
-    q8 = [(name, ne, t) for name, _, ne, t in tensor_types(cfg, "q8_0")]
+    from edgeqwen.measure.plan import model_config, nbytes, tensor_types
+    cfg = {"tie_word_embeddings": False}
+    q8 = [(name, ne, t) for name, _, ne, t in tensor_types(model_config("0.5b", cfg), "q8_0")]
     want = sum(nbytes(ne, t) for name, ne, t in q8 if t.name == "Q8_0" and name != "token_embd")
     assert want > 0 and any(name == "output" and t.name == "Q8_0" for name, _, t in q8)
     assert plan("0.5b", "q8_0", config=cfg).repack_bytes == 0  # no AVX2 repack for Q8_0
@@ -284,10 +282,9 @@ def test_plan_on_an_amx_cpu_holds_a_tied_outputs_copy_and_the_amx_layouts_additi
     """A tied model's output is token_embd loaded again into the AMX buffer while the lookup keeps reading the
     original (pagecache.py keeps it): a second copy, whichever way the file is loaded; and the AMX layout adds 4
     bytes per Q8_0 / Q4_K block (ggml-cpu/amx/mmq.cpp get_row_size)."""
-    from edgeqwen.measure.plan import nbytes, tensor_types
-    from edgeqwen.recipes import get_recipe
-    tied = get_recipe("0.5b").hf_config()
-    assert tied["tie_word_embeddings"]
+    from edgeqwen.measure.plan import model_config, nbytes, tensor_types
+    tied = model_config("0.5b")
+    assert tied.tie_word_embeddings
     types = tensor_types(tied, "q8_0")
     embd = nbytes(types[0][2], types[0][3])
     blocks = sum(ne // 32 for name, _, ne, t in types if t.name == "Q8_0")   # token_embd's copy included
@@ -387,3 +384,94 @@ def test_fit_refuses_a_baseline_whose_runs_disagree():
     with pytest.raises(RunnerError, match="disagree"):
         _check_baseline("b", runs, 0.88)
     _check_baseline("b", [{"tg": {"mean": x}} for x in (26.8, 27.5, 28.5)], 27.5)   # quiet: 6% apart
+
+
+def _recorded_sysctl(name):
+    """A Mac's sysctl answers, from a fixture written from Apple's documented keys and public dumps (not
+    recorded on a Mac here: see each file's header)."""
+    from conftest import REPO
+    pairs = {}
+    for line in (REPO / "tests" / "data" / "sysctl" / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.split(":", 1)
+            pairs[k.strip()] = v.strip()
+    return lambda key: pairs.get(key, "")
+
+
+@pytest.mark.parametrize("fixture,chip,perf,eff,gib,bw", [
+    ("macbookair-m1-8gb.txt", "Apple M1", 4, 4, 8, 68.25),
+    ("macmini-m2-16gb.txt", "Apple M2", 4, 4, 16, 100),
+    ("macbookpro16-m3max-48gb.txt", "Apple M3 Max", 12, 4, 48, 400),   # the full chip, not the 10P bin
+    ("macmini-m4-16gb.txt", "Apple M4", 4, 6, 16, 120),
+])
+def test_hw_reads_apple_chips_from_sysctl(fixture, chip, perf, eff, gib, bw):
+    from edgeqwen.measure.hw import apple_info
+    a = apple_info(_recorded_sysctl(fixture))
+    assert a["chip"] == chip and a["performance_cores"] == perf and a["efficiency_cores"] == eff
+    assert a["unified_memory"] == gib << 30 and a["gpu"] and a["bandwidth_published_gbs"] == bw
+    assert a["bandwidth_source"].startswith("https://")
+
+
+def test_hw_tells_binned_apple_chips_apart_and_ignores_other_machines():
+    from edgeqwen.measure.hw import apple_info
+    binned = {"machdep.cpu.brand_string": "Apple M4 Max", "hw.perflevel0.physicalcpu": "10",
+              "hw.perflevel1.physicalcpu": "4", "hw.memsize": str(36 << 30)}
+    a = apple_info(lambda k: binned.get(k, ""))
+    assert a["chip"] == "Apple M4 Max (14-core CPU, 32-core GPU)" and a["bandwidth_published_gbs"] == 410
+    assert apple_info(lambda k: {"machdep.cpu.brand_string": "Intel(R) Core(TM) i7-9750H"}.get(k, "")) is None
+
+
+def test_apple_chip_table_is_sourced():
+    from edgeqwen.measure.hw import apple_chips
+    chips = apple_chips()
+    assert len(chips) >= 15
+    for name, c in chips.items():
+        assert c["bandwidth_gbs"] > 0 and c["source"].startswith("https://"), name
+        assert c["source_kind"] in ("apple-via-press", "secondary"), name
+
+
+def test_published_measurements_are_sourced_and_validated(tmp_path):
+    from edgeqwen.errors import UsageError
+    from edgeqwen.measure.calibrate import points, published
+    from edgeqwen.schemas import PublishedRow, check
+    rows = published()["row"]
+    assert len(rows) >= 25 and all(r["source"].startswith("https://") for r in rows)
+    assert {"pi", "apple", "x86"} <= {r["device_class"] for r in rows}
+    from edgeqwen.measure.plan import plan
+    assert len(points(plan)) >= 25   # unambiguous decode rows with a bandwidth and a size (plan's where unprinted)
+    assert len(points()) < len(points(plan))   # without plan: only the rows whose source printed the file size
+    bad = dict(rows[0], tok_s="20")   # a string is never taken for a number
+    with pytest.raises(UsageError, match="tok_s"):
+        check(PublishedRow, bad, "published.toml row 1", "a published row", "a table")
+
+
+def test_leave_one_out_predicts_each_row_from_the_others():
+    from edgeqwen.measure.calibrate import Point, error_table, leave_one_out
+    row = {"tok_s": 10.0}
+
+    def pt(tok_s, cls="pi5"):
+        return Point(dict(row, tok_s=tok_s), "cpu", cls, 10.0, 5e8, False)   # ceiling 20 tok/s
+    same = [pt(10.0), pt(10.0), pt(10.0)]
+    assert all(abs(e) < 1e-12 for _, e in leave_one_out(same))
+    loo = leave_one_out([pt(10.0), pt(12.0), pt(8.0), pt(5.0, "pi4")])
+    errs = {p.row["tok_s"]: e for p, e in loo}
+    assert 5.0 not in errs   # alone in its class: nothing to predict it from
+    assert errs[10.0] == pytest.approx(0.0) and errs[12.0] == pytest.approx(9 / 12 - 1)
+    t = error_table(loo)[("cpu", "pi5")]
+    assert t["n"] == 3 and t["worst_abs"] == pytest.approx(11 / 8 - 1)   # 8.0 predicted from 10 and 12
+
+
+def test_untested_speed_claims_on_calibrated_devices_are_predicted_with_their_error():
+    from edgeqwen.measure.claims import judge, render_claims
+    from edgeqwen.measure.plan import load_devices
+    devs = load_devices()
+    claim = {"id": "p", "model": "0.5b", "quant": "q4_k_m", "device": "raspberry-pi-5-8gb", "min_decode_tps": 10}
+    v = judge(claim, [], devs)
+    assert v["verdict"].startswith("PREDICTED PASS (±") and v["prediction"]["error"] > 0
+    assert "PREDICTED PASS" in render_claims([v])
+    far = judge(dict(claim, min_decode_tps=500), [], devs)
+    assert far["verdict"].startswith("PREDICTED FAIL")
+    # no published rows of GPUs: nothing to know the error by
+    gpu = judge({"id": "g", "model": "0.5b", "quant": "q4_k_m", "device": "consumer-gpu-24gb", "min_decode_tps": 1},
+                [], devs)
+    assert gpu["verdict"] == "UNTESTED"

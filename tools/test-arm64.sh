@@ -159,7 +159,7 @@ case "${1:-}" in
     args=("$@")
     (( ${#args[@]} )) || args=(-m arm64 tests/test_arm64.py)
     t0=$(date +%s)
-    inside /bin/sh -c "cd /opt/edgeqwen && EDGEQWEN_EMULATED='qemu-user ($CPU)' EDGEQWEN_AGREE_DIR=/opt/agree \
+    inside /bin/sh -c "cd /opt/edgeqwen && EDGEQWEN_EMULATED='qemu-user ($CPU)' EDGEQWEN_EMULATED_RAM_GIB=8 EDGEQWEN_AGREE_DIR=/opt/agree \
       EDGEQWEN_VOCAB_DIR=/opt/vocab python -m pytest -p no:cacheprovider -q $(printf '%q ' "${args[@]}")"
     say "arm64 tests passed in $(( $(date +%s) - t0 )) s"
     if [[ -f $agree/aarch64/results.json ]]; then

@@ -263,4 +263,41 @@ def fit_cmd(build, device, threads, lean, fraction, resolution, out):
         click.echo(f"least RAM: {'lean' if best['lean'] else 'normal'} load ({human_bytes(best['min_ram'])})")
 
 
-COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd, fit_cmd]
+@click.command("survey")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default="survey",
+              show_default=True, help="Folder for DEVICE-ID.jsonl (rows), DEVICE-ID.md (table) and the resume state.")
+@click.option("--synthetic", is_flag=True, help="Random weights of each size's exact shape (speed and memory only).")
+@click.option("--source", "sources", multiple=True, metavar="SIZE=DIR",
+              help="A local Hugging Face folder for a size (its builds are also scored by eval).")
+@click.option("--sizes", default=",".join(("0.5b", "1.5b", "7b")), show_default=True,
+              help="Sizes (or recipe names), comma-separated.")
+@click.option("--quants", help="Quants, comma-separated (default: q4_k_m,q4_0,q8_0,int4, and mlx4 on a Mac).")
+@click.option("--quick", is_flag=True, help="A short pass: q4_k_m only, one short bench each, no fit or eval.")
+@click.option("--resume", is_flag=True, help="Skip the builds a killed survey had finished.")
+def survey_cmd(out_dir, synthetic, sources, sizes, quants, quick, resume):
+    """Measure this device: the standard matrix that fits it, for a results table.
+
+    Builds what fits (RAM and disk, from plan), then bench (all cores and half), fit (where a
+    memory cgroup is available) and eval (real sources). Post OUT/DEVICE-ID.md or attach
+    OUT/DEVICE-ID.jsonl; `edgeqwen table` merges such files.
+
+    \b
+      edgeqwen survey --synthetic --quick             # about ten minutes
+      edgeqwen survey --source 0.5b=./qwen2.5-0.5b-instruct --resume
+    """
+    from ..errors import UsageError
+    from ..measure.survey import survey
+    src = {}
+    for spec in sources:
+        size, sep, folder = spec.partition("=")
+        if not sep or not size or not folder:
+            raise UsageError(f"--source {spec!r}: SIZE=DIR, e.g. 0.5b=./qwen2.5-0.5b-instruct")
+        src[size.strip().lower()] = Path(folder)
+    md = survey(out_dir, sizes=[s.strip() for s in sizes.split(",") if s.strip()],
+                quants=[q.strip() for q in quants.split(",") if q.strip()] if quants else None,
+                sources=src, synthetic=synthetic, quick=quick, resume=resume,
+                say=lambda m: click.echo(m, err=True))
+    click.echo(str(md))
+
+
+COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd, fit_cmd, survey_cmd]

@@ -1,4 +1,5 @@
-"""Claims as data (edgeqwen/data/claims.toml), judged against measured rows: PASS, FAIL or UNTESTED."""
+"""Claims as data (edgeqwen/data/claims.toml), judged against measured rows: PASS or FAIL; without a row,
+PREDICTED PASS / FAIL (±e%) where plan's prediction for that device has a known error (calibrate.py), else UNTESTED."""
 from __future__ import annotations
 
 import re
@@ -77,12 +78,16 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
         out["verdict"] = "UNTESTED"
     try:
         p = plan(claim["model"], quant, ctx=ctx, amx=bool(profile.get("amx")))
-        v = verdict(p, profile)
+        v = verdict(p, profile, claim["device"])
         need = p.min_ram if claim.get("fits") else p.peak_ram
         fits = need <= (max_rss * 2**30 if max_rss else v["budget"])
         fast = min_tps is None or v["expected_tps"] >= min_tps
         out["prediction"] = {"verdict": "PASS" if fits and fast else "FAIL", "peak_ram": need,
-                             "expected_tps": v["expected_tps"], "ceiling_tps": v["ceiling_tps"]}
+                             "expected_tps": v["expected_tps"], "ceiling_tps": v["ceiling_tps"], "error": v["error"]}
+        # nothing measured, but a prediction whose error is known: a third kind of verdict, never a PASS
+        # (of speed: the error is decode's; a memory-only claim stays UNTESTED until a fit row exists)
+        if out["verdict"] == "UNTESTED" and v["error"] is not None and min_tps is not None:
+            out["verdict"] = f"PREDICTED {out['prediction']['verdict']} (±{v['error']:.0%})"
     except UsageError:
         pass
     return out
@@ -138,7 +143,8 @@ def render_claims(results: list[dict]) -> str:
                    f"{fit['device'].get('cpu', '?')}; " + ("speed: " + dec if c.get("min_decode_tps") else "no speed "
                                                           "condition"))
         p = r.get("prediction")
-        pred = (f"{p['verdict']}: {p['peak_ram'] / 2**30:.1f} GiB, ~{p['expected_tps']:.1f} tok/s "
+        err = f" ±{p['error']:.0%}" if p and p.get("error") is not None else ""
+        pred = (f"{p['verdict']}: {p['peak_ram'] / 2**30:.1f} GiB, ~{p['expected_tps']:.1f}{err} tok/s "
                 f"(ceiling {p['ceiling_tps']:.1f})") if p else "-"
         lines.append(f"| {c.get('text', c['id'])} | **{r['verdict']}** | {dec} | {pred} |")
     return "\n".join(lines) + "\n"

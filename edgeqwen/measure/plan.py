@@ -13,15 +13,22 @@ from pathlib import Path
 
 import gguf
 
+from ..arch import ARCHS
 from ..errors import UsageError
+from ..schemas import ModelConfig, check_typed
+
+# Every model plan knows is of the Qwen2 family (the MoE shares its attention).
+ARCH = ARCHS["qwen2"]
 
 T = gguf.GGMLQuantizationType
-# Models beyond the recipes, by arithmetic (their published config.json shapes).
+# Models beyond the recipes, by arithmetic (their published config.json shapes). The typed config also needs
+# rope_theta, rms_norm_eps and a context length; plan reads none of them for these.
+_TYPED = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768)
 EXTRA_MODELS = {
     "72b": dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
+                num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False, **_TYPED),
     "57b-a14b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, vocab_size=151936, tie_word_embeddings=False,
+                     num_key_value_heads=4, vocab_size=151936, tie_word_embeddings=False, **_TYPED,
                      num_experts=64, num_experts_per_tok=8, moe_intermediate_size=2560,
                      shared_expert_intermediate_size=20480),
 }
@@ -59,17 +66,17 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_types(cfg: dict, quant: str) -> list[tuple[str, int, int, T]]:
+def tensor_types(cfg: ModelConfig, quant: str) -> list[tuple[str, int, int, T]]:
     """(name, ne0, n_elements, type) for every tensor llama.cpp would write for this config and quant."""
     if quant not in BASE_TYPE:
         raise UsageError(f"plan knows {', '.join(sorted(BASE_TYPE))}; not {quant}")
     base = BASE_TYPE[quant]
-    h, ff, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    hd = h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * hd
-    q = cfg["num_attention_heads"] * hd
-    v = cfg["vocab_size"]
-    tied = cfg.get("tie_word_embeddings", False)
+    h, ff, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    hd = cfg.head_size
+    kv = cfg.num_key_value_heads * hd
+    q = cfg.num_attention_heads * hd
+    v = cfg.vocab_size
+    tied = cfg.tie_word_embeddings
     quantized = base not in (T.F32, T.F16, T.BF16)
 
     def pick(name, ne0, i=None):
@@ -96,14 +103,15 @@ def tensor_types(cfg: dict, quant: str) -> list[tuple[str, int, int, T]]:
     out = [("token_embd", h, v * h, pick("token_embd", h)), ("output_norm", h, h, T.F32)]
     if not tied:
         out.append(("output", h, v * h, pick("output", h)))
-    experts = cfg.get("num_experts", 0)
+    experts = cfg.extra("num_experts", 0)
     for i in range(n):
         out += [("attn_norm", h, h, T.F32), ("ffn_norm", h, h, T.F32),
                 ("attn_q", h, h * q, pick("attn_q", h, i)), ("attn_k", h, h * kv, pick("attn_k", h, i)),
-                ("attn_v", h, h * kv, pick("attn_v", h, i)), ("attn_output", q, q * h, pick("attn_output", q, i)),
-                ("attn_q_bias", q, q, T.F32), ("attn_k_bias", kv, kv, T.F32), ("attn_v_bias", kv, kv, T.F32)]
+                ("attn_v", h, h * kv, pick("attn_v", h, i)), ("attn_output", q, q * h, pick("attn_output", q, i))]
+        if ARCH.attention_bias:
+            out += [("attn_q_bias", q, q, T.F32), ("attn_k_bias", kv, kv, T.F32), ("attn_v_bias", kv, kv, T.F32)]
         if experts:
-            mff, sff = cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
+            mff, sff = cfg.extra("moe_intermediate_size"), cfg.extra("shared_expert_intermediate_size")
             out += [("ffn_gate_exps", h, experts * h * mff, pick("ffn_gate", h, i)),
                     ("ffn_up_exps", h, experts * h * mff, pick("ffn_up", h, i)),
                     ("ffn_down_exps", mff, experts * h * mff, pick("ffn_down", mff, i)),
@@ -140,6 +148,7 @@ class Plan:
     resident: bool = False    # a normal load reads the file into memory (llama_runner, Linux): the table is held
     held_bytes: int | None = None   # ONNX: what onnxruntime holds of the weights (ONNX_HELD); None for GGUF
     extra_bytes: int = 0      # GGUF on AMX: a tied output's second copy and the AMX layout's additions
+    backend: str = "llama.cpp"   # or "onnxruntime-genai", "mlx"
 
     @property
     def peak_ram(self) -> int:
@@ -172,12 +181,13 @@ class Plan:
 METADATA_BYTES = 6 << 20  # vocabulary, merges and chat template in the GGUF header
 
 
-def model_config(size: str) -> dict:
+def model_config(size: str, override: dict | None = None) -> ModelConfig:
+    """The typed config of a recipe size or one of EXTRA_MODELS; override: a build manifest's own shape."""
     from ..recipes import get_recipe
     key = size.lower()
-    if key in EXTRA_MODELS:
-        return dict(EXTRA_MODELS[key])
-    return get_recipe(key).hf_config()
+    data = dict(EXTRA_MODELS[key]) if key in EXTRA_MODELS else get_recipe(key).hf_config()
+    data.update({k: v for k, v in (override or {}).items() if v is not None})
+    return check_typed(ModelConfig, data, f"the config of {size}", "a model config")
 
 
 def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None,
@@ -191,9 +201,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     """
     from ..formats import format_of_quant
     from ..recipes import get_recipe
-    cfg = model_config(size)
-    if config:
-        cfg.update({k: v for k, v in config.items() if v is not None})
+    cfg = model_config(size, config)
     if size.lower() not in EXTRA_MODELS:
         quant = get_recipe(size).resolve_quant(quant)
     else:
@@ -201,9 +209,11 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
     if format_of_quant(quant) == "onnx":
         return plan_onnx(size, quant, cfg, ctx, prompt_tokens)
+    if format_of_quant(quant) == "mlx":
+        return plan_mlx(size, quant, cfg, ctx, prompt_tokens)
     tensors = tensor_types(cfg, quant)
     weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
-    tied = cfg.get("tie_word_embeddings", False)
+    tied = cfg.tie_word_embeddings
 
     def repacked(name: str, t: T) -> bool:
         return t in (REPACKED_AMX if amx else REPACKED) and name != "token_embd"
@@ -215,31 +225,30 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         extra = sum(ne // gguf.GGML_QUANT_SIZES[t][0] * AMX_EXTRA_PER_BLOCK.get(t, 0) for ne, t in in_amx)
         if tied and tensors[0][3] in REPACKED_AMX:
             extra += nbytes(tensors[0][2], tensors[0][3])
-    h = cfg["hidden_size"]
+    h = cfg.hidden_size
     kv_pos = _kv_per_position(cfg, 2)  # f16
     ctx = min(ctx, 32768)
     # Touched compute buffer for a prompt batch: activations of one layer, attention scores over
     # the used context, and the logits row. (Calibrated against bench rows; see bench/RESULTS.md.)
-    ff = cfg.get("shared_expert_intermediate_size") or cfg["intermediate_size"]
+    ff = cfg.extra("shared_expert_intermediate_size") or cfg.intermediate_size
     batch = min(N_BATCH, prompt_tokens)
-    heads = cfg["num_attention_heads"]
+    heads = cfg.num_attention_heads
     compute = int(COMPUTE_TOUCHED * (4 * batch * (3 * ff + 6 * h + heads * min(ctx, prompt_tokens))
-                                     + 4 * cfg["vocab_size"]))
-    embd = nbytes(cfg["vocab_size"] * h, tensors[0][3])
+                                     + 4 * cfg.vocab_size))
+    embd = nbytes(cfg.vocab_size * h, tensors[0][3])
     per_token = weights - (0 if tied else embd)  # one row of an untied embd
-    if cfg.get("num_experts"):  # only the active experts are read per token
+    if cfg.extra("num_experts"):  # only the active experts are read per token
         exp = sum(nbytes(ne, t) for name, _, ne, t in tensors if name.endswith("_exps"))
-        per_token -= exp - exp * cfg["num_experts_per_tok"] // cfg["num_experts"]
+        per_token -= exp - exp * cfg.extra("num_experts_per_tok") // cfg.extra("num_experts")
     params = sum(ne for _, _, ne, _ in tensors)
     return Plan(size, quant, ctx, weights + METADATA_BYTES, weights, repack, ctx * kv_pos, compute, RUNTIME_BYTES,
                 per_token + kv_pos * prompt_tokens, params, 0 if tied else embd, released=release, resident=resident,
                 extra_bytes=extra)
 
 
-def _kv_per_position(cfg: dict, bytes_per_elem: int) -> int:
+def _kv_per_position(cfg: ModelConfig, bytes_per_elem: int) -> int:
     """K and V of every layer for one position."""
-    head = int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
-    return 2 * int(cfg["num_hidden_layers"]) * int(cfg["num_key_value_heads"]) * head * bytes_per_elem
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * bytes_per_elem
 
 
 # --- ONNX builds (onnxruntime-genai on the CPU) --------------------------------------------------------
@@ -259,14 +268,15 @@ ONNX_HELD = {"blobs": 1, "scales": 2, "zp": 0, "table": 0, "dense": 1, "small": 
 ONNX_RUNTIME_BYTES = 124 << 20
 
 
-def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) -> Plan:
+def plan_onnx(size: str, quant: str, cfg: ModelConfig, ctx: int, prompt_tokens: int) -> Plan:
     """An ONNX build: the exporter's own initializer list (onnx_layout), what onnxruntime holds of each role,
     an fp32 KV cache genai allocates for the whole context, and the prompt's logits (the graph returns a row
     per prompt token)."""
-    from ..formats.onnx.layout import file_bytes, initializers, qwen2_shapes
-    if cfg.get("num_experts"):
+    from ..checkpoint import expected_tensors
+    from ..formats.onnx.layout import file_bytes, initializers
+    if cfg.extra("num_experts"):
         raise UsageError(f"{size} is a mixture of experts; ONNX builds are of dense models only")
-    shapes = qwen2_shapes(cfg)
+    shapes = expected_tensors(cfg, ARCH)
     parts = list(initializers(shapes, cfg, quant))
     total = file_bytes(parts)
     held = sum(b * ONNX_HELD[role] for _, role, b in parts)
@@ -274,8 +284,38 @@ def plan_onnx(size: str, quant: str, cfg: dict, ctx: int, prompt_tokens: int) ->
     kv_pos = _kv_per_position(cfg, 4)  # genai's cache is fp32 here
     ctx = min(ctx, 32768)
     params = sum(math.prod(shape) for shape in shapes.values())
-    return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, prompt_tokens * int(cfg["vocab_size"]) * 4,
-                ONNX_RUNTIME_BYTES, total - gathered + kv_pos * prompt_tokens, params, gathered, held_bytes=held)
+    return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, prompt_tokens * cfg.vocab_size * 4,
+                ONNX_RUNTIME_BYTES, total - gathered + kv_pos * prompt_tokens, params, gathered, held_bytes=held,
+                backend="onnxruntime-genai")
+
+
+# --- MLX builds (mlx-lm) ---------------------------------------------------------------------------------
+
+# mlx-lm loads every weight into (unified) memory; its KV cache is the model's dtype (bf16) and grows with use.
+# Only the last position's logits are computed (the prefill's are never evaluated: MLX is lazy).
+# Python, mlx and mlx-lm's tokenizer (transformers): the real 0.5B mlx4 read 764 MiB RSS loaded against 338 MiB
+# of weights (Linux, mlx[cpu] 0.32.4; transformers imported torch there, which a make setup install lacks).
+MLX_RUNTIME_BYTES = 426 << 20
+# Metal lets the GPU wire about this share of a Mac's RAM (recommendedMaxWorkingSetSize; mlx-lm warns past it).
+MLX_WORKING_SET = 0.75
+
+
+def plan_mlx(size: str, quant: str, cfg: ModelConfig, ctx: int, prompt_tokens: int) -> Plan:
+    """An MLX build: the folder's own tensor list (formats/mlx/layout.py), all of it held."""
+    from ..checkpoint import expected_tensors
+    from ..formats.mlx.layout import DEFAULT_GROUP, QUANTS, file_bytes, tensor_specs
+    if cfg.extra("num_experts"):
+        raise UsageError(f"{size} is a mixture of experts; plan knows dense MLX builds only")
+    shapes = expected_tensors(cfg, ARCH)
+    specs = tensor_specs({n: (s, "BF16") for n, s in shapes.items()}, cfg, QUANTS[quant].bits, DEFAULT_GROUP)
+    total = file_bytes(specs)
+    embed = file_bytes([s for s in specs if s[3] == "model.embed_tokens.weight"])
+    gathered = 0 if cfg.tie_word_embeddings else embed   # a row per token unless it is also the output layer
+    kv_pos = _kv_per_position(cfg, 2)
+    ctx = min(ctx, 32768)
+    params = sum(math.prod(shape) for shape in shapes.values())
+    return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, cfg.vocab_size * 4, MLX_RUNTIME_BYTES,
+                total - gathered + kv_pos * prompt_tokens, params, gathered, held_bytes=total, backend="mlx")
 
 
 # --- device profiles ---------------------------------------------------------------------------
@@ -295,12 +335,24 @@ def load_devices(path: Path | None = None) -> dict[str, dict]:
     return data
 
 
-def verdict(p: Plan, device: dict) -> dict:
-    """Does it fit, and how fast can it decode at best, on this device profile."""
-    budget = device["ram_gib"] * 2**30 * device.get("usable_fraction", 0.8)
+def verdict(p: Plan, device: dict, name: str | None = None) -> dict:
+    """Does it fit, and how fast can it decode at best, on this device profile. With the profile's name, the
+    expected decode uses the efficiency fitted on published measurements of such devices (calibrate.py) and
+    carries that fit's leave-one-out error; otherwise the profile's own efficiency, with no known error."""
+    share = device.get("usable_fraction", 0.8)
+    if p.backend == "mlx" and device.get("unified_memory"):
+        share = min(share, MLX_WORKING_SET)   # Metal's working-set limit binds first
+    budget = device["ram_gib"] * 2**30 * share
     ceiling = device["bandwidth_gbs"] * 1e9 / p.bytes_per_token
-    return {"fits": p.min_ram <= budget, "budget": budget, "ceiling_tps": ceiling,
-            "expected_tps": ceiling * device.get("efficiency", 0.6)}
+    out = {"fits": p.min_ram <= budget, "budget": budget, "ceiling_tps": ceiling,
+           "expected_tps": ceiling * device.get("efficiency", 0.6), "error": None}
+    from .calibrate import calibrated
+    cal = calibrated(name, p.backend, plan) if name else None
+    if cal:   # fitted as measured / (bandwidth / file size): predicted the same way
+        out.update(expected_tps=cal["efficiency"] * device["bandwidth_gbs"] * 1e9 / p.file_bytes,
+                   error=cal["median_abs"], worst_error=cal["worst_abs"], calibration=f"{cal['group']}/{cal['class']}"
+                   f" on {cal['n']} published rows")
+    return out
 
 
 def fmt_gib(b: float) -> str:
@@ -308,6 +360,14 @@ def fmt_gib(b: float) -> str:
 
 
 def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
+    if p.backend == "mlx":
+        lines = [f"{p.size} {p.quant} (MLX, mlx-lm) at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
+                 f"  file size        {fmt_gib(p.file_bytes)}",
+                 f"  RAM              {fmt_gib(p.min_ram)} = weights {fmt_gib(p.held_bytes)} + KV (bf16) "
+                 f"{fmt_gib(p.kv_bytes)} + runtime {fmt_gib(p.runtime_bytes)} + logits (unified memory on a Mac; "
+                 f"the GPU may use about {MLX_WORKING_SET:.0%} of it)",
+                 f"  read per token   {fmt_gib(p.bytes_per_token)}"]
+        return "\n".join(lines + _device_lines(p, device_name, device))
     if p.held_bytes is not None:
         lines = [f"{p.size} {p.quant} (ONNX, onnxruntime-genai) at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
                  f"  file size        {fmt_gib(p.file_bytes)}",
@@ -339,11 +399,13 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
 def _device_lines(p: Plan, device_name: str | None, device: dict | None) -> list[str]:
     if not device:
         return []
-    v = verdict(p, device)
+    v = verdict(p, device, device_name)
     fits = "fits" if v["fits"] else "does NOT fit"
+    err = (f" ±{v['error']:.0%} (leave-one-out median error of {v['calibration']}; worst {v['worst_error']:.0%})"
+           if v["error"] is not None else " (efficiency assumed, no published rows to check it against)")
     return [f"  on {device_name} ({device['ram_gib']} GiB, {device['bandwidth_gbs']} GB/s; {device['source']}):",
             f"    {fits} (min RAM against a budget of {fmt_gib(v['budget'])}); "
-            f"decode ceiling {v['ceiling_tps']:.1f} tok/s, expect ~{v['expected_tps']:.1f}"]
+            f"decode ceiling {v['ceiling_tps']:.1f} tok/s, expect ~{v['expected_tps']:.1f}{err}"]
 
 
 def predicted_min_ram_for_row(row: dict) -> int | None:
@@ -430,8 +492,8 @@ def plan_pool(size: str, quant: str, pool: list[tuple[str, dict]], ctx: int = 40
     q = p.quant if size.lower() in EXTRA_MODELS else get_recipe(size).resolve_quant(quant, "gguf")
     q = DEFAULT_ALIASES.get(q, q)
     tensors = tensor_types(cfg, q)
-    n = cfg["num_hidden_layers"]
-    tied = cfg.get("tie_word_embeddings", False)
+    n = cfg.num_hidden_layers
+    tied = cfg.tie_word_embeddings
     head = 2 if tied else 3
     per_layer = (len(tensors) - head) // n
     layer_bytes = [sum(nbytes(ne, t) for _, _, ne, t in tensors[head + i * per_layer: head + (i + 1) * per_layer])
@@ -467,7 +529,7 @@ def plan_pool(size: str, quant: str, pool: list[tuple[str, dict]], ctx: int = 40
         counts[over[0]] -= 1
         counts[spare] += 1
         shares = split(counts)
-    network = (len(pool) - 1) * HOP_S + 4 * cfg["vocab_size"] / LINK_BYTES_S
+    network = (len(pool) - 1) * HOP_S + 4 * cfg.vocab_size / LINK_BYTES_S
     compute = sum(s.seconds for s in shares)
     alone = [(name, verdict(p, d)["fits"]) for name, d in dict(pool).items()]
     return {"plan": p, "shares": shares, "fits": all(s.fits for s in shares), "network_s": network,

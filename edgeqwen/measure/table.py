@@ -31,11 +31,25 @@ def load_rows(files: list[Path]) -> list[dict]:
             if isinstance(row, dict) and row.get("schema") != 1:
                 raise UsageError(f"{f}:{n}: unknown schema {row.get('schema')!r}")
             check_row(row, f"{f}:{n}")
+            _check_device_story(row.get("device") or {}, f"{f}:{n}")
             rid = row.get("id") or json.dumps(row, sort_keys=True)
             if rid not in seen:
                 seen.add(rid)
                 rows.append(row)
     return rows
+
+
+# What hw reports on each kind of board: a row naming one must come from that architecture (a survey file edited
+# to pass an x86 run off as a Pi is refused, not merged).
+BOARD_ARCH = {"Raspberry Pi": ("aarch64", "arm64", "armv7l", "armv8l"), "Apple M": ("arm64", "aarch64")}
+
+
+def _check_device_story(fp: dict, where: str) -> None:
+    for board, arches in BOARD_ARCH.items():
+        named = board in str(fp.get("device", "")) or str(fp.get("cpu", "")).startswith(board)
+        if named and fp.get("arch") not in arches:
+            raise UsageError(f"{where}: the row claims a {board} but was measured on {fp.get('arch')!r}; "
+                             "hw never reports that, so the row is refused")
 
 
 def latest_fits(rows: list[dict]) -> list[dict]:
