@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup reference test test-slow test-arm64 fuzz demo bench results parity lint clean
+.PHONY: setup reference test test-slow test-arm64 fuzz demo bench results parity speculative lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -59,6 +59,21 @@ bench: setup
 PARITY_BUILDS ?= qwen2-0.5b-real-q4_0 qwen2-0.5b-real-q8_0 qwen2-0.5b-real-q4_k_m qwen2-1.5b-q4_k_m-synthetic qwen2-0.5b-real-int4
 parity: setup
 	$(BIN)/python bench/parity.py $(PARITY_BUILDS)
+
+# Speculative decoding against the target alone and llama-speculative-simple -> bench/SPECULATIVE.md. The real
+# 1.5B target and 0.5B drafts come from ../shared/models/make_real.py; the worst case pairs synthetic weights.
+SPEC_TARGETS ?= qwen2-1.5b-real-q8_0 qwen2-1.5b-real-q4_k_m
+SPEC_DRAFTS ?= qwen2-0.5b-real-q4_0 qwen2-0.5b-real-q8_0 lookup
+SPEC_WORST ?= qwen2-7b-q4_k_m-synthetic=qwen2-0.5b-q4_0-synthetic
+speculative: setup
+	real=$$($(BIN)/python ../shared/models/make_real.py 1.5b | tail -n1) && for q in q8_0 q4_k_m; do \
+	  $(BIN)/edgeqwen build 1.5b $$q --source "$$real" --name qwen2-1.5b-real-$$q; done
+	real=$$($(BIN)/python ../shared/models/make_real.py 0.5b | tail -n1) && for q in q4_0 q8_0; do \
+	  $(BIN)/edgeqwen build 0.5b $$q --source "$$real" --name qwen2-0.5b-real-$$q; done
+	$(BIN)/edgeqwen build 7b q4_k_m --synthetic --tokenizer ../shared/fixtures/qwen2-tokenizer
+	$(BIN)/edgeqwen build 0.5b q4_0 --synthetic --tokenizer ../shared/fixtures/qwen2-tokenizer
+	$(BIN)/python bench/speculative.py $(foreach t,$(SPEC_TARGETS),--target $(t)) \
+	  $(foreach d,$(SPEC_DRAFTS),--draft $(d)) $(foreach w,$(SPEC_WORST),--worst $(w))
 
 # Only regenerate bench/RESULTS.md and bench/results.png from the committed rows.
 results: setup

@@ -56,8 +56,8 @@ def summary(rows: list[dict]) -> str:
     """What the table says: per measured device and model size, the fastest build that ran and what it costs in
     quality (KL against its reference, en), from the rows themselves."""
     from edgeqwen.measure.hw import device_label
-    from edgeqwen.measure.table import group_by_device, quality_index
-    q = quality_index(rows)
+    from edgeqwen.measure.table import group_by_device, quality_lookup
+    quality_of = quality_lookup(rows)
     lines = []
     for rs in group_by_device(rows).values():
         fp = rs[0]["device"]
@@ -66,7 +66,7 @@ def summary(rows: list[dict]) -> str:
         ok = [r for r in rs if r.get("status") == "ok" and not r.get("busy") and not r.get("memory_limit")]
         for size in sorted({r["build"].get("size") for r in ok if r["build"].get("size")}, key=_size_key):
             best = max((r for r in ok if r["build"].get("size") == size), key=lambda r: r["tg"]["mean"])
-            kl = (q.get(best["build"]["name"]) or {}).get("en")
+            kl = quality_of(best["build"]).get("en")
             cost = f", KL {kl['kl_mean']:.3f} nats/token against its reference" if kl else ""
             lines.append(f"- {device_label(fp)}: {size} fastest as **{best['build']['quant']}** "
                          f"({best['tg']['mean']:.1f} tok/s decode, {best['threads']} threads{cost})")

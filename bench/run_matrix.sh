@@ -21,8 +21,8 @@ builds_for() {  # size -> build names (building what is missing)
   for q in $QUANTS; do
     if [ "$size" = 0.5b ] && [ -f "$SHARED/models/make_real.py" ]; then
       real=$($PY "$SHARED/models/make_real.py" 0.5b | tail -n1)
-      $EQ build 0.5b "$q" --source "$real" --name "qwen2.5-coder-0.5b-real-$q" >&2
-      echo "qwen2.5-coder-0.5b-real-$q"
+      $EQ build 0.5b "$q" --source "$real" --name "qwen2-0.5b-real-$q" >&2
+      echo "qwen2-0.5b-real-$q"
     else
       $EQ build "$size" "$q" --synthetic "${tok[@]}" >&2
       echo "qwen2-$size-$q-synthetic"

@@ -55,6 +55,13 @@ class _Build(_Open):
     synthetic: StrictBool = False
 
 
+class _Speculative(_Open):
+    draft: StrictStr                 # the draft build's file name, or "lookup"
+    drafted: Count = 0
+    accepted: Count = 0
+    acceptance: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] = 0.0
+
+
 class _BenchFields(_Open):
     status: StrictStr
     threads: Annotated[StrictInt, Field(ge=1, le=4096)]
@@ -75,6 +82,7 @@ class _BenchFields(_Open):
     gen_tokens: Count | None = None
     busy: StrictBool = False
     load: dict[StrictStr, NonNeg] | None = None
+    speculative: _Speculative | None = None
 
     @model_validator(mode="after")
     def _ok_has_figures(self):

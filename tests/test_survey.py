@@ -19,6 +19,8 @@ def test_quick_synthetic_survey_writes_rows_and_the_device_table(tmp_path):
     out = tmp_path / "s"
     r = run_cli("survey", "--quick", "--synthetic", "--sizes", "tiny-qwen2", "--out", out, timeout=900)
     assert r.returncode == 0, r.stderr
+    said = r.stdout + r.stderr   # up front: what it will run, a duration and the disk it needs
+    assert "will run: tiny-qwen2 q4_k_m; expect roughly" in said and "GiB of free disk" in said
     md = out / r.stdout.strip().splitlines()[-1].rsplit("/", 1)[-1]
     rows = _rows(out)
     assert [(x["build"]["quant"], x["status"]) for x in rows] == [("q4_k_m", "ok")]
@@ -93,3 +95,22 @@ def test_an_emulated_board_reports_its_own_ram_not_the_hosts():
     old = dict(fp, ram_total=fp["host_ram_total"])   # a row from before the harness said
     del old["host_ram_total"]
     assert "(the host's)" in device_label(old)
+
+
+def test_a_build_that_cannot_be_made_here_is_skipped_and_the_survey_goes_on(tmp_path, monkeypatch):
+    """The build's own preflight decides (a GGUF needs its f16 pass on disk too): one line, the rest measured."""
+    import edgeqwen.formats.gguf.build as gguf_build
+    from edgeqwen.errors import BuildError
+    from edgeqwen.measure.survey import survey
+    real = gguf_build.check_disk
+
+    def check_disk(path, need):
+        if "q4_0" in str(path):
+            raise BuildError(f"not enough disk space at {path}: need 9 GiB, 1 GiB free")
+        real(path, need)
+    monkeypatch.setattr(gguf_build, "check_disk", check_disk)
+    said = []
+    md = survey(tmp_path / "s", sizes=["tiny-qwen2"], quants=["q4_0", "q4_k_m"], synthetic=True, quick=True,
+                say=said.append)
+    assert any(line.startswith("skipped tiny-qwen2 q4_0: not enough disk space") for line in said), said
+    assert [x["build"]["quant"] for x in _rows(tmp_path / "s")] == ["q4_k_m"] and md.exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
+from .run import draft_of, speculative_options
 
 
 @click.command("bench")
@@ -23,7 +24,9 @@ from ..params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
 @click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, maybe slower).")
 @click.option("--workers", help="llama.cpp RPC workers HOST:PORT,... to spread each build over (edgeqwen worker).")
 @click.option("--split", help="Layer shares, this machine first, then each worker (e.g. 1,1,1).")
-def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, memory_limit, lean, workers, split):
+@speculative_options
+def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, memory_limit, lean, workers, split,
+              draft, lookup, draft_max):
     """Measure BUILDS on this machine: load time, prefill and decode tok/s, TTFT, peak RSS.
 
     Each build and thread count runs in a fresh process, after one warm-up. A build that
@@ -47,7 +50,7 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
         check_workers(eps)
     cfg = BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                       n_ctx=max(ctx, prompt_tokens + gen_tokens + 16), lean=lean, workers=[str(e) for e in eps],
-                      split=parse_split(split, len(eps)))
+                      split=parse_split(split, len(eps)), draft=draft_of(draft, lookup), draft_max=draft_max)
     limit = None
     if memory_limit:
         from ..measure.memlimit import MemoryCgroup, parse_size

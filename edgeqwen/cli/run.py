@@ -11,7 +11,8 @@ from ..params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
 
 
 def device_options(f):
-    """--lean, --workers and --split, shared by run, chat and serve (bench has its own --lean)."""
+    """--lean, --workers, --split and speculative decoding, shared by run, chat and serve (bench has its own)."""
+    f = speculative_options(f)
     f = click.option("--split", help="Shares of the layers, this machine first, then each worker (e.g. 1,1,1). "
                      "Default: every layer on the workers, by their free memory.")(f)
     f = click.option("--workers", help="llama.cpp RPC workers to spread the model over: HOST:PORT,... "
@@ -21,10 +22,31 @@ def device_options(f):
     return f
 
 
-def _devices(lean, workers, split) -> dict:
+def speculative_options(f):
+    """--draft, --lookup and --draft-max: run, chat, serve and bench."""
+    f = click.option("--draft-max", type=click.IntRange(1, 32), default=8, show_default=True,
+                     help="Most tokens drafted at once (the length adapts to how many are accepted).")(f)
+    f = click.option("--lookup", is_flag=True, help="Draft from n-grams already in the prompt and answer (no "
+                     "second model): faster on code edits, summaries and quoting answers; same output.")(f)
+    f = click.option("--draft", metavar="BUILD", help="Speculative decoding: a smaller GGUF build with the same "
+                     "tokenizer drafts, BUILD verifies several tokens per pass; the output is BUILD's own.")(f)
+    return f
+
+
+def draft_of(draft, lookup) -> str | None:
+    from ..errors import UsageError
+    if draft and lookup:
+        raise UsageError("--draft and --lookup exclude each other: choose one way to draft")
+    if draft is not None and draft.strip().lower() == "lookup":
+        raise UsageError("--draft lookup: use --lookup")
+    return "lookup" if lookup else draft
+
+
+def _devices(lean, workers, split, draft=None, lookup=False, draft_max=8) -> dict:
     from ..formats.gguf.rpc import parse_split, parse_workers
     eps = parse_workers(workers)
-    return {"lean": lean, "workers": eps or None, "split": parse_split(split, len(eps))}
+    return {"lean": lean, "workers": eps or None, "split": parse_split(split, len(eps)),
+            "draft": draft_of(draft, lookup), "draft_max": draft_max}
 
 
 def _sampling(max_tokens, temperature, top_p, seed):
@@ -47,7 +69,7 @@ def _sampling(max_tokens, temperature, top_p, seed):
 @click.option("--verbose", "-v", is_flag=True, help="Timing line on stderr.")
 @device_options
 def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_json, threads, ctx, verbose, lean,
-        workers, split):
+        workers, split, draft, lookup, draft_max):
     """Generate one answer to PROMPT (or stdin) with BUILD; only the answer goes to stdout.
 
     BUILD is a build name (see `edgeqwen list`), a build folder or a .gguf file.
@@ -56,6 +78,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
       edgeqwen run qwen2-1.5b-q4_k_m "Why is the sky blue?"
       echo "Translate to French: cheese" | edgeqwen run qwen2-0.5b-q8_0 --temperature 0
       edgeqwen run qwen2-7b-q4_k_m "Hi" --workers 192.168.1.21:50052,192.168.1.22:50052
+      edgeqwen run qwen2-1.5b-q8_0 "Write quicksort in C" --draft qwen2-0.5b-q4_0 -t 0
     """
     from ..errors import UsageError
     from ..formats.load import load_runner
@@ -68,7 +91,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     prompt, system = clean(prompt), system and clean(system)
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
+    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split, draft, lookup, draft_max))
     text, last = [], None
     for last in generate_text(runner, prompt, _sampling(max_tokens, temperature, top_p, seed), raw=raw,
                               system=system):
@@ -97,7 +120,8 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @device_options
-def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean, workers, split):
+def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean, workers, split, draft, lookup,
+         draft_max):
     """Chat with BUILD in the terminal.
 
     /reset clears the history, /stats shows the last reply's speed, /quit or Ctrl-D leaves;
@@ -109,7 +133,7 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
     from ..chat import repl
     from ..formats.load import load_runner
     from ..text import clean
-    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split))
+    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split, draft, lookup, draft_max))
     repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system and clean(system))
     runner.close()
 

@@ -25,7 +25,7 @@ from .run import _devices, device_options
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
 @device_options
 def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, ctx, threads, cors, lean,
-          workers, split):
+          workers, split, draft, lookup, draft_max):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Every build is loaded once before the server listens; one is resident at a time and
@@ -36,6 +36,7 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
     \b
       edgeqwen serve qwen2-1.5b-q4_k_m --port 8080
       # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
+      edgeqwen serve qwen2-1.5b-q8_0 --draft qwen2-0.5b-q4_0    # every build served drafts with it
     """
     from ..errors import UsageError
     from ..hosts import check_host, listen
@@ -49,7 +50,7 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
         click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model", err=True)
     cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
-                      load=_devices(lean, workers, split), request_timeout=request_timeout)
+                      load=_devices(lean, workers, split, draft, lookup, draft_max), request_timeout=request_timeout)
     sock = listen(where, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     run_server(cfg, sock, on_ready=lambda: click.echo(f"serving {', '.join(builds)} on {url} (OpenAI API at /v1)",

@@ -15,16 +15,25 @@ from . import detect
 
 def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
                 logits: bool = False, lean: bool = False, workers: list | None = None,
-                split: list[float] | None = None, isolate: bool = True) -> Runner:
+                split: list[float] | None = None, isolate: bool = True, draft: str | None = None,
+                draft_max: int = 8) -> Runner:
     """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
 
     lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
     logits=True loads it for `logits()` over whole windows (eval) rather than for streaming.
     workers: llama.cpp RPC workers (rpc.Endpoint) to spread the layers over, in split proportions
     (this machine first); the model then runs in a child process unless isolate=False (see gguf/isolated.py).
+    draft: a smaller GGUF build of the same tokenizer to draft tokens with, or "lookup" (n-grams of the context);
+    the output is the target's either way (speculative.py).
     """
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
+    if draft is not None:
+        if fmt.name != "gguf":
+            raise RunnerError(f"--draft and --lookup need a GGUF target; {path.name} is {fmt.name}")
+        if workers:
+            raise RunnerError("--draft and --lookup do not combine with --workers (the verify pass would cross the "
+                              "network for every draft)")
     if lean and not fmt.lean:
         # onnxruntime can skip prepacking (session.disable_prepacking, a flat string key of genai's
         # session_options), but MatMulNBits then dequantizes its weights on every call: the real 0.5B int4
@@ -46,7 +55,25 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     extra = {"lean": True} if lean else {}
     if workers:
         extra.update(workers=workers, split=split)
-    return cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
+    runner = cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
+    if draft is not None:
+        try:
+            runner.attach_draft(draft if draft == "lookup" else _load_draft(draft, cls, threads, runner.n_ctx),
+                                draft_max)
+        except BaseException:
+            runner.close()
+            raise
+    return runner
+
+
+def _load_draft(draft: str, target_cls, threads, n_ctx):
+    path, manifest = resolve_build(str(draft))
+    fmt = detect(path, manifest)
+    if fmt.runner_class() is not target_cls:
+        raise RunnerError(f"the draft must be a GGUF build like its target; {path.name} is {fmt.name}")
+    check_build(path, manifest)
+    return target_cls(path / manifest["file"] if path.is_dir() else path, threads=threads, n_ctx=n_ctx,
+                      manifest=manifest)
 
 
 def _smoke_main(model: str, threads: str, n: str) -> None:

@@ -32,6 +32,8 @@ class BenchConfig:
     workers: list[str] = field(default_factory=list)   # llama.cpp RPC workers HOST:PORT (several devices)
     split: list[float] | None = None                    # layer shares: this machine, then each worker
     empty_tg: bool = True     # also decode from an empty context: llama-bench's tgN (tg is after the prompt)
+    draft: str | None = None  # speculative decoding: a draft build, or "lookup"
+    draft_max: int = 8
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -52,7 +54,8 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     from ..formats.load import load_runner
     # isolate=False: this child is already the process a lost worker may abort; the parent reports it
     runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
-                         workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False)
+                         workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False,
+                         draft=cfg.draft, draft_max=cfg.draft_max)
     out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
     runner.close()
     # The kernel's high-water mark, no sampling thread: on 2 vCPUs a thread waking every 20 ms preempts one of
@@ -79,6 +82,7 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     list(runner.stream([rng.randrange(vocab) for _ in range(cfg.prompt_tokens)],
                        Sampling(max_tokens=8, temperature=0, ignore_eos=True)))
     pp, tg, pp_c, tg_c, ttft, tg0 = [], [], [], [], [], []
+    spec = {"drafted": 0, "accepted": 0, "rounds": 0}
     last = None
     import resource
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
@@ -88,6 +92,8 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
         pp.append(last.prompt_tps)
         tg.append(last.generation_tps)
         c = last.counters
+        for k in spec:   # speculative decoding's own counts, over the decode after the prompt
+            spec[k] += (c.get("speculative") or {}).get(k, 0)
         if c.get("t_prompt_ms"):
             pp_c.append(c["n_prompt"] / c["t_prompt_ms"] * 1000)
         if c.get("t_eval_ms"):
@@ -106,7 +112,10 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
             "pp": mean_sd(pp), "tg": mean_sd(tg), "tg_empty": mean_sd(tg0) if tg0 else None, "ttft_s": mean_sd(ttft),
             "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss,
             "released_bytes": getattr(runner, "released", 0), "mapped": getattr(runner, "mapped", True),
-            "hugepage_bytes": getattr(runner, "hugepages", 0)}   # weights asked into huge pages (hugepages.py)
+            "hugepage_bytes": getattr(runner, "hugepages", 0),   # weights asked into huge pages (hugepages.py)
+            **({"speculative": dict(spec, draft=runner.draft_name(), draft_max=cfg.draft_max,
+                                    acceptance=spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0)}
+               if cfg.draft else {})}
 
 
 # --- the parent ----------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ QUICK_QUANTS = ("q4_k_m",)
 class Item:
     size: str
     quant: str
+    file_bytes: int = 0
+    disk_bytes: int = 0       # what building it needs at its peak (a GGUF passes through f16)
+    bytes_per_token: int = 0
 
     @property
     def key(self) -> str:
@@ -52,8 +55,30 @@ def matrix(sizes, quants, ram_available: int, disk_free: int, apple: bool = Fals
                 skipped.append(f"{size} {quant}: needs ~{disk / 2**30:.1f} GiB of disk to build, "
                                f"{disk_free / 2**30:.1f} GiB is free")
             else:
-                items.append(Item(size, quant))
+                items.append(Item(size, quant, p.file_bytes, disk, p.bytes_per_token))
     return items, skipped
+
+
+# For the up-front estimate only: the share of copy bandwidth decode reaches (these machines' rows: 25-60%),
+# prefill against decode, and how fast a build writes. A guess, said as one; the rows are the measurement.
+DECODE_EFFICIENCY = 0.4
+PREFILL_OVER_DECODE = 8.0
+BUILD_BYTES_PER_S = 60e6
+GUESSED_BANDWIDTH_GBS = 10.0   # when the quick pass does not measure it
+
+
+def expected_seconds(items: list[Item], threads: list[int], cfg, bandwidth_gbs: float | None) -> float:
+    """A rough duration for the survey: builds at BUILD_BYTES_PER_S, decode at DECODE_EFFICIENCY of the copy
+    bandwidth (half of it at half the cores), prefill PREFILL_OVER_DECODE times that."""
+    bw = (bandwidth_gbs or GUESSED_BANDWIDTH_GBS) * 1e9
+    total = 0.0
+    for it in items:
+        total += it.disk_bytes / BUILD_BYTES_PER_S
+        for t in threads:
+            tg = DECODE_EFFICIENCY * bw / max(it.bytes_per_token, 1) * (t / max(threads))
+            per_repeat = 2 * cfg.gen_tokens / tg + cfg.prompt_tokens / (PREFILL_OVER_DECODE * tg)
+            total += 5 + (cfg.repeats + 1) * per_repeat   # load, warm-up, repeats
+    return total
 
 
 def _state(path: Path) -> dict:
@@ -73,7 +98,7 @@ def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, syn
            quick: bool = False, resume: bool = False, say=print) -> Path:
     """Run the survey; returns the device's markdown file."""
     from ..build import BuildRequest, build
-    from ..errors import UsageError
+    from ..errors import BuildError, UsageError
     from ..progress import bar
     from ..recipes import get_recipe
     from .bench import BenchConfig, bench
@@ -98,6 +123,12 @@ def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, syn
     say(f"{device_label(fp)}\nsurvey: {len(todo)} build(s) to measure"
         + (f", {len(items) - len(todo)} done before" if len(items) > len(todo) else "")
         + f"; threads {','.join(map(str, threads))}; rows -> {rows_file}")
+    if todo:
+        secs = expected_seconds(todo, threads, cfg, fp.get("bandwidth_gbs"))
+        say(f"will run: {', '.join(f'{i.size} {i.quant}' for i in todo)}; expect roughly {secs / 60:.0f} min "
+            f"(a guess from plan's bytes per token{'' if fp.get('bandwidth_gbs') else ' and an assumed 10 GB/s'}) "
+            f"and up to {max(i.disk_bytes for i in todo) / 2**30:.1f} GiB of free disk at a time, "
+            f"{sum(i.file_bytes for i in todo) / 2**30:.1f} GiB kept")
     for line in skipped:
         say(f"skipped {line}")
     fits = False
@@ -112,8 +143,13 @@ def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, syn
         for item in todo:
             recipe = get_recipe(item.size)
             src = sources.get(item.size)
-            folder = build(BuildRequest(recipe=recipe, quant=item.quant, source=Path(src) if src else None,
-                                        synthetic=src is None), log=None)
+            try:
+                folder = build(BuildRequest(recipe=recipe, quant=item.quant, source=Path(src) if src else None,
+                                            synthetic=src is None), log=None)
+            except BuildError as e:   # the build's own preflight (disk, RAM) knows best: skip it, go on
+                say(f"skipped {item.size} {item.quant}: {e}")
+                upd(1)
+                continue
             bench([str(folder)], threads, cfg, fp, out=rows_file)
             if fits:
                 from .fit import fit

@@ -105,6 +105,15 @@ def quality_index(rows: list[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def quality_lookup(rows: list[dict]):
+    """build -> its latest eval rows per text: by the file's sha256 (the same file scores the same, whatever the
+    build was named where the eval ran), else by the build name."""
+    q = quality_index(rows)
+    by_sha = {next(iter(per.values()))["build"].get("sha256"): per for per in q.values()}
+    by_sha.pop(None, None)
+    return lambda build: by_sha.get(build.get("sha256")) or q.get(build["name"], {})
+
+
 def quality_cells(q: dict[str, dict]) -> list[str]:
     en, zh = q.get("en", {}), q.get("zh", {})
 
@@ -123,7 +132,11 @@ def bench_cells(row: dict, plan_rss=None) -> list[str]:
     if row["device"].get("emulated"):   # ran, under an emulator: a correctness result, never a speed
         return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
                 *["emulated"] * 5, "-", "-", "-", _status(row)]
-    return [model, b.get("quant") or "-", row.get("backend", "-"), _gib(b.get("file_size")), str(row["threads"]),
+    backend = row.get("backend", "-")
+    spec = row.get("speculative")   # speculative decoding: the draft and how often it hit (schemas checked it)
+    if spec:
+        backend += f" + draft {spec['draft']} ({100 * spec.get('acceptance', 0):.0f}% accepted)"
+    return [model, b.get("quant") or "-", backend, _gib(b.get("file_size")), str(row["threads"]),
             _ts(row.get("pp")) if ok else "-", _ts(row.get("tg_empty")) if ok else "-",
             _ts(row.get("tg")) if ok else "-",
             _ms((row.get("ttft_s") or {}).get("mean")) if ok else "-",
@@ -171,16 +184,20 @@ def device_title(fp: dict) -> str:
 def render_rows(rows: list[dict], fmt: str = "md", plan_fn=None) -> str:
     """The table for these rows, grouped by device; plan_fn(row) -> predicted RSS bytes or None.
 
-    Quality columns appear when eval rows exist, joined on the build name.
+    Quality columns appear when eval rows exist, joined on the build file's sha256 (the same file scores the
+    same, whatever its build was named on the machine that ran the eval), else on the build name.
     """
     groups = group_by_device(rows)
     quality = quality_index(rows)
+    quality_of = quality_lookup(rows)
     extra = QUALITY if quality else []
     columns = columns_for([r for rs in groups.values() for r in rs]) + extra
 
     def cells_of(r):
         c = bench_cells(r, plan_fn(r) if plan_fn else None)
-        return c + quality_cells(quality.get(r["build"]["name"], {})) if quality else c
+        if not quality:
+            return c
+        return c + quality_cells(quality_of(r["build"]))
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)

@@ -1,0 +1,133 @@
+"""Speculative decoding's arithmetic, backend-free: where drafts come from, how a target accepts them, how long
+the next draft should be.
+
+A draft (a small model of the same tokenizer, or n-grams already in the context: prompt lookup) proposes k tokens;
+the target scores all of them in one batched pass, which on a CPU costs little more than one token because the
+weights stream through once. Greedy: a draft token is kept while it is the target's own argmax, so the output is
+the target's, token for token. Sampling: the standard rejection rule (Leviathan et al. 2023, Chen et al. 2023),
+so every token is distributed as the target alone would sample it; `warp` applies the same top-k, top-p, min-p
+and temperature as llama.cpp's sampler chain, in that order, so both paths sample one distribution.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def lookup_draft(seq: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of seq's longest matching suffix
+    (max_ngram down to min_ngram tokens), at most k."""
+    n = len(seq)
+    if k <= 0 or n < 2:
+        return []
+    arr = np.asarray(seq, dtype=np.int64)
+    for g in range(min(max_ngram, n - 1), min_ngram - 1, -1):
+        tail = arr[n - g:]
+        # every start of an earlier copy of tail, whose continuation lies inside seq
+        starts = np.flatnonzero(arr[:n - g] == tail[0])
+        for s in starts[::-1]:
+            if s + g < n and np.array_equal(arr[s:s + g], tail):
+                return arr[s + g:s + g + k].tolist()
+    return []
+
+
+def warp(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Sampling probabilities as llama.cpp's chain top_k -> top_p -> min_p -> temp -> dist gives them."""
+    x = np.asarray(logits, dtype=np.float64)
+    n = x.shape[0]
+    if 0 < top_k < n:   # the k largest, best first (argpartition: the whole vocabulary is never sorted)
+        idx = np.argpartition(-x, top_k - 1)[:top_k]
+    else:
+        idx = np.arange(n)
+    idx = idx[np.argsort(-x[idx], kind="stable")]
+    v = x[idx]
+    if top_p < 1.0:
+        p = np.exp(v - v[0])
+        cum = np.cumsum(p / p.sum())
+        keep = int(np.searchsorted(cum, top_p)) + 1   # through the token that reaches top_p
+        idx, v = idx[:keep], v[:keep]
+    if min_p > 0.0:
+        m = np.exp(v - v[0]) >= min_p   # p_i / p_max >= min_p
+        idx, v = idx[m], v[m]
+    e = np.exp((v - v[0]) / temperature)
+    out = np.zeros(n)
+    out[idx] = e / e.sum()
+    return out
+
+
+def accept_sampled(p: np.ndarray, q: np.ndarray | None, tok: int, rng: np.random.Generator) -> int | None:
+    """One draft token against the target: None when accepted, else the token to emit instead.
+
+    p: the target's probabilities at this position; q: the draft's (None: a deterministic draft, prompt lookup,
+    whose q is all on tok). Accept with probability min(1, p/q); on rejection sample from max(0, p - q), renormed."""
+    qt = 1.0 if q is None else float(q[tok])
+    if qt > 0 and rng.random() * qt < p[tok]:
+        return None
+    resid = p.copy()
+    if q is None:
+        resid[tok] = 0.0
+    else:
+        resid = np.maximum(resid - q, 0.0)
+    s = resid.sum()
+    if s <= 0:   # p == q exactly (or p[tok] == 1): nothing to correct, any draw of p is right
+        resid, s = p, p.sum()
+    return int(rng.choice(resid.shape[0], p=resid / s))
+
+
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    return int(rng.choice(p.shape[0], p=p / p.sum()))
+
+
+@dataclass
+class DraftLength:
+    """How many tokens to draft next: longer while whole drafts are accepted, shorter after a rejection, and none
+    for a while when speculation has been slower than plain decoding (measured, not assumed)."""
+    k_max: int = 8
+    k: int = 4
+    backoff: int = 32            # plain tokens before speculation is tried again
+    plain_left: int = 0
+    spec_rate: float | None = None    # tokens/s over speculative rounds (moving average)
+    plain_rate: float | None = None   # tokens/s of plain decoding
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    _t: float = field(default=0.0, repr=False)
+
+    def next_k(self) -> int:
+        if self.plain_left > 0:
+            return 0
+        return self.k
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def done(self, drafted: int, accepted: int, emitted: int) -> None:
+        dt = max(time.perf_counter() - self._t, 1e-9)
+        rate = emitted / dt
+        if drafted == 0:   # a plain step
+            self.plain_rate = rate if self.plain_rate is None else 0.8 * self.plain_rate + 0.2 * rate
+            if self.plain_left > 0:
+                self.plain_left -= 1
+                if self.plain_left == 0:
+                    self.k, self.spec_rate = 1, None   # try again, cautiously
+            return
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.spec_rate = rate if self.spec_rate is None else 0.7 * self.spec_rate + 0.3 * rate
+        self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, accepted + 1 if accepted else
+                                                                               self.k - 1)
+        if accepted == 0 and self.k == 1 and self.plain_rate is None:
+            self.plain_left = 4   # nothing accepted even at k=1: measure plain decoding to compare
+        elif self.plain_rate is not None and self.spec_rate is not None and self.rounds >= 3:
+            if self.spec_rate < self.plain_rate:   # drafting does not pay: plain for a while, longer each time
+                self.plain_left = self.backoff
+                self.backoff = min(2 * self.backoff, 512)
+            else:
+                self.backoff = 32
+
+    def counters(self) -> dict:
+        return {"drafted": self.drafted, "accepted": self.accepted, "rounds": self.rounds,
+                "acceptance": self.accepted / self.drafted if self.drafted else 0.0}
