@@ -103,10 +103,12 @@ def main() -> None:
         "(`edgeqwen survey`).",
         "",
         summary(rows),
-        "Each row is one `edgeqwen bench` run in a fresh process: pp = prefill tok/s on a random "
-        "512-token prompt, tg = decode tok/s over 128 greedy tokens with EOS disabled (mean ± sd over "
-        "the repeats), TTFT for a one-line chat prompt, peak RSS = max of a 20 ms sampler and the "
-        "kernel's high-water mark, roofline % = tg / (measured copy bandwidth / bytes read per token). "
+        "Each row is one `edgeqwen bench` run in a fresh process: pp512 = prefill tok/s on a random "
+        "512-token prompt, tg128 = decode tok/s over 128 greedy tokens from an empty context and tg128@d512 "
+        "the same after that prompt, EOS disabled (mean ± sd over the repeats), TTFT for a one-line chat "
+        "prompt, peak RSS = the kernel's high-water mark of the process, roofline % = tg128@d512 / (measured "
+        "copy bandwidth / bytes read per token). Rows measured by earlier versions (no tg128, an emulated "
+        "board's RAM shown as its host's) are kept in `results/archive/`, not merged here. "
         "`(synthetic)` builds have random weights of the exact shape: speed and memory are real, "
         "the text is not. The 0.5B rows use real weights (Qwen2.5-Coder-0.5B-Instruct, untied "
         "embeddings, from `../shared/models/make_real.py`).",

@@ -83,6 +83,7 @@ class _BenchFields(_Open):
     busy: StrictBool = False
     load: dict[StrictStr, NonNeg] | None = None
     speculative: _Speculative | None = None
+    kv: Literal["f16", "q8_0"] = "f16"
 
     @model_validator(mode="after")
     def _ok_has_figures(self):
@@ -103,6 +104,7 @@ class _EvalFields(_Open):
     kl_p99: NonNeg = None
     top1: Annotated[StrictInt | StrictFloat, Field(ge=0, le=1)] = None
     reference: StrictStr | None = None
+    kv: Literal["f16", "q8_0"] = "f16"   # the build's KV cache type while it was scored
 
     @model_validator(mode="after")
     def _kl_pair(self):

@@ -255,3 +255,48 @@ def test_interrupted_mlx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
     import edgeqwen.formats.mlx.build
     interrupted_build(edgeqwen.formats.mlx.build, monkeypatch, tiny_ckpt, tmp_path / "b", "mlx4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fuzzed_mlx_folders_give_one_error_or_load(mlx_builds, tmp_path_factory):
+    """config.json (its quantization block and its shape keys) and the safetensors header of an MLX folder set to
+    any JSON in turn: the runner opens it or raises one of our errors, never another exception."""
+    hypothesis = pytest.importorskip("hypothesis")
+    import struct
+
+    from hypothesis import strategies as st
+    from test_hardening import EXAMPLES, _json_values
+
+    from edgeqwen.errors import EdgeqwenError
+    from edgeqwen.formats.mlx.runner import MlxRunner
+    good = mlx_builds["mlx4"]
+    folder = tmp_path_factory.mktemp("mlxfuzz") / "b"
+    shutil.copytree(good, folder)
+    config = json.loads((good / "config.json").read_text())
+    raw = (good / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, body = json.loads(raw[8:8 + n]), raw[8 + n:]
+    names = sorted(k for k in header if k != "__metadata__")
+    keys = ["quantization", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "intermediate_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta"]
+    value = st.one_of(st.integers(-3, 2**40), _json_values(),
+                      st.fixed_dictionaries({"bits": st.sampled_from([2, 3, 4, 8, 5, 0, "4", None]),
+                                             "group_size": st.sampled_from([32, 64, 128, 7, 0, -64, "64"])}))
+    field = st.sampled_from(["dtype", "shape", "data_offsets"])
+    change = st.one_of(st.tuples(st.just("config"), st.sampled_from(keys), value),
+                       st.tuples(st.sampled_from(names), field, value))
+
+    @hypothesis.settings(max_examples=max(20, EXAMPLES // 10), deadline=None, derandomize=True)
+    @hypothesis.given(change)
+    def check(c):
+        where, key, v = c
+        cfg, hdr = json.loads(json.dumps(config)), json.loads(json.dumps(header))
+        (cfg if where == "config" else hdr[where])[key] = v
+        (folder / "config.json").write_text(json.dumps(cfg))
+        h = json.dumps(hdr).encode()
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + body)
+        try:
+            r = MlxRunner(folder / "model.safetensors")
+        except EdgeqwenError:
+            return
+        r.close()
+    check()

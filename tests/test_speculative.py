@@ -161,3 +161,19 @@ def test_run_and_bench_with_a_draft(tiny_builds, tmp_path):
     assert s["draft"] == "lookup" and s["drafted"] >= s["accepted"] >= 0 and 0 <= s["acceptance"] <= 1
     t = run_cli("table", out)
     assert t.returncode == 0 and "+ draft lookup" in t.stdout
+
+
+def test_plan_counts_a_draft_beside_the_target():
+    from edgeqwen.measure.hw import fingerprint
+    from edgeqwen.measure.plan import fmt_gib, plan
+    amx = "amx_int8" in fingerprint(bandwidth=False)["isa"]
+    r = run_cli("plan", "1.5b", "q8", "--draft", "0.5b:q4_0", "--device", "raspberry-pi-5-4gb")
+    assert r.returncode == 0, r.stderr
+    t, d = plan("1.5b", "q8_0", amx=amx), plan("0.5b", "q4_0", amx=amx)
+    assert f"with draft 0.5b q4_0: + peak RAM {fmt_gib(d.peak_ram)}" in r.stdout
+    assert f"peak RAM {fmt_gib(t.peak_ram + d.peak_ram)}, min RAM {fmt_gib(t.min_ram + d.min_ram)} together" in r.stdout
+    assert "together fit on raspberry-pi-5-4gb" in r.stdout
+    for args, msg in ((("0.5b", "q4_0", "--draft", "1.5b:q8_0"), "not smaller"),
+                      (("1.5b", "q8", "--draft", "0.5b:int4"), "GGUF draft")):
+        r = run_cli("plan", *args)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from ..params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
-from .run import draft_of, speculative_options
+from .run import KV_OPTION, draft_of, speculative_options, tune_options
 
 
 @click.command("bench")
 @click.argument("builds", nargs=-1, required=True)
-@click.option("--threads", help="Thread counts, comma-separated (default: physical cores).")
+@click.option("--threads", help="Thread counts, comma-separated (default: `edgeqwen tune`'s, else physical cores).")
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Prefill length (random tokens).")
 @click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(2, 1 << 20),
@@ -25,8 +25,10 @@ from .run import draft_of, speculative_options
 @click.option("--workers", help="llama.cpp RPC workers HOST:PORT,... to spread each build over (edgeqwen worker).")
 @click.option("--split", help="Layer shares, this machine first, then each worker (e.g. 1,1,1).")
 @speculative_options
+@KV_OPTION
+@tune_options
 def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, memory_limit, lean, workers, split,
-              draft, lookup, draft_max):
+              draft, lookup, draft_max, kv, flash_attn, no_tune):
     """Measure BUILDS on this machine: load time, prefill and decode tok/s, TTFT, peak RSS.
 
     Each build and thread count runs in a fresh process, after one warm-up. A build that
@@ -40,7 +42,7 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
     from ..measure.bench import BenchConfig, bench, parse_threads
     from ..measure.hw import device_label, fingerprint
     from ..measure.table import render_rows
-    ts = parse_threads(threads)
+    ts = parse_threads(threads) if threads else None   # None: each build's tuned count, else all cores
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
         from ..errors import UsageError
         raise UsageError("--prompt-tokens >= 1, --gen-tokens >= 2 and --repeats >= 1")
@@ -50,7 +52,8 @@ def bench_cmd(builds, threads, prompt_tokens, gen_tokens, repeats, ctx, out, mem
         check_workers(eps)
     cfg = BenchConfig(prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats,
                       n_ctx=max(ctx, prompt_tokens + gen_tokens + 16), lean=lean, workers=[str(e) for e in eps],
-                      split=parse_split(split, len(eps)), draft=draft_of(draft, lookup), draft_max=draft_max)
+                      split=parse_split(split, len(eps)), draft=draft_of(draft, lookup), draft_max=draft_max, kv=kv,
+                      flash_attn=None if flash_attn is None else flash_attn == "on", tuned=not no_tune)
     limit = None
     if memory_limit:
         from ..measure.memlimit import MemoryCgroup, parse_size
@@ -142,7 +145,10 @@ def table(files, fmt, plot, claims, devices):
 @click.option("--devices", "pool", help="Several devices sharing the model over llama.cpp RPC, this one first: "
               "[COUNTx]PROFILE,... (e.g. 3xraspberry-pi-5-4gb).")
 @click.option("--profiles", "devices", type=click.Path(path_type=Path), help="Device profiles file.")
-def plan_cmd(size, quant, ctx, device, pool, devices):
+@click.option("--draft", metavar="SIZE[:QUANT]", help="Also the memory of a draft model for speculative decoding "
+              "(e.g. 0.5b:q4_0; run --draft loads it beside the target).")
+@KV_OPTION
+def plan_cmd(size, quant, ctx, device, pool, devices, draft, kv):
     """Predict file size, peak RAM and decode speed of SIZE as QUANT, and whether it fits a device.
 
     SIZE is a recipe size (0.5b, 1.5b, 7b) or 72b / 57b-a14b, by arithmetic. Without --device
@@ -151,13 +157,17 @@ def plan_cmd(size, quant, ctx, device, pool, devices):
     \b
       edgeqwen plan 7b q4 --ctx 32768 --device x86-laptop-ddr5-16gb
       edgeqwen plan 72b q4 --devices 5xraspberry-pi-5-16gb
+      edgeqwen plan 1.5b q8 --draft 0.5b:q4_0 --device raspberry-pi-5-4gb
     """
+    kv = kv or "f16"
     from ..errors import UsageError
     from ..measure.hw import fingerprint
     from ..measure.plan import describe, describe_pool, load_devices, parse_pool, plan, plan_pool
     if pool:
         if device:
             raise UsageError("give --device or --devices, not both")
+        if draft:
+            raise UsageError("--draft does not combine with --devices (speculative decoding runs on one machine)")
         click.echo(describe_pool(plan_pool(size, quant, parse_pool(pool, load_devices(devices)), ctx=ctx)))
         return
     devs = load_devices(devices) if device else {}
@@ -168,8 +178,13 @@ def plan_cmd(size, quant, ctx, device, pool, devices):
     if device and device not in devs:
         raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
     amx = bool(devs.get(device, {}).get("amx")) if device else "amx_int8" in fingerprint(bandwidth=False)["isa"]
-    p = plan(size, quant, ctx=ctx, amx=amx)
+    p = plan(size, quant, ctx=ctx, amx=amx, kv=kv)
     click.echo(describe(p, device, devs.get(device)))
+    if draft:
+        from ..measure.plan import describe_draft
+        dsize, _, dquant = draft.partition(":")
+        click.echo(describe_draft(p, plan(dsize, dquant or "q4_0", ctx=ctx, amx=amx, kv=kv), device,
+                                  devs.get(device)))
 
 
 @click.command("eval")
@@ -183,12 +198,15 @@ def plan_cmd(size, quant, ctx, device, pool, devices):
 @click.option("--windows", "max_windows", type=click.IntRange(min=1), help="Score only N windows a text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON lines.")
 @click.option("--out", type=OUT_FILE, help="Append the rows to FILE.jsonl (for `edgeqwen table`).")
-def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
+@KV_OPTION
+def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out, kv):
     """Measure what quantization costs: perplexity, KL and top-1 agreement against a reference.
 
     \b
       edgeqwen eval qwen2-0.5b-q4_k_m --text en --text zh --out results.jsonl
+      edgeqwen eval qwen2-0.5b-q8_0 --kv q8_0 --reference qwen2-0.5b-q8_0   # the KV cache's own cost
     """
+    kv = kv or "f16"
     from ..measure.evaluate import evaluate_files, load_text
     from ..measure.evalrows import eval_row, resolve_reference
     from ..home import resolve_build
@@ -196,8 +214,10 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out):
     model_file = path / manifest["file"] if path.is_dir() else path
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
     loaded = [load_text(spec) for spec in texts]
-    for label, res in evaluate_files(model_file, ref_file, loaded, ctx, threads, max_windows):
+    for label, res in evaluate_files(model_file, ref_file, loaded, ctx, threads, max_windows, kv):
         row = eval_row(build, manifest, model_file, ref_file, label, res)
+        if kv != "f16":
+            row["kv"] = kv
         if out:
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -303,4 +323,29 @@ def survey_cmd(out_dir, synthetic, sources, sizes, quants, quick, resume):
     click.echo(str(md))
 
 
-COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd, fit_cmd, survey_cmd]
+@click.command("tune")
+@click.argument("build")
+@click.option("--depth", default=1024, show_default=True, type=click.IntRange(16, 32768),
+              help="Prompt length: prefill is measured on it and decode after it.")
+@click.option("--gen-tokens", default=64, show_default=True, type=click.IntRange(2, 4096))
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(1, 100))
+@click.option("--threads", help="Thread counts to try, comma-separated (default: 1 to the physical cores).")
+def tune_cmd(build, depth, gen_tokens, repeats, threads):
+    """Find this machine's fastest llama.cpp settings for BUILD and use them from now on.
+
+    Measures flash attention on/off x thread counts x KV cache f16/q8_0 (prefill, decode from an empty
+    context and at depth), each in a fresh process; the winner (best geometric mean against llama.cpp's
+    defaults) is stored for this machine and build, and run, chat, serve and bench use it unless a setting
+    is given or --no-tune.
+
+    \b
+      edgeqwen tune qwen2-1.5b-q4_k_m
+      edgeqwen run qwen2-1.5b-q4_k_m "Hi" --no-tune     # llama.cpp's defaults again
+    """
+    from ..measure.bench import parse_threads
+    from ..measure.tune import tune
+    tune(build, depth=depth, gen_tokens=gen_tokens, repeats=repeats,
+         threads=parse_threads(threads) if threads else None, say=lambda m: click.echo(m, err=True))
+
+
+COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd, fit_cmd, survey_cmd, tune_cmd]

@@ -13,6 +13,8 @@ from ..params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
 def device_options(f):
     """--lean, --workers, --split and speculative decoding, shared by run, chat and serve (bench has its own)."""
     f = speculative_options(f)
+    f = KV_OPTION(f)
+    f = tune_options(f)
     f = click.option("--split", help="Shares of the layers, this machine first, then each worker (e.g. 1,1,1). "
                      "Default: every layer on the workers, by their free memory.")(f)
     f = click.option("--workers", help="llama.cpp RPC workers to spread the model over: HOST:PORT,... "
@@ -20,6 +22,43 @@ def device_options(f):
     f = click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, "
                      "maybe slower).")(f)
     return f
+
+
+KV_OPTION = click.option("--kv", type=click.Choice(["f16", "q8_0"]),
+                         help="KV cache type (GGUF): q8_0 halves its memory at a small quality cost (README). "
+                         "Default: f16, or what `edgeqwen tune` chose.")
+
+
+def tune_options(f):
+    """--flash-attn and --no-tune: run, chat, serve and bench (a setting given explicitly always wins)."""
+    f = click.option("--no-tune", is_flag=True, help="Ignore `edgeqwen tune`'s stored settings for this "
+                     "machine and build: llama.cpp's defaults.")(f)
+    f = click.option("--flash-attn", type=click.Choice(["on", "off"]),
+                     help="Flash attention (GGUF). Default: on, or what `edgeqwen tune` chose.")(f)
+    return f
+
+
+def tuned(build: str, threads: int | None, load: dict, no_tune: bool) -> tuple[int | None, dict]:
+    """Fill the settings not given with `edgeqwen tune`'s winner for this machine and build file, if stored."""
+    from ..errors import EdgeqwenError
+    from ..home import resolve_build
+    if no_tune or load.get("workers"):
+        return threads, load
+    try:
+        _, manifest = resolve_build(str(build))
+    except EdgeqwenError:   # the load says what is wrong with it
+        return threads, load
+    if not manifest or manifest.get("format", "gguf") != "gguf":
+        return threads, load
+    from ..measure.tune import lookup
+    s = lookup(manifest.get("sha256"))
+    if not s:
+        return threads, load
+    import logging
+    logging.getLogger("edgeqwen").info(f"tuned settings for {manifest.get('name')}: {s}")
+    load = dict(load, kv=load.get("kv") or s["kv"],
+                flash_attn=s["flash_attn"] if load.get("flash_attn") is None else load["flash_attn"])
+    return threads or s["threads"], load
 
 
 def speculative_options(f):
@@ -42,11 +81,12 @@ def draft_of(draft, lookup) -> str | None:
     return "lookup" if lookup else draft
 
 
-def _devices(lean, workers, split, draft=None, lookup=False, draft_max=8) -> dict:
+def _devices(lean, workers, split, draft=None, lookup=False, draft_max=8, kv=None, flash_attn=None) -> dict:
     from ..formats.gguf.rpc import parse_split, parse_workers
     eps = parse_workers(workers)
     return {"lean": lean, "workers": eps or None, "split": parse_split(split, len(eps)),
-            "draft": draft_of(draft, lookup), "draft_max": draft_max}
+            "draft": draft_of(draft, lookup), "draft_max": draft_max, "kv": kv,
+            "flash_attn": None if flash_attn is None else flash_attn == "on"}
 
 
 def _sampling(max_tokens, temperature, top_p, seed):
@@ -69,7 +109,7 @@ def _sampling(max_tokens, temperature, top_p, seed):
 @click.option("--verbose", "-v", is_flag=True, help="Timing line on stderr.")
 @device_options
 def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_json, threads, ctx, verbose, lean,
-        workers, split, draft, lookup, draft_max):
+        workers, split, draft, lookup, draft_max, kv, flash_attn, no_tune):
     """Generate one answer to PROMPT (or stdin) with BUILD; only the answer goes to stdout.
 
     BUILD is a build name (see `edgeqwen list`), a build folder or a .gguf file.
@@ -91,7 +131,9 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     prompt, system = clean(prompt), system and clean(system)
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split, draft, lookup, draft_max))
+    threads, load = tuned(build, threads, _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn),
+                          no_tune)
+    runner = load_runner(build, threads=threads, n_ctx=ctx, **load)
     text, last = [], None
     for last in generate_text(runner, prompt, _sampling(max_tokens, temperature, top_p, seed), raw=raw,
                               system=system):
@@ -121,7 +163,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @device_options
 def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean, workers, split, draft, lookup,
-         draft_max):
+         draft_max, kv, flash_attn, no_tune):
     """Chat with BUILD in the terminal.
 
     /reset clears the history, /stats shows the last reply's speed, /quit or Ctrl-D leaves;
@@ -133,7 +175,9 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
     from ..chat import repl
     from ..formats.load import load_runner
     from ..text import clean
-    runner = load_runner(build, threads=threads, n_ctx=ctx, **_devices(lean, workers, split, draft, lookup, draft_max))
+    threads, load = tuned(build, threads, _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn),
+                          no_tune)
+    runner = load_runner(build, threads=threads, n_ctx=ctx, **load)
     repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system and clean(system))
     runner.close()
 

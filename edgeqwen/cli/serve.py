@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..params import CTX, THREADS, Finite
-from .run import _devices, device_options
+from .run import _devices, device_options, tuned
 
 
 @click.command()
@@ -25,7 +25,7 @@ from .run import _devices, device_options
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
 @device_options
 def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, ctx, threads, cors, lean,
-          workers, split, draft, lookup, draft_max):
+          workers, split, draft, lookup, draft_max, kv, flash_attn, no_tune):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Every build is loaded once before the server listens; one is resident at a time and
@@ -49,8 +49,13 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
                              "$EDGEQWEN_API_KEY), or --insecure-no-key to serve it to anyone who can reach it")
         click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model", err=True)
+    load = _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn)
+    per_build = {}
+    for b in builds:   # each build with its own tuned settings (what is given explicitly applies to all)
+        t, lb = tuned(b, threads, load, no_tune)
+        per_build[b] = {k: v for k, v in {"threads": t, **lb}.items() if v != ({"threads": threads} | load).get(k)}
     cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
-                      load=_devices(lean, workers, split, draft, lookup, draft_max), request_timeout=request_timeout)
+                      load=load, per_build=per_build, request_timeout=request_timeout)
     sock = listen(where, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     run_server(cfg, sock, on_ready=lambda: click.echo(f"serving {', '.join(builds)} on {url} (OpenAI API at /v1)",

@@ -16,7 +16,7 @@ from . import detect
 def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
                 logits: bool = False, lean: bool = False, workers: list | None = None,
                 split: list[float] | None = None, isolate: bool = True, draft: str | None = None,
-                draft_max: int = 8) -> Runner:
+                draft_max: int = 8, kv: str | None = None, flash_attn: bool | None = None) -> Runner:
     """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
 
     lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
@@ -28,6 +28,10 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     """
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
+    kv = kv or "f16"
+    if (kv != "f16" or flash_attn is not None) and fmt.name != "gguf":
+        raise RunnerError(f"--kv and flash attention settings are llama.cpp's: they need a GGUF build; {path.name} is "
+                          f"{fmt.name}")
     if draft is not None:
         if fmt.name != "gguf":
             raise RunnerError(f"--draft and --lookup need a GGUF target; {path.name} is {fmt.name}")
@@ -55,6 +59,10 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     extra = {"lean": True} if lean else {}
     if workers:
         extra.update(workers=workers, split=split)
+    if kv != "f16":
+        extra["kv"] = kv
+    if flash_attn is not None:
+        extra["flash_attn"] = flash_attn
     runner = cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
     if draft is not None:
         try:

@@ -34,6 +34,9 @@ class BenchConfig:
     empty_tg: bool = True     # also decode from an empty context: llama-bench's tgN (tg is after the prompt)
     draft: str | None = None  # speculative decoding: a draft build, or "lookup"
     draft_max: int = 8
+    kv: str | None = None     # the KV cache type (GGUF): f16 or q8_0; None: tuned, else f16
+    flash_attn: bool | None = None   # None: tuned, else on
+    tuned: bool = True        # use `edgeqwen tune`'s stored settings for what is not given
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -52,16 +55,40 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     from ..process import max_rss_bytes
     from ..formats.gguf.rpc import parse_workers
     from ..formats.load import load_runner
+    s = tuned_settings(build, cfg)
+    kv = cfg.kv or (s or {}).get("kv")
+    fa = cfg.flash_attn if cfg.flash_attn is not None else (s or {}).get("flash_attn")
     # isolate=False: this child is already the process a lost worker may abort; the parent reports it
     runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
                          workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False,
-                         draft=cfg.draft, draft_max=cfg.draft_max)
+                         draft=cfg.draft, draft_max=cfg.draft_max, kv=kv, flash_attn=fa)
     out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
+    # what it ran with: every row says so (a tuned setting, a flag, or the runner's default)
+    out["settings"] = {"threads": threads, "flash_attn": getattr(runner, "flash_attn", None),
+                       "kv": getattr(runner, "kv", None), "tuned": s is not None}
     runner.close()
     # The kernel's high-water mark, no sampling thread: on 2 vCPUs a thread waking every 20 ms preempts one of
     # the two compute threads while the measurement runs, and no sample can exceed VmHWM anyway.
     out["max_rss"] = max_rss_bytes()
     return out
+
+
+def tuned_settings(build: str, cfg: BenchConfig) -> dict | None:
+    """`edgeqwen tune`'s stored settings for this machine and build (GGUF, one machine), unless turned off."""
+    if not cfg.tuned or cfg.workers:
+        return None
+    _, m = resolve_build(build)
+    if not m or m.get("format", "gguf") != "gguf":
+        return None
+    from .tune import lookup
+    return lookup(m.get("sha256"))
+
+
+def default_threads(build: str, cfg: BenchConfig) -> list[int]:
+    """--threads not given: the tuned count, else the physical cores."""
+    from ..process import physical_cores
+    s = tuned_settings(build, cfg)
+    return [s["threads"]] if s else [physical_cores()]
 
 
 def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
@@ -113,6 +140,7 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
             "counters": {"pp": mean_sd(pp_c), "tg": mean_sd(tg_c)}, "stream_peak_rss": last.peak_rss,
             "released_bytes": getattr(runner, "released", 0), "mapped": getattr(runner, "mapped", True),
             "hugepage_bytes": getattr(runner, "hugepages", 0),   # weights asked into huge pages (hugepages.py)
+            **({"kv": runner.kv} if getattr(runner, "kv", "f16") != "f16" else {}),
             **({"speculative": dict(spec, draft=runner.draft_name(), draft_max=cfg.draft_max,
                                     acceptance=spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0)}
                if cfg.draft else {})}
@@ -269,10 +297,11 @@ def bench(builds: list[str], threads: list[int], cfg: BenchConfig, fp: dict, out
     for b in builds:
         resolve_build(b)  # fail on a bad name before measuring anything
     runs = 2 if memory_limit else 1
-    with bar("bench", len(builds) * len(threads) * cfg.repeats * runs, unit="repeat") as upd:
+    per_build = {b: threads or default_threads(b, cfg) for b in builds}   # threads None: tuned, else all cores
+    with bar("bench", sum(map(len, per_build.values())) * cfg.repeats * runs, unit="repeat") as upd:
         rows = []
         for b in builds:
-            for t in threads:
+            for t in per_build[b]:
                 base = _emit(make_row(b, t, cfg, fp, run_one(b, t, cfg, on_repeat=lambda: upd(1))), out, progress)
                 rows.append(base)
                 if memory_limit:

@@ -81,10 +81,16 @@ class ChunkStats:
         return out
 
 
-def open_logit_model(model: Path, ctx: int, threads: int | None = None):
+def open_logit_model(model: Path, ctx: int, threads: int | None = None, kv: str = "f16"):
     """The build's own runner (its format's row), loaded for whole-window logits."""
+    from ..errors import RunnerError
     from ..formats import detect
-    return detect(Path(model)).runner_class()(Path(model), threads=threads, n_ctx=ctx, logits=True)
+    fmt = detect(Path(model))
+    if kv != "f16" and fmt.name != "gguf":
+        raise RunnerError(f"--kv {kv} needs a GGUF build (llama.cpp's KV cache types); {Path(model).name} is "
+                          f"{fmt.name}")
+    extra = {"kv": kv} if kv != "f16" else {}
+    return fmt.runner_class()(Path(model), threads=threads, n_ctx=ctx, logits=True, **extra)
 
 
 def windows(tokens: list[int], ctx: int) -> Iterator[list[int]]:
@@ -136,11 +142,13 @@ def compare(build: Scored, ref: Scored | None, ctx: int) -> dict:
 
 
 def evaluate_files(model_file: Path, ref_file: Path | None, texts: list[tuple[str, str]], ctx: int = 512,
-                   threads: int | None = None, max_windows: int | None = None) -> Iterator[tuple[str, dict]]:
+                   threads: int | None = None, max_windows: int | None = None,
+                   kv: str = "f16") -> Iterator[tuple[str, dict]]:
     """(label, result) per text. The reference runs over every text first and is closed before the build is
     loaded, so only one model is in memory at a time (a 7B f16 reference beside its q4_k_m build would need
     some 26 GB on an AMX CPU, by arithmetic). A build against itself is run twice on purpose: KL 0 then
-    shows that a pass leaves nothing behind (KV cache, batch state) that changes the next."""
+    shows that a pass leaves nothing behind (KV cache, batch state) that changes the next. kv: the build's KV cache
+    type (the reference always runs f16), so a q8_0 cache's cost is measured against the same file's f16 logits."""
     import tempfile
     with tempfile.TemporaryDirectory(prefix="edgeqwen-eval-") as tmp:
         refs: dict[str, Scored] = {}
@@ -152,7 +160,7 @@ def evaluate_files(model_file: Path, ref_file: Path | None, texts: list[tuple[st
                                              max_windows)
             finally:
                 m.close()
-        m = open_logit_model(model_file, ctx, threads)
+        m = open_logit_model(model_file, ctx, threads, kv)
         try:
             for j, (label, text) in enumerate(texts):
                 got = score_pass(m, text, ctx, Path(tmp), f"build{j}", f"eval {label}", max_windows)

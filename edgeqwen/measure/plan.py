@@ -191,14 +191,17 @@ def model_config(size: str, override: dict | None = None) -> ModelConfig:
 
 
 def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None,
-         amx: bool = False, release: bool = True, resident: bool = False) -> Plan:
+         amx: bool = False, release: bool = True, resident: bool = False, kv: str = "f16") -> Plan:
     """Predict a build of `size` (a recipe size or one of EXTRA_MODELS) as `quant`.
 
     config overrides the recipe's shape (a build's manifest records its checkpoint's own); amx: the CPU
     has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types; release=False: the runner keeps
     the repacked originals resident (before pagecache.py, or where it cannot release them); resident: a
     normal load that reads the file into memory (the runner on Linux) rather than mapping it, as a lean one does.
+    kv: the GGUF KV cache type (f16, or q8_0: 34 bytes per 32 values).
     """
+    if kv not in KV_BYTES:
+        raise UsageError(f"--kv {kv}: choose {', '.join(KV_BYTES)}")
     from ..formats import format_of_quant
     from ..recipes import get_recipe
     cfg = model_config(size, config)
@@ -207,6 +210,8 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     else:
         from ..recipes import DEFAULT_ALIASES
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
+    if kv != "f16" and format_of_quant(quant) != "gguf":
+        raise UsageError(f"--kv {kv} is a llama.cpp KV cache type; {quant} is not a GGUF build")
     if format_of_quant(quant) == "onnx":
         return plan_onnx(size, quant, cfg, ctx, prompt_tokens)
     if format_of_quant(quant) == "mlx":
@@ -226,7 +231,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
         if tied and tensors[0][3] in REPACKED_AMX:
             extra += nbytes(tensors[0][2], tensors[0][3])
     h = cfg.hidden_size
-    kv_pos = _kv_per_position(cfg, 2)  # f16
+    kv_pos = _kv_per_position(cfg, KV_BYTES[kv])
     ctx = min(ctx, 32768)
     # Touched compute buffer for a prompt batch: activations of one layer, attention scores over
     # the used context, and the logits row. (Calibrated against bench rows; see bench/RESULTS.md.)
@@ -246,9 +251,13 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
                 extra_bytes=extra)
 
 
-def _kv_per_position(cfg: ModelConfig, bytes_per_elem: int) -> int:
+# Bytes per cached value of each GGUF KV cache type (q8_0: blocks of 32 int8 and one f16 scale).
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+
+
+def _kv_per_position(cfg: ModelConfig, bytes_per_elem: float) -> int:
     """K and V of every layer for one position."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * bytes_per_elem
+    return int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_size * bytes_per_elem)
 
 
 # --- ONNX builds (onnxruntime-genai on the CPU) --------------------------------------------------------
@@ -396,6 +405,22 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
     return "\n".join(lines + _device_lines(p, device_name, device))
 
 
+def describe_draft(p: Plan, d: Plan, device_name: str | None, device: dict | None) -> str:
+    """What a draft model adds: its own weights, KV cache at the same context and buffers, loaded beside the target."""
+    if p.backend != "llama.cpp" or d.backend != "llama.cpp":
+        raise UsageError("speculative decoding needs a GGUF target and a GGUF draft")
+    if d.file_bytes >= p.file_bytes:
+        raise UsageError(f"the draft {d.size} {d.quant} is not smaller than the target {p.size} {p.quant}")
+    lines = [f"  with draft {d.size} {d.quant}: + peak RAM {fmt_gib(d.peak_ram)} (file {fmt_gib(d.file_bytes)}, KV "
+             f"{fmt_gib(d.kv_bytes)}) -> peak RAM {fmt_gib(p.peak_ram + d.peak_ram)}, min RAM "
+             f"{fmt_gib(p.min_ram + d.min_ram)} together"]
+    if device:
+        budget = device["ram_gib"] * 2**30 * device.get("usable_fraction", 0.8)
+        fits = "fit" if p.min_ram + d.min_ram <= budget else "do NOT fit"
+        lines.append(f"    target and draft together {fits} on {device_name} (budget {fmt_gib(budget)})")
+    return "\n".join(lines)
+
+
 def _device_lines(p: Plan, device_name: str | None, device: dict | None) -> list[str]:
     if not device:
         return []
@@ -425,14 +450,15 @@ def predicted_rss_for_row(row: dict) -> int | None:
     """Plan's RAM for a bench row's build (None for sizes it does not know)."""
     b = row.get("build", {})
     size, quant = b.get("size"), b.get("quant")
-    if not size or not quant or row.get("backend") != "llama.cpp":
-        return None
+    if not size or not quant or row.get("backend") != "llama.cpp" or row.get("speculative"):
+        return None   # a speculative row holds a draft model too, which the row does not size
     try:   # rows from before the runner gave repacked originals back (no released_bytes) kept both copies
         return plan(size, quant, ctx=row.get("n_ctx") or 4096, prompt_tokens=row.get("prompt_tokens", 512),
                     config=b.get("config"),   # a lean load uses no AMX buffer
                     amx="amx_int8" in row.get("device", {}).get("isa", []) and not row.get("lean"),
-                    release=bool(row.get("released_bytes")) or bool(row.get("lean"))
-                    or row.get("mapped") is False).peak_ram   # a load that read the file mapped no originals
+                    # a load that read the file mapped no originals
+                    release=bool(row.get("released_bytes")) or bool(row.get("lean")) or row.get("mapped") is False,
+                    kv=row.get("kv", "f16")).peak_ram
     except Exception:
         return None
 

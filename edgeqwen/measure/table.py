@@ -100,7 +100,9 @@ QUALITY = ["PPL en", "PPL zh", "KL en / zh", "top-1 en / zh"]
 def quality_index(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """Latest eval row per build name and text."""
     out: dict[str, dict[str, dict]] = {}
-    for r in sorted((r for r in rows if r.get("kind") == "eval"), key=lambda r: r["time"]):
+    # a row with a quantized KV cache measured the cache's cost, not the build's: not this table's figure
+    for r in sorted((r for r in rows if r.get("kind") == "eval" and r.get("kv", "f16") == "f16"),
+                    key=lambda r: r["time"]):
         out.setdefault(r["build"]["name"], {})[r["text"]] = r
     return out
 
@@ -136,6 +138,8 @@ def bench_cells(row: dict, plan_rss=None) -> list[str]:
     spec = row.get("speculative")   # speculative decoding: the draft and how often it hit (schemas checked it)
     if spec:
         backend += f" + draft {spec['draft']} ({100 * spec.get('acceptance', 0):.0f}% accepted)"
+    if row.get("kv", "f16") != "f16":
+        backend += f" (KV {row['kv']})"
     return [model, b.get("quant") or "-", backend, _gib(b.get("file_size")), str(row["threads"]),
             _ts(row.get("pp")) if ok else "-", _ts(row.get("tg_empty")) if ok else "-",
             _ts(row.get("tg")) if ok else "-",

@@ -35,6 +35,7 @@ class ServeConfig:
     max_body: int = MAX_BODY
     cors: str | None = None
     load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
+    per_build: dict = field(default_factory=dict)   # build argument -> its tuned threads / kv / flash_attn
     request_timeout: float = REQUEST_TIMEOUT_S  # wall-clock seconds one request may generate for
 
 
@@ -86,7 +87,9 @@ class Server:
                     s.runner, s.resident = None, None
                 from ..formats.load import load_runner
                 _log.info("loading %s", name)
-                s.runner = load_runner(s.names[name], threads=self.cfg.threads, n_ctx=self.cfg.ctx, **self.cfg.load)
+                build = s.names[name]
+                args = {"threads": self.cfg.threads, **self.cfg.load, **self.cfg.per_build.get(build, {})}
+                s.runner = load_runner(build, n_ctx=self.cfg.ctx, **args)
                 s.resident, s.failed = name, None
             finally:
                 s.loading = False

@@ -99,6 +99,10 @@ def _watching(path: Path, info, mapped: bool):
             watchers[0].finish()
 
 
+# The KV cache types --kv offers, in llama.cpp's names: q8_0 halves the cache for a small quality cost (eval).
+KV_TYPES = {"f16": None, "q8_0": "GGML_TYPE_Q8_0"}
+
+
 class LlamaRunner:
     """llama.cpp through llama-cpp-python."""
 
@@ -106,7 +110,8 @@ class LlamaRunner:
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
                  manifest: dict | None = None, logits: bool = False, lean: bool = False, n_batch: int = 512,
-                 workers: list | None = None, split: list[float] | None = None):
+                 workers: list | None = None, split: list[float] | None = None, kv: str = "f16",
+                 flash_attn: bool = True):
         import llama_cpp
         route_llama_logs()
         self._lc = llama_cpp
@@ -133,6 +138,13 @@ class LlamaRunner:
         elif n_ctx > train_ctx:
             raise RunnerError(f"--ctx {n_ctx} is more than this model's context length ({train_ctx})")
         extra = dict(extra_split)
+        if kv not in KV_TYPES:
+            raise RunnerError(f"--kv {kv}: choose {', '.join(KV_TYPES)}")
+        if KV_TYPES[kv] is not None:   # K and V quantized alike (a quantized V needs flash attention: on here)
+            extra.update(type_k=getattr(llama_cpp, KV_TYPES[kv]), type_v=getattr(llama_cpp, KV_TYPES[kv]))
+        if kv != "f16" and not flash_attn:
+            raise RunnerError(f"--kv {kv} needs flash attention (llama.cpp quantizes the V cache only with it)")
+        self.kv, self.flash_attn = kv, flash_attn
         if logits:  # eval: a whole window in one batch, logits at every position
             n_batch = n_ctx
             extra.update(n_ubatch=n_ctx, logits_all=True)
@@ -153,7 +165,8 @@ class LlamaRunner:
             with _model_params(use_extra_bufts=not lean), _watching(self.path, info, self.mapped) as (rel, huge):
                 self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_batch,
                                            n_threads=self.threads, n_threads_batch=self.threads,
-                                           use_mmap=self.mapped, n_gpu_layers=gpu, verbose=False, flash_attn=True,
+                                           use_mmap=self.mapped, n_gpu_layers=gpu, verbose=False,
+                                           flash_attn=flash_attn,
                                            **extra)
         except (ValueError, RuntimeError) as e:
             raise RunnerError(f"{self.path}: llama.cpp cannot load this model; the file is corrupt, truncated or of an "

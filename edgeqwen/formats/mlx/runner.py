@@ -27,6 +27,7 @@ import psutil
 from ...errors import RunnerError
 from ...runner import (DEFAULT_CTX, Response, Sampling, check_prompt, folder_chat_template, regular_vocab_of,
                        render_chat, respond, shared_prefix, side_json)
+from ...schemas import ModelConfig, check_typed
 from ...text import clean
 from .layout import check_folder
 from .thread import END as _END
@@ -53,6 +54,8 @@ class MlxRunner:
         config = side_json(self.folder / "config.json")
         if not config:
             raise RunnerError(f"{self.folder}: no readable config.json; not an MLX build folder")
+        # typed and bounded before mlx-lm builds a model from it (a layer count of 10**9 would never come back)
+        check_typed(ModelConfig, config, f"{self.folder}/config.json", "a model config")
         self.backend = f"mlx ({on_mlx_thread(device_name)})"
         self.threads = threads
         train_ctx = config.get("max_position_embeddings")

@@ -1,0 +1,54 @@
+"""`edgeqwen tune`: measured settings per machine and build, used by default, recorded in every bench row."""
+import json
+
+from conftest import run_cli
+
+
+def test_tune_measures_stores_and_is_used_by_default(tiny_builds, tmp_path):
+    env = {"EDGEQWEN_HOME": str(tmp_path / "home")}   # its own tune.json: other tests keep the defaults
+    b = tiny_builds["q4_0"]
+    r = run_cli("tune", b, "--depth", "32", "--gen-tokens", "8", "--repeats", "1", env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "home" / "tune.json").read_text())
+    (key, entry), = data["entries"].items()
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert key.endswith("/" + manifest["sha256"])
+    measured, s = entry["measured"], entry["settings"]
+    assert {(m["flash_attn"], m["kv"]) for m in measured} == {(True, "f16"), (True, "q8_0"), (False, "f16")}
+    quiet = [m for m in measured if not m["busy"]] or measured
+    best = max(quiet, key=lambda m: m["score"])
+    assert s == {k: best[k] for k in ("threads", "flash_attn", "kv")} and "best:" in r.stderr
+    out = tmp_path / "rows.jsonl"
+    for extra, tuned in (([], True), (["--no-tune"], False)):
+        r = run_cli("bench", b, "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8", "--out", out,
+                    *extra, env=env)
+        assert r.returncode == 0, r.stderr
+        row = json.loads(out.read_text().splitlines()[-1])
+        got = row["settings"]
+        assert got["tuned"] is tuned
+        if tuned:
+            assert (got["threads"], got["flash_attn"], got["kv"]) == (s["threads"], s["flash_attn"], s["kv"])
+        else:
+            assert (got["flash_attn"], got["kv"]) == (True, "f16")
+    r = run_cli("run", b, "hi", "-n", "4", "-t", "0", "-v", env=env)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_broken_or_foreign_tune_cache_falls_back_to_the_defaults(tiny_builds, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"EDGEQWEN_HOME": str(home)}
+    b = tiny_builds["q8_0"]
+    sha = json.loads((b / "manifest.json").read_text())["sha256"]
+    out = tmp_path / "rows.jsonl"
+    for content in ("{not json", json.dumps({"schema": 1, "entries": {f"another-machine/{sha}": {
+            "settings": {"threads": 1, "flash_attn": False, "kv": "q8_0"}}}})):
+        (home / "tune.json").write_text(content)
+        r = run_cli("bench", b, "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8", "--out", out, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert json.loads(out.read_text().splitlines()[-1])["settings"]["tuned"] is False
+
+
+def test_tune_needs_a_gguf_build(onnx_builds):
+    r = run_cli("tune", onnx_builds["int4"])
+    assert r.returncode == 2 and "not a GGUF build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
