@@ -50,7 +50,7 @@ def tuned(build: str, threads: int | None, load: dict, no_tune: bool) -> tuple[i
         return threads, load
     if not manifest or manifest.get("format", "gguf") != "gguf":
         return threads, load
-    from ..measure.tune import lookup
+    from ..measure.tuned import lookup
     s = lookup(manifest.get("sha256"))
     if not s:
         return threads, load

@@ -80,7 +80,7 @@ def tuned_settings(build: str, cfg: BenchConfig) -> dict | None:
     _, m = resolve_build(build)
     if not m or m.get("format", "gguf") != "gguf":
         return None
-    from .tune import lookup
+    from .tuned import lookup
     return lookup(m.get("sha256"))
 
 
