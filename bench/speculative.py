@@ -84,8 +84,9 @@ def llama_spec(binary: str, target: Path, draft: Path, text: str, threads: int) 
     with open(HERE / "results" / ".spec-prompt.txt", "w") as f:
         f.write(text)
     p = subprocess.run([binary, "-m", str(target), "-md", str(draft), "-f", f.name, "-n", str(N), "--temp", "0",
-                        "--top-k", "1", "-t", str(threads), "-td", str(threads), "-c", "4096", "-cd", "4096",
-                        "--draft-max", str(DRAFT_MAX), "--draft-min", "0", "-fa", "on"],
+                        "--top-k", "1", "-t", str(threads), "-td", str(threads), "-c", "4096",
+                        "--spec-type", "draft-simple", "--spec-draft-n-max", str(DRAFT_MAX), "--spec-draft-n-min", "0",
+                        "-fa", "on"],
                        capture_output=True, text=True)
     log = p.stdout + p.stderr
     speed = re.search(r"decoded\s+\d+\s+tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", log)
@@ -150,7 +151,7 @@ def render(data: dict) -> str:
         f"Each cell: decode tok/s over {N} greedy tokens after a chat-templated prompt, one fresh process per run, "
         "the sides alternating which goes first; the median over the rounds (speed-up: the median of per-round "
         f"ratios). Drafts up to {DRAFT_MAX} tokens (ours adapts the length; llama-speculative-simple is given the "
-        "same maximum, --draft-min 0 and its default --draft-p-min). `identical`: every greedy output of ours "
+        "same maximum, --spec-draft-n-min 0 and its default --spec-draft-p-min, 0). `identical`: every greedy output of ours "
         "equals the target alone's, token for token.",
         "",
         "| target | draft | prompt | alone tok/s | ours tok/s | speed-up | accepted | llama.cpp spec tok/s | ours / "
@@ -182,6 +183,7 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE / "SPECULATIVE.md")
     ap.add_argument("--render", type=Path, metavar="JSON")
+    ap.add_argument("--append", action="store_true", help="keep the entries already in this device's JSON")
     a = ap.parse_args()
     if a.render:
         data = json.loads(a.render.read_text())
@@ -202,7 +204,7 @@ def main() -> None:
             tmp = dest.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             tmp.replace(dest)
-        done: list[dict] = []
+        done: list[dict] = json.loads(dest.read_text())["entries"] if a.append and dest.exists() else []
         done += measure([(t, d) for t in a.target for d in a.draft], a.rounds, a.threads, binary, PROMPTS, save)
         for w in a.worst:
             t, d = w.split("=", 1)

@@ -82,50 +82,57 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
 
 @dataclass
 class DraftLength:
-    """How many tokens to draft next: longer while whole drafts are accepted, shorter after a rejection, and none
-    for a while when speculation has been slower than plain decoding (measured, not assumed)."""
+    """How many tokens to draft next, from measured speed rather than assumed: a few plain steps first to know what
+    plain decoding does here (and again every `refresh` tokens), then drafts that grow while they are accepted and
+    shrink after a rejection; when speculative rounds run slower than plain decoding, plain decoding for `backoff`
+    tokens (twice as long each time it happens again), then one more try. On a machine where the draft costs
+    more than it saves, output tokens are mostly plain steps: the cost of trying stays a few percent."""
     k_max: int = 8
     k: int = 4
+    probe: int = 3               # plain steps that measure plain decoding
+    refresh: int = 96            # tokens between fresh plain measurements while speculating
     backoff: int = 32            # plain tokens before speculation is tried again
-    plain_left: int = 0
+    plain_left: int = 3
+    since_plain: int = 0
+    spec_rounds: int = 0         # rounds since speculation was (re)started
     spec_rate: float | None = None    # tokens/s over speculative rounds (moving average)
-    plain_rate: float | None = None   # tokens/s of plain decoding
+    plain_rate: float | None = None   # tokens/s of plain decoding (moving average)
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
     _t: float = field(default=0.0, repr=False)
 
     def next_k(self) -> int:
-        if self.plain_left > 0:
-            return 0
-        return self.k
+        return 0 if self.plain_left > 0 else self.k
 
     def start(self) -> None:
         self._t = time.perf_counter()
 
     def done(self, drafted: int, accepted: int, emitted: int) -> None:
-        dt = max(time.perf_counter() - self._t, 1e-9)
-        rate = emitted / dt
-        if drafted == 0:   # a plain step
-            self.plain_rate = rate if self.plain_rate is None else 0.8 * self.plain_rate + 0.2 * rate
+        rate = emitted / max(time.perf_counter() - self._t, 1e-9)
+        if drafted == 0:   # a plain step: measured, and counted against a pause or a probe
+            self.plain_rate = rate if self.plain_rate is None else 0.7 * self.plain_rate + 0.3 * rate
             if self.plain_left > 0:
                 self.plain_left -= 1
                 if self.plain_left == 0:
-                    self.k, self.spec_rate = 1, None   # try again, cautiously
+                    self.spec_rounds, self.since_plain = 0, 0
             return
         self.rounds += 1
+        self.spec_rounds += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.spec_rate = rate if self.spec_rate is None else 0.7 * self.spec_rate + 0.3 * rate
+        self.since_plain += emitted
+        self.spec_rate = rate if self.spec_rounds == 1 or self.spec_rate is None else \
+            0.7 * self.spec_rate + 0.3 * rate
         self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, accepted + 1 if accepted else
                                                                                self.k - 1)
-        if accepted == 0 and self.k == 1 and self.plain_rate is None:
-            self.plain_left = 4   # nothing accepted even at k=1: measure plain decoding to compare
-        elif self.plain_rate is not None and self.spec_rate is not None and self.rounds >= 3:
-            if self.spec_rate < self.plain_rate:   # drafting does not pay: plain for a while, longer each time
-                self.plain_left = self.backoff
-                self.backoff = min(2 * self.backoff, 512)
-            else:
+        if self.spec_rounds >= 3 and self.plain_rate is not None and self.spec_rate < self.plain_rate:
+            self.plain_left = self.backoff          # drafting does not pay here: plain for a while
+            self.backoff = min(2 * self.backoff, 512)
+            self.k = max(1, self.k // 2)
+        elif self.since_plain >= self.refresh:
+            self.plain_left = 2                     # keep the plain figure current (context grows, load changes)
+            if self.spec_rounds >= 3:
                 self.backoff = 32
 
     def counters(self) -> dict:

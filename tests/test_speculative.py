@@ -48,15 +48,15 @@ def test_greedy_output_is_the_targets_token_for_token_over_long_generations(tiny
     draft = {"same-weights": str(tiny_builds["q4_0"]), "stranger": str(stranger_draft), "lookup": "lookup"}[how]
     spec = load_runner(tiny_builds["f16"], draft=draft)
     try:
-        for prompt in ([9707, 11, 1879, 0], [40, 1075, 264, 1273] * 30, [785, 3974, 13876, 38835] * 3):
-            want, _ = _greedy(target, prompt, 300)
-            got, last = _greedy(spec, prompt, 300)
+        for prompt in ([9707, 11, 1879, 0], [40, 1075, 264, 1273] * 30):
+            want, _ = _greedy(target, prompt, 200)
+            got, last = _greedy(spec, prompt, 200)
             assert got == want
             c = last.counters["speculative"]
             assert c["drafted"] > 0 and 0 <= c["accepted"] <= c["drafted"]
             # a second turn that extends the first: the rolled-back caches must still be right
-            more = prompt + want[:150] + [13]
-            assert _greedy(spec, more, 100)[0] == _greedy(target, more, 100)[0]
+            more = prompt + want[:120] + [13]
+            assert _greedy(spec, more, 64)[0] == _greedy(target, more, 64)[0]
         if how == "same-weights":   # q4_0 of the same weights agrees with f16 most of the time
             assert c["accepted"] / c["drafted"] > 0.5
     finally:
@@ -69,7 +69,7 @@ def test_sampled_output_follows_the_targets_distribution(tiny_builds, stranger_d
     distribution of 3-token continuations over many seeds, against the target alone (llama.cpp's own sampler)."""
     from edgeqwen.formats.load import load_runner
     from edgeqwen.runner import Sampling
-    n = 600
+    n = 400
     prompt = [9707, 11, 1879, 0, 40, 1075]
 
     def dist(runner):
@@ -91,8 +91,9 @@ def test_sampled_output_follows_the_targets_distribution(tiny_builds, stranger_d
         got = dist(spec)
         spec.close()
         assert set(got) <= set(base) | {k for k in got if got[k] <= 2}   # nothing the target would not say
-        # same distribution: total variation within sampling noise (8 outcomes, 600 draws each: ~0.05 expected)
-        assert tv(got, base) < 0.12, (draft, got, base)
+        # same distribution: total variation within sampling noise (<= 8 outcomes, 400 draws each: ~0.08 expected;
+        # a rule that took every draft token gives the draft's own continuations, far outside it)
+        assert tv(got, base) < 0.16, (draft, got, base)
 
 
 def test_warp_keeps_what_llama_cpps_chain_keeps():
@@ -114,19 +115,32 @@ def test_lookup_drafts_what_followed_the_latest_match():
     assert lookup_draft([5, 5], 0) == []
 
 
-def test_useless_draft_stops_being_tried():
-    """Nothing accepted while plain decoding is faster: the controller drafts nothing for a while."""
-    from edgeqwen.speculative import DraftLength
-    ctl = DraftLength(k_max=8, k=4)
-    ks = []
-    for _ in range(200):
-        k = ctl.next_k()
-        ks.append(k)
-        ctl.start()
-        ctl.done(k, 0, 1)
-        if k == 0:
-            ctl.plain_rate = 1e9   # plain decoding measured faster than any speculative round
-    assert ks[:3] == [4, 3, 2] and ks.count(0) > 150
+def test_drafting_stops_where_it_does_not_pay_and_goes_on_where_it_does(monkeypatch):
+    """The draft length follows measured speed (a controlled clock here): a draft that is never accepted ends up
+    mostly switched off; one whose rounds emit more tokens per second than plain steps keeps drafting, long."""
+    import edgeqwen.speculative as sp
+    clock = [0.0]
+    monkeypatch.setattr(sp.time, "perf_counter", lambda: clock[0])
+
+    def run(cost, accept):
+        ctl, ks = sp.DraftLength(), []
+        for _ in range(400):
+            k = ctl.next_k()
+            ks.append(k)
+            ctl.start()
+            if k == 0:
+                clock[0] += 1.0   # a plain step: one token per unit
+                ctl.done(0, 0, 1)
+            else:
+                a = k if accept else 0
+                clock[0] += cost(k)
+                ctl.done(k, a, a + 1)
+        return ks
+    useless = run(lambda k: 1.0 + 0.3 * k, accept=False)
+    assert useless[:3] == [0, 0, 0] and useless.count(0) > 0.85 * len(useless)
+    good = run(lambda k: 1.0 + 0.2 * k, accept=True)
+    tokens = sum(k + 1 for k in good if k) + good.count(0)
+    assert max(good) == 8 and good.count(0) < 0.05 * tokens   # plain steps: a few percent of what is emitted
 
 
 def test_bad_drafts_are_one_line(tiny_builds, other_tokenizer_draft, onnx_builds):
@@ -177,3 +191,28 @@ def test_plan_counts_a_draft_beside_the_target():
                       (("1.5b", "q8", "--draft", "0.5b:int4"), "GGUF draft")):
         r = run_cli("plan", *args)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_token_past_the_drafts_vocabulary_ends_drafting_not_the_answer(tiny_builds, tmp_path):
+    """The 7B's embedding is padded to 152064 ids, the 0.5B's to 151936: a padded id in the context (a synthetic
+    target can emit one) is past what the draft can read; the answer goes on, plain, and is still the target's."""
+    from conftest import _tokenizer_dir, tiny_config
+
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.load import load_runner
+    from edgeqwen.recipes import get_recipe
+    from edgeqwen.synthetic import write_synthetic
+    src = tmp_path / "tiny-wide"
+    write_synthetic(src, tiny_config(vocab_size=152064), seed=3, tokenizer=_tokenizer_dir())
+    wide = build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="f16", source=src, name="tiny-wide-f16",
+                              out=tmp_path / "wide"), log=None)
+    prompt = [9707, 11, 152000, 1879, 0]   # 152000: a padded id the target has and the draft has not
+    target = load_runner(wide)
+    spec = load_runner(wide, draft=str(tiny_builds["q4_0"]))
+    try:
+        got, last = _greedy(spec, prompt, 64)
+        assert got == _greedy(target, prompt, 64)[0]
+        assert last.counters["speculative"]["drafted"] == 0
+    finally:
+        target.close()
+        spec.close()

@@ -110,6 +110,7 @@ def test_a_build_that_cannot_be_made_here_is_skipped_and_the_survey_goes_on(tmp_
             raise BuildError(f"not enough disk space at {path}: need 9 GiB, 1 GiB free")
         real(path, need)
     monkeypatch.setattr(gguf_build, "check_disk", check_disk)
+    monkeypatch.setenv("EDGEQWEN_HOME", str(tmp_path / "home"))   # builds of its own: none made before by others
     said = []
     md = survey(tmp_path / "s", sizes=["tiny-qwen2"], quants=["q4_0", "q4_k_m"], synthetic=True, quick=True,
                 say=said.append)

@@ -260,7 +260,8 @@ class LlamaRunner:
                 yield tok
                 llm.eval([tok])
 
-        out = tokens_out() if self.speculate is None else self._speculative(tokens, prefix, sampling, smp)
+        out = tokens_out() if self.speculate is None else _decode_errors(self._speculative(tokens, prefix, sampling,
+                                                                                             smp))
         try:
             yield from respond(
                 out, t0=time.perf_counter(), n_prompt=len(tokens), cached=prefix, max_new=max_new,
@@ -306,7 +307,11 @@ class LlamaRunner:
         dl = d.llm
         # the draft's cache: keep what still agrees with seq (rolls back a rejected draft), evaluate the rest
         dl.n_tokens = shared_prefix(dl.input_ids[: dl.n_tokens].tolist(), seq)
-        dl.eval(seq[dl.n_tokens:])
+        todo = seq[dl.n_tokens:]
+        if max(todo) >= d.n_vocab:   # an id past the draft's vocabulary (a padded row): it cannot follow any more
+            self._draft_lost = True
+            return [], None
+        dl.eval(todo)
         drafts, qs = [], [] if warp_args else None
         for j in range(k):
             if warp_args is None:
@@ -328,6 +333,7 @@ class LlamaRunner:
         warp_args = None if greedy else (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
         self._rng = np.random.default_rng(sampling.seed)
         ctl = self._spec = DraftLength(k_max=self.draft_max, k=min(4, self.draft_max))
+        self._draft_lost = False
 
         def pick(row) -> int:
             return int(row.argmax()) if greedy else sample(warp(row, *warp_args), self._rng)
@@ -340,7 +346,7 @@ class LlamaRunner:
             room = self.n_ctx - llm.n_tokens - 2   # the verify pass writes cur + k positions
             k = max(0, min(ctl.next_k(), room))
             ctl.start()
-            drafts, qs = self._propose(seq, k, warp_args) if k else ([], None)
+            drafts, qs = self._propose(seq, k, warp_args) if k and not self._draft_lost else ([], None)
             if not drafts:   # a plain step
                 llm.eval([cur])
                 cur = self._argmax() if greedy else smp.sample(llm._ctx, -1)
@@ -390,6 +396,14 @@ class LlamaRunner:
         if isinstance(self.speculate, LlamaRunner):
             self.speculate.close()
         self.llm.close()
+
+
+def _decode_errors(tokens: Iterator[int]) -> Iterator[int]:
+    """llama-cpp-python raises RuntimeError("llama_decode returned N") on a failed batch: one RunnerError."""
+    try:
+        yield from tokens
+    except RuntimeError as e:
+        raise RunnerError(f"llama.cpp failed while decoding a speculative batch ({e})") from None
 
 
 def check_draft(target: LlamaRunner, draft: LlamaRunner) -> None:
