@@ -151,8 +151,8 @@ def render(data: dict) -> str:
         f"Each cell: decode tok/s over {N} greedy tokens after a chat-templated prompt, one fresh process per run, "
         "the sides alternating which goes first; the median over the rounds (speed-up: the median of per-round "
         f"ratios). Drafts up to {DRAFT_MAX} tokens (ours adapts the length; llama-speculative-simple is given the "
-        "same maximum, --spec-draft-n-min 0 and its default --spec-draft-p-min, 0). `identical`: every greedy output of ours "
-        "equals the target alone's, token for token.",
+        "same maximum, --spec-draft-n-min 0 and its default --spec-draft-p-min, 0). `identical`: every greedy "
+        "output of ours equals the target alone's, token for token.",
         "",
         "| target | draft | prompt | alone tok/s | ours tok/s | speed-up | accepted | llama.cpp spec tok/s | ours / "
         "llama.cpp | its accepted | identical |",
