@@ -89,10 +89,9 @@ class DraftLength:
     more than it saves, output tokens are mostly plain steps: the cost of trying stays a few percent."""
     k_max: int = 8
     k: int = 4
-    probe: int = 3               # plain steps that measure plain decoding
     refresh: int = 96            # tokens between fresh plain measurements while speculating
     backoff: int = 32            # plain tokens before speculation is tried again
-    plain_left: int = 3
+    plain_left: int = 3          # plain steps still to take: first, the ones that measure plain decoding
     since_plain: int = 0
     spec_rounds: int = 0         # rounds since speculation was (re)started
     spec_rate: float | None = None    # tokens/s over speculative rounds (moving average)

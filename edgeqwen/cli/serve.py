@@ -53,7 +53,7 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
     per_build = {}
     for b in builds:   # each build with its own tuned settings (what is given explicitly applies to all)
         t, lb = tuned(b, threads, load, no_tune)
-        per_build[b] = {k: v for k, v in {"threads": t, **lb}.items() if v != ({"threads": threads} | load).get(k)}
+        per_build[b] = {"threads": t, **lb}
     cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
                       load=load, per_build=per_build, request_timeout=request_timeout)
     sock = listen(where, port)

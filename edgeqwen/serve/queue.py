@@ -35,7 +35,7 @@ class ServeConfig:
     max_body: int = MAX_BODY
     cors: str | None = None
     load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
-    per_build: dict = field(default_factory=dict)   # build argument -> its tuned threads / kv / flash_attn
+    per_build: dict = field(default_factory=dict)   # build argument -> its load arguments, tuned settings filled in
     request_timeout: float = REQUEST_TIMEOUT_S  # wall-clock seconds one request may generate for
 
 
@@ -88,7 +88,7 @@ class Server:
                 from ..formats.load import load_runner
                 _log.info("loading %s", name)
                 build = s.names[name]
-                args = {"threads": self.cfg.threads, **self.cfg.load, **self.cfg.per_build.get(build, {})}
+                args = self.cfg.per_build.get(build) or {"threads": self.cfg.threads, **self.cfg.load}
                 s.runner = load_runner(build, n_ctx=self.cfg.ctx, **args)
                 s.resident, s.failed = name, None
             finally:
