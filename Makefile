@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup reference test test-slow test-arm64 fuzz demo bench results parity speculative lint clean
+.PHONY: setup reference test test-slow test-arm64 fuzz demo bench results parity speculative tune-bench lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -74,6 +74,15 @@ speculative: setup
 	$(BIN)/edgeqwen build 0.5b q4_0 --synthetic --tokenizer ../shared/fixtures/qwen2-tokenizer
 	$(BIN)/python bench/speculative.py $(foreach t,$(SPEC_TARGETS),--target $(t)) \
 	  $(foreach d,$(SPEC_DRAFTS),--draft $(d)) $(foreach w,$(SPEC_WORST),--worst $(w))
+
+# `edgeqwen tune`'s winner against llama.cpp's defaults at tg128@d4096 and decode beside a busy process -> bench/TUNE.md.
+TUNE_BUILDS ?= qwen2-0.5b-real-q4_k_m qwen2-1.5b-real-q8_0
+tune-bench: setup
+	real=$$($(BIN)/python ../shared/models/make_real.py 0.5b | tail -n1) && \
+	  $(BIN)/edgeqwen build 0.5b q4_k_m --source "$$real" --name qwen2-0.5b-real-q4_k_m
+	real=$$($(BIN)/python ../shared/models/make_real.py 1.5b | tail -n1) && \
+	  $(BIN)/edgeqwen build 1.5b q8_0 --source "$$real" --name qwen2-1.5b-real-q8_0
+	$(BIN)/python bench/tune.py $(foreach b,$(TUNE_BUILDS),--build $(b) --kv-eval $(b))
 
 # Only regenerate bench/RESULTS.md and bench/results.png from the committed rows.
 results: setup

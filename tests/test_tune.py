@@ -1,5 +1,6 @@
 """`edgeqwen tune`: measured settings per machine and build, used by default, recorded in every bench row."""
 import json
+import os
 
 from conftest import run_cli
 
@@ -19,7 +20,13 @@ def test_tune_measures_stores_and_is_used_by_default(tiny_builds, tmp_path):
     assert {(m["flash_attn"], m["kv"]) for m in measured} == {(True, "f16"), (True, "q8_0"), (False, "f16")}
     quiet = [m for m in measured if not m["busy"]] or measured
     best = max(quiet, key=lambda m: m["score"])
-    assert s == {k: best[k] for k in ("threads", "flash_attn", "kv")} and "best:" in r.stderr
+    assert {k: s[k] for k in ("threads", "flash_attn", "kv")} == {k: best[k] for k in ("threads", "flash_attn", "kv")}
+    assert "best:" in r.stderr
+    # beside a hog: every thread count (the one tried, and all cores) measured, the fastest stored
+    beside = entry["beside_hog"]
+    assert {m["threads"] for m in beside} == {1, os.cpu_count()} and all(m["others"] > 0.5 for m in beside)
+    top = max(beside, key=lambda m: m["tg_empty"])
+    assert s["busy"] == {"threads": top["threads"], "spin": top["spin"]} and "beside a hog:" in r.stderr
     out = tmp_path / "rows.jsonl"
     for extra, tuned in (([], True), (["--no-tune"], False)):
         r = run_cli("bench", b, "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8", "--out", out,
@@ -54,3 +61,23 @@ def test_a_broken_or_foreign_tune_cache_falls_back_to_the_defaults(tiny_builds, 
 def test_tune_needs_a_gguf_build(onnx_builds):
     r = run_cli("tune", onnx_builds["int4"])
     assert r.returncode == 2 and "not a GGUF build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_busy_machine_loads_with_the_busy_settings_unless_threads_are_given(tiny_builds, tmp_path):
+    from edgeqwen.measure.hw import fingerprint
+    from edgeqwen.measure.tune import hog
+    home = tmp_path / "home"
+    home.mkdir()
+    b = tiny_builds["q4_0"]
+    sha = json.loads((b / "manifest.json").read_text())["sha256"]
+    device = fingerprint(bandwidth=False)["device_id"]
+    (home / "tune.json").write_text(json.dumps({"schema": 1, "entries": {f"{device}/{sha}": {"settings": {
+        "threads": 1, "flash_attn": True, "kv": "f16", "busy": {"threads": 1, "spin": False}}}}}))
+    # libgomp prints its settings as it loads: a spin count of 0 is the passive wait policy
+    env = {"EDGEQWEN_HOME": str(home), "OMP_DISPLAY_ENV": "VERBOSE"}
+    with hog():
+        busy = run_cli("run", b, "hi", "-n", "2", "-t", "0", env=env)
+        given = run_cli("run", b, "hi", "-n", "2", "-t", "0", "--threads", "1", env=env)
+    assert busy.returncode == 0 and given.returncode == 0, busy.stderr + given.stderr
+    assert "other processes are using" in busy.stderr and "GOMP_SPINCOUNT = '0'" in busy.stderr
+    assert "other processes are using" not in given.stderr and "GOMP_SPINCOUNT = '0'" not in given.stderr

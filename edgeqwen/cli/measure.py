@@ -330,13 +330,16 @@ def survey_cmd(out_dir, synthetic, sources, sizes, quants, quick, resume):
 @click.option("--gen-tokens", default=64, show_default=True, type=click.IntRange(2, 4096))
 @click.option("--repeats", default=2, show_default=True, type=click.IntRange(1, 100))
 @click.option("--threads", help="Thread counts to try, comma-separated (default: 1 to the physical cores).")
-def tune_cmd(build, depth, gen_tokens, repeats, threads):
+@click.option("--no-busy", is_flag=True, help="Skip the measurements beside a busy process (a CPU hog tune starts).")
+def tune_cmd(build, depth, gen_tokens, repeats, threads, no_busy):
     """Find this machine's fastest llama.cpp settings for BUILD and use them from now on.
 
     Measures flash attention on/off x thread counts x KV cache f16/q8_0 (prefill, decode from an empty
     context and at depth), each in a fresh process; the winner (best geometric mean against llama.cpp's
     defaults) is stored for this machine and build, and run, chat, serve and bench use it unless a setting
-    is given or --no-tune.
+    is given or --no-tune. Then decode is measured beside one busy process it starts (a CPU hog), at each
+    thread count with llama.cpp's threads spinning or sleeping while they wait; run, chat and serve use the
+    best of those when other processes hold a core as they load.
 
     \b
       edgeqwen tune qwen2-1.5b-q4_k_m
@@ -345,7 +348,8 @@ def tune_cmd(build, depth, gen_tokens, repeats, threads):
     from ..measure.bench import parse_threads
     from ..measure.tune import tune
     tune(build, depth=depth, gen_tokens=gen_tokens, repeats=repeats,
-         threads=parse_threads(threads) if threads else None, say=lambda m: click.echo(m, err=True))
+         threads=parse_threads(threads) if threads else None, hog_phase=not no_busy,
+         say=lambda m: click.echo(m, err=True))
 
 
 COMMANDS = [bench_cmd, hw, table, plan_cmd, eval_cmd, fit_cmd, survey_cmd, tune_cmd]

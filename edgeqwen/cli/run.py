@@ -50,12 +50,15 @@ def tuned(build: str, threads: int | None, load: dict, no_tune: bool) -> tuple[i
         return threads, load
     if not manifest or manifest.get("format", "gguf") != "gguf":
         return threads, load
-    from ..measure.tuned import lookup
+    from ..measure.tuned import for_now, lookup
     s = lookup(manifest.get("sha256"))
     if not s:
         return threads, load
     import logging
     logging.getLogger("edgeqwen").info(f"tuned settings for {manifest.get('name')}: {s}")
+    if not threads:   # the thread count given is the user's; how many, and how they wait, follow the load now
+        s = for_now(s)
+        load = dict(load, spin=s.get("spin", True))
     load = dict(load, kv=load.get("kv") or s["kv"],
                 flash_attn=s["flash_attn"] if load.get("flash_attn") is None else load["flash_attn"])
     return threads or s["threads"], load

@@ -16,7 +16,8 @@ from . import detect
 def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
                 logits: bool = False, lean: bool = False, workers: list | None = None,
                 split: list[float] | None = None, isolate: bool = True, draft: str | None = None,
-                draft_max: int = 8, kv: str | None = None, flash_attn: bool | None = None) -> Runner:
+                draft_max: int = 8, kv: str | None = None, flash_attn: bool | None = None,
+                spin: bool = True) -> Runner:
     """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
 
     lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
@@ -25,6 +26,7 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     (this machine first); the model then runs in a child process unless isolate=False (see gguf/isolated.py).
     draft: a smaller GGUF build of the same tokenizer to draft tokens with, or "lookup" (n-grams of the context);
     the output is the target's either way (speculative.py).
+    spin=False: llama.cpp's threads sleep while they wait for each other instead of spinning (a busy machine).
     """
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
@@ -53,6 +55,9 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
             check_workers(workers)
             return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
                                   workers=workers, split=split)
+    if not spin and fmt.name == "gguf":   # before runner_class() imports llama_cpp: libgomp reads it as it loads
+        from .gguf.runner import wait_policy
+        wait_policy(False)
     cls = fmt.runner_class()
     check_build(path, manifest)
     model = path / manifest["file"] if path.is_dir() else path
@@ -63,6 +68,8 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
         extra["kv"] = kv
     if flash_attn is not None:
         extra["flash_attn"] = flash_attn
+    if not spin and fmt.name == "gguf":
+        extra["spin"] = False
     runner = cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
     if draft is not None:
         try:

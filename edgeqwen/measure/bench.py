@@ -37,6 +37,7 @@ class BenchConfig:
     kv: str | None = None     # the KV cache type (GGUF): f16 or q8_0; None: tuned, else f16
     flash_attn: bool | None = None   # None: tuned, else on
     tuned: bool = True        # use `edgeqwen tune`'s stored settings for what is not given
+    spin: bool = True         # llama.cpp's threads spin while they wait (False: they sleep; a busy machine)
 
 
 def mean_sd(xs: list[float]) -> dict:
@@ -61,11 +62,12 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     # isolate=False: this child is already the process a lost worker may abort; the parent reports it
     runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
                          workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False,
-                         draft=cfg.draft, draft_max=cfg.draft_max, kv=kv, flash_attn=fa)
+                         draft=cfg.draft, draft_max=cfg.draft_max, kv=kv, flash_attn=fa, spin=cfg.spin)
     out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
     # what it ran with: every row says so (a tuned setting, a flag, or the runner's default)
     out["settings"] = {"threads": threads, "flash_attn": getattr(runner, "flash_attn", None),
-                       "kv": getattr(runner, "kv", None), "tuned": s is not None}
+                       "kv": getattr(runner, "kv", None), "spin": getattr(runner, "spin", None),
+                       "tuned": s is not None}
     runner.close()
     # The kernel's high-water mark, no sampling thread: on 2 vCPUs a thread waking every 20 ms preempts one of
     # the two compute threads while the measurement runs, and no sample can exceed VmHWM anyway.

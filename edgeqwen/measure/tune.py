@@ -7,11 +7,20 @@ process would be (bench.run_one): prefill of a prompt, decode from an empty cont
 (flash attention on, all cores, f16 cache), so none of the three is traded away for another unseen. It is
 stored per device id and build sha256 in tune.json under edgeqwen's home; run, chat, serve and bench load a
 build with its tuned settings unless a flag says otherwise (`--no-tune`, or the setting given explicitly).
+
+A shared machine is planned for too: with one other process busy on a core (a hog tune starts itself), decode is
+measured again at every thread count, with llama.cpp's threads spinning while they wait for each other (the
+default) and sleeping (OpenMP's passive wait policy); the best of those is stored beside the winner, and run,
+chat and serve load with it when other processes hold a core at load time (tuned.for_now).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import subprocess
+import sys
+import time
 
 from ..errors import UsageError
 from .tuned import store, tune_file
@@ -32,7 +41,7 @@ def score(m: dict, base: dict) -> float:
 
 
 def tune(build: str, depth: int = 1024, gen_tokens: int = 64, repeats: int = 2, threads: list[int] | None = None,
-         say=print) -> dict:
+         hog_phase: bool = True, say=print) -> dict:
     """Measure every candidate for BUILD on this machine; store and return the winner."""
     from ..formats import detect
     from ..home import resolve_build
@@ -71,10 +80,60 @@ def tune(build: str, depth: int = 1024, gen_tokens: int = 64, repeats: int = 2, 
     settings = {k: best[k] for k in ("threads", "flash_attn", "kv")}
     for m in measured:
         m["score"] = score(m, base)
-    store(manifest["sha256"], fp["device_id"], settings, measured)
-    say(f"best: {_label(settings)} ({score(best, base):.3f}x llama.cpp's defaults, geometric mean of the three); "
-        f"stored in {tune_file()}")
-    return {"settings": settings, "measured": measured, "score": score(best, base)}
+    say(f"best: {_label(settings)} ({score(best, base):.3f}x llama.cpp's defaults, geometric mean of the three)")
+    beside = []
+    if cores > 1 and hog_phase:
+        settings["busy"], beside = _beside_a_hog(path, settings, best, base, cores, threads, gen_tokens, repeats, say)
+    store(manifest["sha256"], fp["device_id"], settings, measured, beside)
+    say(f"stored in {tune_file()}")
+    return {"settings": settings, "measured": measured, "beside_hog": beside, "score": score(best, base)}
+
+
+@contextlib.contextmanager
+def hog():
+    """One other process keeping a core busy for the length of the block: the shared machine tune plans for."""
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)   # running before the measurement's own idle look
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def _beside_a_hog(path, settings, best, base, cores, threads, gen_tokens, repeats, say) -> tuple[dict, list[dict]]:
+    """Decode beside one busy process, at every thread count, spinning and sleeping: the best, and all."""
+    from ..formats.gguf.runner import has_openmp
+    from .bench import BenchConfig, run_one
+    waits = (True, False) if has_openmp() else (True,)   # without OpenMP the passive policy means nothing
+    todo = [{"threads": t, "spin": w} for t in sorted(set(threads or range(1, cores + 1)) | {cores}) for w in waits]
+    say(f"beside one busy process (a hog on one core): {len(todo)} settings x decode {gen_tokens} tokens")
+    out = []
+    with hog():
+        for c in todo:
+            cfg = BenchConfig(prompt_tokens=64, gen_tokens=gen_tokens, repeats=repeats, n_ctx=64 + gen_tokens + 64,
+                              kv=settings["kv"], flash_attn=settings["flash_attn"], tuned=False, spin=c["spin"])
+            row = run_one(str(path), c["threads"], cfg)
+            if row.get("status", "ok") != "ok" or not row.get("tg_empty"):
+                say(f"  threads {c['threads']}, {_wait(c['spin'])}: failed ({row.get('error', '?')})")
+                continue
+            m = {**c, "tg_empty": row["tg_empty"]["mean"], "others": (row.get("load") or {}).get("others_during")}
+            out.append(m)
+            say(f"  threads {c['threads']}, {_wait(c['spin'])}: tg {m['tg_empty']:.1f} tok/s "
+                f"({m['tg_empty'] / best['tg_empty']:.2f}x idle)")
+    if not out:
+        return None, out
+    top = max(out, key=lambda m: m["tg_empty"])
+    dflt = next((m for m in out if m["threads"] == base["threads"] and m["spin"]), None)
+    say(f"beside a hog: threads {top['threads']}, {_wait(top['spin'])}: {top['tg_empty']:.1f} tok/s, "
+        f"{top['tg_empty'] / best['tg_empty']:.2f}x the idle {best['tg_empty']:.1f}"
+        + (f" (llama.cpp's defaults there: {dflt['tg_empty']:.1f}, {dflt['tg_empty'] / best['tg_empty']:.2f}x)"
+           if dflt else ""))
+    return {"threads": top["threads"], "spin": top["spin"]}, out
+
+
+def _wait(spin: bool) -> str:
+    return "threads spin" if spin else "threads sleep"
 
 
 def _label(s: dict) -> str:

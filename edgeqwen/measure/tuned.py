@@ -47,14 +47,44 @@ def lookup(sha: str | None, device_id: str | None = None) -> dict | None:
     if not isinstance(e, dict):
         return None
     s = e.get("settings")
-    ok = (isinstance(s, dict) and isinstance(s.get("threads"), int) and 1 <= s["threads"] <= (os.cpu_count() or 1)
-          and isinstance(s.get("flash_attn"), bool) and s.get("kv") in ("f16", "q8_0"))
-    return dict(s) if ok else None
+    ok = (isinstance(s, dict) and _threads_ok(s.get("threads")) and isinstance(s.get("flash_attn"), bool)
+          and s.get("kv") in ("f16", "q8_0"))
+    if not ok:
+        return None
+    b = s.get("busy")
+    busy_ok = isinstance(b, dict) and _threads_ok(b.get("threads")) and isinstance(b.get("spin"), bool)
+    return {k: s[k] for k in ("threads", "flash_attn", "kv")} | ({"busy": dict(b)} if busy_ok else {})
 
 
-def store(sha: str, device_id: str, settings: dict, measured: list[dict]) -> None:
+def _threads_ok(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= (os.cpu_count() or 1)
+
+
+BUSY_NOW = 0.5   # cores other processes use at load time that switch a tuned build to its busy-machine settings
+
+
+def for_now(s: dict, look_s: float = 0.3) -> dict:
+    """The tuned settings to load with at this moment: the busy-machine ones (threads, and whether they spin)
+    when other processes hold a core now, else the idle winner's. One look at the kernel's counters."""
+    b = s.get("busy")
+    base = {k: v for k, v in s.items() if k != "busy"}
+    if not b:
+        return base
+    from .busy import idle_look
+    others = idle_look(look_s).others
+    if others is None or others < BUSY_NOW:
+        return base
+    import logging
+    logging.getLogger("edgeqwen").info(
+        f"other processes are using {others:.1f} cores: running with {b['threads']} thread(s) that "
+        f"{'spin' if b['spin'] else 'sleep'} while waiting, as `edgeqwen tune` measured best beside a busy process")
+    return dict(base, threads=b["threads"], spin=b["spin"])
+
+
+def store(sha: str, device_id: str, settings: dict, measured: list[dict], beside_hog: list[dict] = ()) -> None:
     data = _read()
     data["entries"][_key(device_id, sha)] = {"settings": settings, "measured": measured,
+                                            "beside_hog": list(beside_hog),
                                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     f = tune_file()
     f.parent.mkdir(parents=True, exist_ok=True)

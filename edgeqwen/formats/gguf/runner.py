@@ -103,6 +103,31 @@ def _watching(path: Path, info, mapped: bool):
 KV_TYPES = {"f16": None, "q8_0": "GGML_TYPE_Q8_0"}
 
 
+def wait_policy(spin: bool) -> None:
+    """How llama.cpp's CPU threads wait for each other: spinning (libgomp's default, ~300k rounds before sleeping)
+    or sleeping at once (OMP_WAIT_POLICY=passive).
+
+    They meet at a barrier after every operation of the graph, hundreds a token. Alone on the machine spinning is
+    fastest; beside another busy process a spinning thread holds the core the thread it waits for needs (decode
+    fell from 11 to under 2 tok/s here). This llama-cpp-python builds ggml with OpenMP, whose wait policy is read
+    once, when libgomp loads: it must be set before llama_cpp is first imported in this process (ggml's own
+    `poll` setting only applies to builds without OpenMP).
+    """
+    if spin or os.environ.get("OMP_WAIT_POLICY", "").lower() == "passive":
+        return   # spinning is libgomp's default (a user's own OMP_WAIT_POLICY is left as it is)
+    if "llama_cpp" in sys.modules:
+        logging.getLogger("edgeqwen").warning("llama.cpp is already loaded in this process: its threads keep "
+                                              "spinning while they wait")
+        return
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+
+
+def has_openmp() -> bool:
+    """Whether this llama.cpp's CPU backend runs its threads with OpenMP (then OMP_WAIT_POLICY applies)."""
+    import llama_cpp
+    return "OPENMP = 1" in llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+
+
 class LlamaRunner:
     """llama.cpp through llama-cpp-python."""
 
@@ -111,7 +136,8 @@ class LlamaRunner:
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
                  manifest: dict | None = None, logits: bool = False, lean: bool = False, n_batch: int = 512,
                  workers: list | None = None, split: list[float] | None = None, kv: str = "f16",
-                 flash_attn: bool = True):
+                 flash_attn: bool = True, spin: bool = True):
+        wait_policy(spin)
         import llama_cpp
         route_llama_logs()
         self._lc = llama_cpp
@@ -144,7 +170,7 @@ class LlamaRunner:
             extra.update(type_k=getattr(llama_cpp, KV_TYPES[kv]), type_v=getattr(llama_cpp, KV_TYPES[kv]))
         if kv != "f16" and not flash_attn:
             raise RunnerError(f"--kv {kv} needs flash attention (llama.cpp quantizes the V cache only with it)")
-        self.kv, self.flash_attn = kv, flash_attn
+        self.kv, self.flash_attn, self.spin = kv, flash_attn, spin
         if logits:  # eval: a whole window in one batch, logits at every position
             n_batch = n_ctx
             extra.update(n_ubatch=n_ctx, logits_all=True)
