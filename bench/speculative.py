@@ -5,7 +5,8 @@
         [--target ...] [--worst TARGET=DRAFT] [--rounds 3]
 
 Every figure is one fresh process decoding 128 greedy tokens after a chat-templated prompt (code, chat, and a
-summarise-this-text prompt): `edgeqwen run --json` alone, with `--draft`, and with `--lookup`, and
+summarise-this-text prompt): `edgeqwen run --json --no-tune` (llama.cpp's default settings, as the example
+runs with) alone, with `--draft`, and with `--lookup`, and
 `llama-speculative-simple` (built from the llama.cpp llama-cpp-python vendors, tools/build-llama-tools.sh) with
 the same draft and draft length. The sides alternate which goes first in each round; a cell is the median decode
 tok/s over the rounds and the ratio is the median of per-round ratios. Greedy output is checked identical to the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -74,7 +76,7 @@ def templated(build: str, prompt: str) -> str:
 def ours(target: str, text: str, threads: int, draft: str | None) -> dict:
     extra = [] if draft is None else ["--lookup"] if draft == "lookup" else ["--draft", draft]
     out = json.loads(cli("run", target, text, "--raw", "-n", N, "-t", 0, "--json", "--threads", threads,
-                         "--draft-max", DRAFT_MAX, *extra).strip().splitlines()[-1])
+                         "--draft-max", DRAFT_MAX, "--no-tune", *extra).strip().splitlines()[-1])
     spec = out["counters"].get("speculative") or {}
     return {"tps": out["generation_tps"], "text": out["text"], "acceptance": spec.get("acceptance")}
 
@@ -125,6 +127,8 @@ def measure(pairs: list[tuple[str, str]], rounds: int, threads: int, binary: str
                 print(f"{target} {draft} {kind} round {i}: " + ", ".join(f"{s} {e[s][-1]:.1f}" for s in sides),
                       file=sys.stderr, flush=True)
             e["identical"] = _identical(e)
+            if not e["identical"]:   # where the first run that differs leaves the target's text
+                e["first_diff"] = _first_diff(e)
             e.pop("texts", None)
             out.append(e)
             if save:
@@ -135,6 +139,13 @@ def measure(pairs: list[tuple[str, str]], rounds: int, threads: int, binary: str
 def _identical(e: dict) -> bool:
     t = e.get("texts", {})
     return len(set(t.get("alone", []) + t.get("ours", []))) == 1
+
+
+def _first_diff(e: dict) -> tuple[int, int]:
+    """(characters in common, length of the target's text) for the earliest divergence over the runs."""
+    ref = e["texts"]["alone"][0]
+    common = min(len(os.path.commonprefix([ref, t])) for t in e["texts"]["alone"] + e["texts"]["ours"])
+    return common, len(ref)
 
 
 def _ratio(a: list[float], b: list[float]) -> float:
@@ -166,7 +177,9 @@ def render(data: dict) -> str:
         cells = [e["target"], e["draft"], e["prompt"], med(e["alone"]), med(e["ours"]),
                  f"**{_ratio(e['ours'], e['alone']):.2f}x**", med([a and 100 * a for a in e["acceptance"]], "{:.0f}%"),
                  med(ref), f"{_ratio(e['ours'], ref):.2f}x" if ref else "-",
-                 med([a and 100 * a for a in e["ref_acceptance"]], "{:.0f}%"), "yes" if e["identical"] else "**no**"]
+                 med([a and 100 * a for a in e["ref_acceptance"]], "{:.0f}%"),
+                 "yes" if e["identical"] else "**no**" + (" (same first {} of {} chars)".format(*e["first_diff"])
+                                                          if e.get("first_diff") else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" + data.get("notes", "")
 

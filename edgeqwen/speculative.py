@@ -86,7 +86,10 @@ class DraftLength:
     plain decoding does here (and again every `refresh` tokens), then drafts that grow while they are accepted and
     shrink after a rejection; when speculative rounds run slower than plain decoding, plain decoding for `backoff`
     tokens (twice as long each time it happens again), then one more try. On a machine where the draft costs
-    more than it saves, output tokens are mostly plain steps: the cost of trying stays a few percent."""
+    more than it saves, output tokens are mostly plain steps: the cost of trying stays a few percent.
+
+    One controller lives as long as its runner: a chat's or a server's next answer goes on where the last one
+    left off (a draft that did not pay is not tried again at every answer); only the counters are per answer."""
     k_max: int = 8
     k: int = 4
     refresh: int = 96            # tokens between fresh plain measurements while speculating
@@ -99,7 +102,11 @@ class DraftLength:
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    judge_after: int = 3         # speculative rounds measured before they are compared with plain decoding
     _t: float = field(default=0.0, repr=False)
+
+    def new_answer(self) -> None:
+        self.drafted = self.accepted = self.rounds = 0
 
     def next_k(self) -> int:
         return 0 if self.plain_left > 0 else self.k
@@ -125,13 +132,13 @@ class DraftLength:
             0.7 * self.spec_rate + 0.3 * rate
         self.k = min(self.k + 2, self.k_max) if accepted == drafted else max(1, accepted + 1 if accepted else
                                                                                self.k - 1)
-        if self.spec_rounds >= 3 and self.plain_rate is not None and self.spec_rate < self.plain_rate:
+        if self.spec_rounds >= self.judge_after and self.plain_rate is not None and self.spec_rate < self.plain_rate:
             self.plain_left = self.backoff          # drafting does not pay here: plain for a while
             self.backoff = min(2 * self.backoff, 512)
             self.k = max(1, self.k // 2)
         elif self.since_plain >= self.refresh:
             self.plain_left = 2                     # keep the plain figure current (context grows, load changes)
-            if self.spec_rounds >= 3:
+            if self.spec_rounds >= self.judge_after:
                 self.backoff = 32
 
     def counters(self) -> dict:

@@ -55,7 +55,7 @@ def test_bundled_texts_are_a_few_thousand_tokens():
 
 def test_build_against_itself_has_zero_kl(tiny_builds):
     b = tiny_builds["q8_0"]
-    r = run_cli("eval", b, "--reference", b, "--text", "en", "--ctx", "128", "--json")
+    r = run_cli("eval", b, "--reference", b, "--text", "en", "--ctx", "128", "--windows", "2", "--json")
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["kl_mean"] == 0.0 and row["top1"] == 1.0 and row["ppl"] == pytest.approx(row["ref_ppl"])
@@ -63,7 +63,8 @@ def test_build_against_itself_has_zero_kl(tiny_builds):
 
 def test_quantized_build_against_its_f16_reference(tiny_builds, tmp_path):
     out = tmp_path / "q.jsonl"
-    r = run_cli("eval", tiny_builds["q4_0"], "--ctx", "128", "--out", out)  # reference: the f16 build, found
+    # reference: the f16 build, found
+    r = run_cli("eval", tiny_builds["q4_0"], "--ctx", "128", "--windows", "2", "--out", out)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["text"] for x in rows] == ["en", "zh"]

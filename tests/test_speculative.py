@@ -122,9 +122,9 @@ def test_drafting_stops_where_it_does_not_pay_and_goes_on_where_it_does(monkeypa
     clock = [0.0]
     monkeypatch.setattr(sp.time, "perf_counter", lambda: clock[0])
 
-    def run(cost, accept):
-        ctl, ks = sp.DraftLength(), []
-        for _ in range(400):
+    def run(cost, accept, ctl=None, steps=400):
+        ctl, ks = ctl or sp.DraftLength(), []
+        for _ in range(steps):
             k = ctl.next_k()
             ks.append(k)
             ctl.start()
@@ -135,10 +135,15 @@ def test_drafting_stops_where_it_does_not_pay_and_goes_on_where_it_does(monkeypa
                 a = k if accept else 0
                 clock[0] += cost(k)
                 ctl.done(k, a, a + 1)
-        return ks
-    useless = run(lambda k: 1.0 + 0.3 * k, accept=False)
+        return ks, ctl
+    useless, ctl = run(lambda k: 1.0 + 0.3 * k, accept=False)
     assert useless[:3] == [0, 0, 0] and useless.count(0) > 0.85 * len(useless)
-    good = run(lambda k: 1.0 + 0.2 * k, accept=True)
+    # the next answer of the same runner goes on where this one left off: not three fresh probes every answer
+    ctl.new_answer()
+    assert ctl.counters()["drafted"] == 0
+    again, _ = run(lambda k: 1.0 + 0.3 * k, accept=False, ctl=ctl, steps=128)
+    assert again.count(0) > 0.95 * len(again)
+    good, _ = run(lambda k: 1.0 + 0.2 * k, accept=True)
     tokens = sum(k + 1 for k in good if k) + good.count(0)
     assert max(good) == 8 and good.count(0) < 0.05 * tokens   # plain steps: a few percent of what is emitted
 

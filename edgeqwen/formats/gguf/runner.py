@@ -301,7 +301,8 @@ class LlamaRunner:
 
     speculate = None   # None, "lookup", or the draft's LlamaRunner (attach_draft)
     draft_max = 8
-    _spec: DraftLength | None = None
+    _spec: DraftLength | None = None   # the controller of the answer being made (its counters), None for a plain one
+    _ctl: DraftLength | None = None
 
     def attach_draft(self, draft: LlamaRunner | str, draft_max: int = 8) -> None:
         """Draft with a smaller model of the same tokenizer, or "lookup" (n-grams already in the context)."""
@@ -311,7 +312,7 @@ class LlamaRunner:
             except BaseException:
                 draft.close()
                 raise
-        self.speculate, self.draft_max = draft, draft_max
+        self.speculate, self.draft_max, self._ctl = draft, draft_max, None
 
     def _rows(self, toks: list[int]) -> np.ndarray:
         """Evaluate toks after the cached ones in one batch with logits at every position (a verify pass);
@@ -358,7 +359,10 @@ class LlamaRunner:
         greedy = sampling.temperature <= 0
         warp_args = None if greedy else (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
         self._rng = np.random.default_rng(sampling.seed)
-        ctl = self._spec = DraftLength(k_max=self.draft_max, k=min(4, self.draft_max))
+        if self._ctl is None:   # kept for the runner's life: what drafting is worth here carries over answers
+            self._ctl = DraftLength(k_max=self.draft_max, k=min(4, self.draft_max))
+        ctl = self._spec = self._ctl
+        ctl.new_answer()
         self._draft_lost = False
 
         def pick(row) -> int:
