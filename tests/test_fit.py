@@ -72,8 +72,9 @@ def test_fit_converges_on_the_tiny_model(tiny_builds):
     row = fit(str(tiny_builds["q8_0"]), 2, {"device_id": "test"}, fraction=0.5, resolution=res,
               # 96 tokens of decode: at the tiny model's ~300 tok/s, 16 took 50 ms and three baselines once
               # spread by 50% on a quiet machine, which fit (rightly) refuses
-              cfg=BenchConfig(prompt_tokens=16, gen_tokens=96, repeats=1, n_ctx=512))
+              cfg=BenchConfig(prompt_tokens=16, gen_tokens=96, repeats=1, n_ctx=512), kv="q8_0")
     assert row["kind"] == "fit" and row["min_ram"] <= row["peak_rss_unlimited"] * 1.2 + (80 << 20)
+    assert row["kv"] == "q8_0"   # the KV cache type reaches the measuring children and the row
     passing = [p["limit"] for p in row["probes"] if p["pass"]]
     failing = [p["limit"] for p in row["probes"] if not p["pass"]]
     assert row["min_ram"] == min(passing) and all(f < row["min_ram"] for f in failing)

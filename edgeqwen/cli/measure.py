@@ -239,7 +239,8 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out, k
               help="Full speed means at least this share of the unlimited decode speed.")
 @click.option("--resolution", default="64M", show_default=True, help="Stop bisecting at this interval.")
 @click.option("--out", type=OUT_FILE, help="Append the fit rows to FILE.jsonl.")
-def fit_cmd(build, device, threads, lean, fraction, resolution, out):
+@KV_OPTION
+def fit_cmd(build, device, threads, lean, fraction, resolution, out, kv):
     """Find the least RAM BUILD runs in at full speed, under real memory limits (cgroups).
 
     Bisects on a memory cgroup's limit, each probe a fresh process (load, prefill, decode); needs
@@ -269,7 +270,8 @@ def fit_cmd(build, device, threads, lean, fraction, resolution, out):
     from ..home import resolve_build
     can_lean = detect(*resolve_build(build)).lean
     for mode in [lean] if lean is not None else [False, True] if can_lean else [False]:
-        row = fit(build, threads or physical_cores(), fp, lean=mode, fraction=fraction, resolution=res, device=prof)
+        row = fit(build, threads or physical_cores(), fp, lean=mode, fraction=fraction, resolution=res, device=prof,
+                  kv=kv)
         rows.append(row)
         if out:   # as each search ends: a 7B search is long
             with open(out, "a") as f:

@@ -70,9 +70,11 @@ def _passes(row: dict, base_tg: float, fraction: float) -> bool:
 
 
 def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float = 0.9,
-        resolution: int = 64 << 20, device: tuple[str, dict] | None = None, cfg: BenchConfig = FIT_CONFIG) -> dict:
-    """A `fit` row: min_ram (bytes), decode at that limit, the unlimited speed and peak RSS, every probe."""
-    cfg = BenchConfig(**{**cfg.__dict__, "lean": lean})
+        resolution: int = 64 << 20, device: tuple[str, dict] | None = None, cfg: BenchConfig = FIT_CONFIG,
+        kv: str | None = None) -> dict:
+    """A `fit` row: min_ram (bytes), decode at that limit, the unlimited speed and peak RSS, every probe.
+    kv: the KV cache type (GGUF; None: tuned, else f16)."""
+    cfg = BenchConfig(**{**cfg.__dict__, "lean": lean, "kv": kv or cfg.kv})
     t0 = time.time()
     runs = []
     for _ in range(BASELINE_RUNS):
@@ -148,7 +150,8 @@ def fit(build: str, threads: int, fp: dict, lean: bool = False, fraction: float 
            "probes": probes,
            "seconds": round(time.time() - t0, 1), "read_ahead_kb": read_ahead_kb(model),
            "config": {"prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens, "repeats": cfg.repeats,
-                      "n_ctx": cfg.n_ctx}}
+                      "n_ctx": cfg.n_ctx},
+           **({"kv": base["kv"]} if base.get("kv") else {})}
     if device:
         name, prof = device
         usable = int(prof["ram_gib"] * prof.get("usable_fraction", 0.8) * 2**30)
