@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import llama_tool, write_json, write_text  # noqa: E402
 from edgeqwen.measure.bench import BenchConfig, run_one  # noqa: E402
 from edgeqwen.home import resolve_build  # noqa: E402
 
@@ -177,9 +178,7 @@ def main() -> None:
     else:
         if not a.builds:
             ap.error("name at least one build")
-        lb = a.llama_bench or subprocess.run([str(HERE.parent / "tools" / "build-llama-tools.sh")],
-                                             capture_output=True, text=True, check=True
-                                             ).stdout.strip().splitlines()[-1] + "/llama-bench"
+        lb = a.llama_bench or llama_tool("llama-bench")
         from edgeqwen.measure.hw import device_label, fingerprint
         fp = fingerprint(bandwidth=False)
         dest = a.json or HERE / "results" / f"parity-{fp['device_id']}.json"
@@ -190,14 +189,10 @@ def main() -> None:
 
         def save(entries):
             data["builds"] = entries
-            tmp = dest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
-            tmp.replace(dest)
+            write_json(dest, data)
         measure(a.builds, a.rounds, a.threads, lb, a.reps, done=save)
     text = render(data)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(a.out)
+    write_text(a.out, text)
     print(text)
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import llama_tool, write_json, write_text
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
@@ -203,9 +205,7 @@ def main() -> None:
     else:
         binary = None
         if not a.no_reference:
-            binary = a.llama_spec or subprocess.run(
-                [str(HERE.parent / "tools" / "build-llama-tools.sh")], capture_output=True, text=True, check=True
-            ).stdout.strip().splitlines()[-1] + "/llama-speculative-simple"
+            binary = a.llama_spec or llama_tool("llama-speculative-simple")
         from edgeqwen.measure.hw import device_label, fingerprint
         fp = fingerprint(bandwidth=False)
         dest = HERE / "results" / f"speculative-{fp['device_id']}.json"
@@ -214,9 +214,7 @@ def main() -> None:
 
         def save(entries):
             data["entries"] = done + entries
-            tmp = dest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
-            tmp.replace(dest)
+            write_json(dest, data)
         done: list[dict] = json.loads(dest.read_text())["entries"] if a.append and dest.exists() else []
         done += measure([(t, d) for t in a.target for d in a.draft], a.rounds, a.threads, binary, PROMPTS, save)
         for w in a.worst:
@@ -225,9 +223,7 @@ def main() -> None:
         data["entries"] = done
         save([])
     text = render(data)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(a.out)
+    write_text(a.out, text)
     print(text)
 
 

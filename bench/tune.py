@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import llama_tool, write_json, write_text
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
@@ -169,18 +171,14 @@ def main() -> None:
     if a.render:
         data = json.loads(a.render.read_text())
     else:
-        binary = None if a.no_reference else subprocess.run(
-            [str(HERE.parent / "tools" / "build-llama-tools.sh")], capture_output=True, text=True, check=True
-        ).stdout.strip().splitlines()[-1] + "/llama-bench"
+        binary = None if a.no_reference else llama_tool("llama-bench")
         from edgeqwen.measure.hw import device_label, fingerprint
         fp = fingerprint(bandwidth=False)
         dest = HERE / "results" / f"tune-{fp['device_id']}.json"
         data = {"date": time.strftime("%Y-%m-%d"), "device_label": device_label(fp), "rounds": a.rounds,
                 "depth": a.depth, "json": str(dest.relative_to(HERE.parent)), "entries": []}
         def save():
-            tmp = dest.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=1) + "\n")
-            tmp.replace(dest)
+            write_json(dest, data)
         for b in a.build:
             data["entries"].append(measure(b, a.rounds, a.depth, binary))
             save()
@@ -188,9 +186,7 @@ def main() -> None:
             data.setdefault("kv_eval", []).extend(kv_eval(b))
             save()
     text = render(data)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(a.out)
+    write_text(a.out, text)
     print(text)
 
 
