@@ -55,21 +55,22 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
             check_workers(workers)
             return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
                                   workers=workers, split=split)
+    extra = {}
     if not spin and fmt.name == "gguf":   # before runner_class() imports llama_cpp: libgomp reads it as it loads
         from .gguf.runner import wait_policy
         wait_policy(False)
+        extra["spin"] = False
     cls = fmt.runner_class()
     check_build(path, manifest)
     model = path / manifest["file"] if path.is_dir() else path
-    extra = {"lean": True} if lean else {}
+    if lean:
+        extra["lean"] = True
     if workers:
         extra.update(workers=workers, split=split)
     if kv != "f16":
         extra["kv"] = kv
     if flash_attn is not None:
         extra["flash_attn"] = flash_attn
-    if not spin and fmt.name == "gguf":
-        extra["spin"] = False
     runner = cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
     if draft is not None:
         try:

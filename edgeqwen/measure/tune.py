@@ -83,7 +83,9 @@ def tune(build: str, depth: int = 1024, gen_tokens: int = 64, repeats: int = 2, 
     say(f"best: {_label(settings)} ({score(best, base):.3f}x llama.cpp's defaults, geometric mean of the three)")
     beside = []
     if cores > 1 and hog_phase:
-        settings["busy"], beside = _beside_a_hog(path, settings, best, base, cores, threads, gen_tokens, repeats, say)
+        busy, beside = _beside_a_hog(path, settings, best, base, cores, threads, gen_tokens, repeats, say)
+        if busy:
+            settings["busy"] = busy
     store(manifest["sha256"], fp["device_id"], settings, measured, beside)
     say(f"stored in {tune_file()}")
     return {"settings": settings, "measured": measured, "beside_hog": beside, "score": score(best, base)}
@@ -101,7 +103,8 @@ def hog():
         p.wait()
 
 
-def _beside_a_hog(path, settings, best, base, cores, threads, gen_tokens, repeats, say) -> tuple[dict, list[dict]]:
+def _beside_a_hog(path, settings, best, base, cores, threads, gen_tokens, repeats, say) -> tuple[dict | None,
+                                                                                                 list[dict]]:
     """Decode beside one busy process, at every thread count, spinning and sleeping: the best, and all."""
     from ..formats.gguf.runner import has_openmp
     from .bench import BenchConfig, run_one

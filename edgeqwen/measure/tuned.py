@@ -86,10 +86,9 @@ def store(sha: str, device_id: str, settings: dict, measured: list[dict], beside
     data["entries"][_key(device_id, sha)] = {"settings": settings, "measured": measured,
                                             "beside_hog": list(beside_hog),
                                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    from ..home import write_json_atomic
     f = tune_file()
     f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, f)
+    write_json_atomic(f, data)
 
 

@@ -137,7 +137,7 @@ class LlamaRunner:
                  manifest: dict | None = None, logits: bool = False, lean: bool = False, n_batch: int = 512,
                  workers: list | None = None, split: list[float] | None = None, kv: str = "f16",
                  flash_attn: bool = True, spin: bool = True):
-        wait_policy(spin)
+        # spin: recorded; how the threads wait is set before llama_cpp loads (load_runner -> wait_policy)
         import llama_cpp
         route_llama_logs()
         self._lc = llama_cpp
