@@ -173,7 +173,12 @@ _CONTROL = {c: "\ufffd" for c in range(32) if chr(c) not in "\n\t"} | {127: "\uf
 
 def display_text(text: str) -> str:
     """Text safe for a terminal: control characters (NUL, ESC sequences from a model) become U+FFFD, as
-    invalid UTF-8 already does in the backends' decoders."""
+    invalid UTF-8 already does in the backends' decoders.
+
+    The one rule for a model's text: only what is written for a terminal (`run`'s plain stdout, `chat`) goes
+    through here. Machine outputs (`run --json`, the HTTP API, bench and eval rows) carry the exact text,
+    control characters included, and JSON escapes them.
+    """
     return text.translate(_CONTROL)
 
 

@@ -74,6 +74,11 @@ def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | No
     if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_metadata(out, config, tokenizer)
+
+
+def write_metadata(out: Path, config: dict, tokenizer: Path | None = None) -> None:
+    """A checkpoint's files other than its weights: config, generation config, tokenizer (copied or generated)."""
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"),

@@ -15,7 +15,9 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+# EDGEQWEN_TEST_NO_SHARED=1 runs the suite as a fresh clone without ../shared beside it (what a new user has);
+# .ci/run runs the tests whose fixtures depend on it that way too.
+SHARED = REPO.parent / "shared" if not os.environ.get("EDGEQWEN_TEST_NO_SHARED") else REPO / ".no-shared"
 REAL_TOKENIZER = SHARED / "fixtures" / "qwen2-tokenizer"
 
 # Small, but with K-quant-friendly widths (multiples of 256) so quantized kernels, AMX included,
@@ -98,6 +100,59 @@ def tiny_untied_ckpt(tmp_path_factory) -> Path:
     write_synthetic(out, tiny_config(tie_word_embeddings=False, vocab_size=151936), seed=2,
                     tokenizer=_tokenizer_dir())
     return out
+
+
+@pytest.fixture(scope="session")
+def margin_ckpt(tmp_path_factory) -> Path:
+    """The tiny model whose greedy text is the same on every kernel path (tests/margin.py)."""
+    from margin import write_margin
+    out = tmp_path_factory.mktemp("margin") / "tiny-margin"
+    write_margin(out, tiny_config(tie_word_embeddings=False), tokenizer=_tokenizer_dir())
+    return out
+
+
+@pytest.fixture(scope="session")
+def margin_cycles(margin_ckpt) -> dict:
+    """What the margin model says: its printable cycle after any chat prompt, its control cycle after STEER_TEXT."""
+    import json
+    return json.loads((margin_ckpt / "margin.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def margin_builds(margin_ckpt) -> dict[str, Path]:
+    """GGUF builds of the margin model: f16, q8_0, q4_k_m, q4_0 (each with its own kernels on every CPU)."""
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    recipe = get_recipe("tiny-qwen2")
+    return {q: build(BuildRequest(recipe=recipe, quant=q, source=margin_ckpt, name=f"tiny-margin-{q}", threads=2),
+                     log=None) for q in ("f16", "q8_0", "q4_k_m", "q4_0")}
+
+
+@pytest.fixture(scope="session")
+def margin_onnx(margin_ckpt) -> dict[str, Path]:
+    pytest.importorskip("onnxruntime_genai")
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    recipe = get_recipe("tiny-qwen2")
+    return {q: build(BuildRequest(recipe=recipe, quant=q, source=margin_ckpt, name=f"tiny-margin-{q}"), log=None)
+            for q in ("int4", "int8")}
+
+
+@pytest.fixture(scope="session")
+def margin_mlx(margin_ckpt) -> dict[str, Path]:
+    pytest.importorskip("mlx_lm")
+    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    return {q: build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant=q, source=margin_ckpt,
+                                  name=f"tiny-margin-{q}", smoke=False), log=None) for q in ("mlx4", "mlx_bf16")}
+
+
+@pytest.fixture(params=["repacked", "lean"])
+def margin_load(request) -> dict:
+    """Both of llama.cpp's kernel paths on whatever CPU runs the test: the normal load (repacked or AMX weights
+    where this CPU has them) and the lean one (the file's own layout): load_runner's keywords and the CLI's flags."""
+    lean = request.param == "lean"
+    return {"name": request.param, "kw": {"lean": lean}, "args": ["--lean"] if lean else []}
 
 
 @pytest.fixture(scope="session")

@@ -125,9 +125,9 @@ def _load(model, lean="full", huge="on") -> dict:
     return json.loads(p.stdout.splitlines()[-1])
 
 
-def test_the_runner_advises_its_repack_or_amx_buffer_with_the_same_tokens(tiny_builds):
+def test_the_runner_advises_its_repack_or_amx_buffer_with_the_same_tokens(margin_builds):
     from edgeqwen.hugepages import hugepager
-    model = next(Path(tiny_builds["q4_0"]).glob("*.gguf"))
+    model = next(Path(margin_builds["q4_0"]).glob("*.gguf"))
     advised = _load(model)
     # Q4_0 goes to an extra buffer on every x86 CPU: ggml-cpu's CPU_REPACK, or AMX on AMX CPUs (libllama's words)
     assert any(re.search(r" (CPU_REPACK|AMX) model buffer size", m) for m in advised["lines"]), advised["lines"]
@@ -201,9 +201,9 @@ def test_recorded_read_in_loads_advise_every_filled_buffer_of_each_branch(branch
             buf.close()
 
 
-def test_a_normal_load_reads_the_file_into_huge_pages_and_a_lean_one_maps_it(tiny_builds):
+def test_a_normal_load_reads_the_file_into_huge_pages_and_a_lean_one_maps_it(margin_builds):
     from edgeqwen.hugepages import available
-    model = next(Path(tiny_builds["q8_0"]).glob("*.gguf"))   # nothing repacked: every weight in the "CPU" buffer
+    model = next(Path(margin_builds["q8_0"]).glob("*.gguf"))   # nothing repacked: every weight in the "CPU" buffer
     if not available():
         pytest.skip("transparent huge pages are off on this kernel")
     normal, lean, plain = _load(model), _load(model, lean="lean"), _load(model, huge="off")

@@ -73,16 +73,33 @@ def greedy(build, n=24, **kw):
         r.close()
 
 
-def test_split_over_two_workers_gives_the_same_tokens(tiny_builds, workers):
-    """lean on both sides: a worker's CPU backend keeps no repacked (interleaved or AMX) weights, so a normal
-    local load would run other kernels, in another summation order, on its share of the layers."""
+def test_split_over_two_workers_gives_the_same_tokens(margin_builds, margin_load, tiny_builds, workers):
+    """The margin model's text, split over the workers (whose CPU backends keep no repacked weights), is what this
+    machine alone says on either of its kernel paths. The text alone would not see a layer lost on the way (the
+    margin model's layers barely move its logits), so the random model's logits must agree too."""
+    import numpy as np
+
     from edgeqwen.formats.gguf.rpc import parse_workers
+    from edgeqwen.formats.load import load_runner
     eps = parse_workers(",".join(w.ep for w in workers))
     for q in ("f16", "q8_0", "q4_0"):
-        alone = greedy(tiny_builds[q], lean=True)
-        assert greedy(tiny_builds[q], workers=eps, split=[1, 1, 1], lean=True) == alone, q
+        alone = greedy(margin_builds[q], **margin_load["kw"])
+        assert greedy(margin_builds[q], workers=eps, split=[1, 1, 1], lean=True) == alone, q
     # the default split: every layer on the workers
-    assert greedy(tiny_builds["q8_0"], workers=eps, lean=True) == greedy(tiny_builds["q8_0"], lean=True)
+    assert greedy(margin_builds["q8_0"], workers=eps, lean=True) == greedy(margin_builds["q8_0"],
+                                                                              **margin_load["kw"])
+    if margin_load["name"] != "lean":
+        return
+    for q, kw in (("q8_0", {"split": [1, 1, 1]}), ("q4_0", {})):
+        got = []
+        for more in ({}, {"workers": eps, **kw}):
+            r = load_runner(tiny_builds[q], n_ctx=128, logits=True, lean=True, **more)
+            try:
+                got.append(r.logits(r.tokenize("Hello there, how are you today?")))
+            finally:
+                r.close()
+        spread = float(np.abs(got[0]).max())
+        assert np.abs(got[0] - got[1]).max() < 1e-3 * spread, (q, float(np.abs(got[0] - got[1]).max()), spread)
 
 
 def test_split_really_puts_layers_on_the_workers(tiny_builds, workers):
@@ -237,19 +254,19 @@ def test_bench_row_records_workers(tiny_builds, workers, tmp_path):
     assert all(v and v > 10 << 20 for v in row["worker_peak_rss"].values())
 
 
-def test_serve_with_workers_answers_through_the_openai_client(tiny_builds, workers):
-    """The server's model slot loads through the same path: greedy text equals a local lean run's."""
+def test_serve_with_workers_answers_through_the_openai_client(margin_builds, workers):
+    """The server's model slot loads through the same path: greedy text equals a local run's."""
     pytest.importorskip("openai")
     from test_serve import Served, _name
     eps = ",".join(w.ep for w in workers)
-    s = Served([tiny_builds["q8_0"]], "--workers", eps, "--split", "1,1,1", "--lean")
+    s = Served([margin_builds["q8_0"]], "--workers", eps, "--split", "1,1,1", "--lean")
     try:
-        r = s.client().completions.create(model=_name(tiny_builds["q8_0"]), prompt="Hello", max_tokens=8,
+        r = s.client().completions.create(model=_name(margin_builds["q8_0"]), prompt="Hello", max_tokens=8,
                                           temperature=0)
         text = r.choices[0].text
     finally:
         s.stop()
-    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--raw", "-t", "0", "-n", "8", "--lean", "--json")
+    p = run_cli("run", margin_builds["q8_0"], "Hello", "--raw", "-t", "0", "-n", "8", "--json")
     assert p.returncode == 0 and text == json.loads(p.stdout)["text"]
 
 

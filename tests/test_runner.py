@@ -38,12 +38,13 @@ def test_chat_turns_reuse_the_kv_cache(runner):
     assert last.counters["n_prompt"] < len(t2)  # only the new suffix was evaluated
 
 
-def test_greedy_run_is_reproducible_and_json_parses(tiny_builds):
-    args = ("run", tiny_builds["q4_k_m"], "Tell me a story", "-n", "20", "--seed", "7", "--temperature", "0")
+def test_greedy_run_is_reproducible_and_json_parses(margin_builds, margin_load, margin_cycles):
+    args = ("run", margin_builds["q4_k_m"], "Tell me a story", "-n", "20", "--seed", "7", "--temperature", "0",
+            *margin_load["args"])
     a, b = run_cli(*args), run_cli(*args)
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
     j = json.loads(run_cli(*args, "--json").stdout)
-    assert j["text"] == a.stdout.rstrip("\n")
+    assert j["text"] == a.stdout.rstrip("\n") and j["text"].startswith(margin_cycles["cycle_text"])
     assert {"prompt_tokens", "generation_tokens", "ttft_s", "generation_tps", "peak_rss", "load_s"} <= set(j)
 
 

@@ -72,8 +72,9 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_builds, onnx_builds):
-    s = Served([tiny_builds["q4_0"], onnx_builds["int8"]])
+def server(margin_builds, margin_onnx):
+    """The margin model (tests/margin.py), so answers compared with `run`'s hold on every CPU's kernels."""
+    s = Served([margin_builds["q4_0"], margin_onnx["int8"]])
     yield s
     assert s.stop() == 0   # SIGTERM: a clean exit
 
@@ -82,20 +83,21 @@ def _name(folder) -> str:
     return json.loads((folder / "manifest.json").read_text())["name"]
 
 
-@pytest.mark.parametrize("which", ["gguf", "onnx"])
-def test_greedy_chat_matches_edgeqwen_run(server, tiny_builds, onnx_builds, which):
-    folder = tiny_builds["q4_0"] if which == "gguf" else onnx_builds["int8"]
+@pytest.mark.parametrize("which,flags", [("gguf", []), ("gguf", ["--lean"]), ("onnx", [])])
+def test_greedy_chat_matches_edgeqwen_run(server, margin_builds, margin_onnx, which, flags):
+    """The server (a normal load) against `run` on both of llama.cpp's kernel paths."""
+    folder = margin_builds["q4_0"] if which == "gguf" else margin_onnx["int8"]
     r = server.client().chat.completions.create(model=_name(folder), temperature=0, max_tokens=24,
                                                 messages=[{"role": "user", "content": QUESTION}])
-    ref = json.loads(run_cli("run", folder, QUESTION, "-t", "0", "-n", "24", "--json").stdout)
+    ref = json.loads(run_cli("run", folder, QUESTION, "-t", "0", "-n", "24", "--json", *flags).stdout)
     assert r.choices[0].message.content == ref["text"]
     assert r.usage.completion_tokens == ref["generation_tokens"] and r.usage.prompt_tokens == ref["prompt_tokens"]
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.choices[0].finish_reason == ("length" if ref["finish_reason"] == "length" else "stop")
 
 
-def test_streaming_equals_non_streaming_and_reports_usage(server, tiny_builds):
-    model = _name(tiny_builds["q4_0"])
+def test_streaming_equals_non_streaming_and_reports_usage(server, margin_builds):
+    model = _name(margin_builds["q4_0"])
     c = server.client()
     whole = c.chat.completions.create(model=model, temperature=0, max_tokens=20,
                                       messages=[{"role": "user", "content": QUESTION}])
@@ -108,20 +110,21 @@ def test_streaming_equals_non_streaming_and_reports_usage(server, tiny_builds):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
 
 
-def test_completions_is_run_raw_and_models_lists_both(server, tiny_builds, onnx_builds):
+def test_completions_is_run_raw_and_models_lists_both(server, margin_builds, margin_onnx):
     c = server.client()
-    model = _name(tiny_builds["q4_0"])
+    model = _name(margin_builds["q4_0"])
     r = c.completions.create(model=model, prompt="The sky is", max_tokens=12, temperature=0)
-    ref = json.loads(run_cli("run", tiny_builds["q4_0"], "The sky is", "--raw", "-t", "0", "-n", "12", "--json").stdout)
+    ref = json.loads(run_cli("run", margin_builds["q4_0"], "The sky is", "--raw", "-t", "0", "-n", "12",
+                             "--json").stdout)
     assert r.choices[0].text == ref["text"] and r.usage.completion_tokens == ref["generation_tokens"]
     listed = {m.id: m for m in c.models.list().data}
-    assert set(listed) == {model, _name(onnx_builds["int8"])}
+    assert set(listed) == {model, _name(margin_onnx["int8"])}
     assert listed[model].model_extra["format"] == "gguf" and listed[model].model_extra["file_size"] > 0
 
 
-def test_stop_strings_and_max_completion_tokens(server, tiny_builds):
+def test_stop_strings_and_max_completion_tokens(server, margin_builds):
     c = server.client()
-    model = _name(tiny_builds["q4_0"])
+    model = _name(margin_builds["q4_0"])
     full = c.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0,
                                 extra_body={"ignore_eos": True}).choices[0].text
     stop = full[5:8]
@@ -131,6 +134,22 @@ def test_stop_strings_and_max_completion_tokens(server, tiny_builds):
     r = c.chat.completions.create(model=model, max_completion_tokens=3, temperature=0,
                                   messages=[{"role": "user", "content": "hi"}], extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_run_json_and_the_api_carry_the_models_exact_text(server, margin_builds, margin_cycles):
+    """Machine outputs carry a model's exact text, control characters included; only the terminal's is cleaned."""
+    from margin import STEER_TEXT
+
+    from edgeqwen.runner import display_text
+    prompt = "Whatever comes first, then " + STEER_TEXT   # steers the margin model into its control cycle
+    r = server.client().completions.create(model=_name(margin_builds["q4_0"]), prompt=prompt, max_tokens=8,
+                                           temperature=0)
+    args = ("run", margin_builds["q4_0"], prompt, "--raw", "-t", "0", "-n", "8")
+    ref = json.loads(run_cli(*args, "--json").stdout)
+    assert r.choices[0].text == ref["text"] == margin_cycles["control_text"] * 2
+    assert "\x05" in ref["text"] and "\x0c" in ref["text"]
+    plain = run_cli(*args).stdout
+    assert plain == display_text(ref["text"]) + "\n" and "\x05" not in plain and "\ufffd" in plain
 
 
 @pytest.mark.parametrize("body,status,words", [
@@ -145,9 +164,9 @@ def test_stop_strings_and_max_completion_tokens(server, tiny_builds):
     ({"model": "M", "messages": [{"role": "user", "content": "word " * 40000}]}, 400, "too many"),
     ({"model": "M", "messages": [{"role": "user", "content": "x" * (1 << 21)}]}, 413, "limit"),
 ])
-def test_errors_have_openais_shape(server, tiny_builds, body, status, words):
+def test_errors_have_openais_shape(server, margin_builds, body, status, words):
     if isinstance(body, dict):
-        body = json.dumps(body).replace('"M"', json.dumps(_name(tiny_builds["q4_0"]))).encode()
+        body = json.dumps(body).replace('"M"', json.dumps(_name(margin_builds["q4_0"]))).encode()
     r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -156,8 +175,8 @@ def test_errors_have_openais_shape(server, tiny_builds, body, status, words):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-def test_a_client_that_disconnects_stops_its_generation(server, tiny_builds):
-    model = _name(tiny_builds["q4_0"])
+def test_a_client_that_disconnects_stops_its_generation(server, margin_builds):
+    model = _name(margin_builds["q4_0"])
     before = server.metric("edgeqwen_generated_tokens_total")
     body = {"model": model, "prompt": "Tell me everything.", "max_tokens": 100000, "temperature": 0, "stream": True,
             "ignore_eos": True}
@@ -201,14 +220,17 @@ def test_api_key_and_queue_full(tiny_builds):
         assert s.stop() == 0
 
 
-def test_load_16_clients_none_lost_or_mixed(server, tiny_builds):
-    model = _name(tiny_builds["q4_0"])
+def test_load_16_clients_none_lost_or_mixed(server, margin_builds, margin_cycles):
+    model = _name(margin_builds["q4_0"])
     c = server.client()
-    prompts = [f"Client {i} asks about topic {i * 7}." for i in range(16)]
+    # each prompt ends on another word of the model's cycle and has another length: 16 different answers
+    words = margin_cycles["cycle_text"].split()
+    prompts = [f"Client{' again' * i} counts {words[i % len(words)]}" for i in range(16)]
     expected = {}
     for p in prompts:   # each prompt's greedy answer, alone
         r = c.completions.create(model=model, prompt=p, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
         expected[p] = (r.choices[0].text, r.usage.prompt_tokens)
+    assert len(set(expected.values())) == 16
     rss_before = server.rss()
     results, lock = [], threading.Lock()
 

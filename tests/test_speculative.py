@@ -190,12 +190,21 @@ def test_bad_drafts_are_one_line(tiny_builds, other_tokenizer_draft, onnx_builds
     assert r.returncode != 0 and "need a GGUF target" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_run_and_bench_with_a_draft(tiny_builds, tmp_path):
-    plain = run_cli("run", tiny_builds["f16"], "Count: one two three", "-n", "40", "-t", "0", "--raw")
-    spec = run_cli("run", tiny_builds["f16"], "Count: one two three", "-n", "40", "-t", "0", "--raw",
-                   "--draft", tiny_builds["q4_0"])
+@pytest.mark.parametrize("draft", ["q4_0", "stranger", "lookup"])
+def test_run_with_a_draft_says_what_the_target_says(margin_builds, margin_load, stranger_draft, draft):
+    """On both kernel paths: a draft that agrees (the margin model's q4_0), one that does not (random weights,
+    same tokenizer), and lookup; the margin model's text cannot part at a near tie on any CPU."""
+    args = ("run", margin_builds["f16"], "Count: one two three", "-n", "40", "-t", "0", "--raw", "--json",
+            *margin_load["args"])
+    plain = run_cli(*args)
+    how = {"q4_0": ["--draft", margin_builds["q4_0"]], "stranger": ["--draft", stranger_draft],
+           "lookup": ["--lookup"]}[draft]
+    spec = run_cli(*args, *how)
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
-    assert spec.stdout == plain.stdout
+    assert json.loads(spec.stdout)["text"] == json.loads(plain.stdout)["text"]
+
+
+def test_bench_with_a_draft(tiny_builds, tmp_path):
     out = tmp_path / "rows.jsonl"
     r = run_cli("bench", tiny_builds["f16"], "--lookup", "--repeats", "1", "--prompt-tokens", "32",
                 "--gen-tokens", "32", "--out", out)
@@ -208,9 +217,9 @@ def test_run_and_bench_with_a_draft(tiny_builds, tmp_path):
 
 
 def test_plan_counts_a_draft_beside_the_target():
-    from edgeqwen.measure.hw import fingerprint
-    from edgeqwen.measure.plan import fmt_gib, plan
-    amx = "amx_int8" in fingerprint(bandwidth=False)["isa"]
+    """The expectation comes from the named device's profile (a Pi has no AMX), never from the CPU running it."""
+    from edgeqwen.measure.plan import fmt_gib, load_devices, plan
+    amx = bool(load_devices()["raspberry-pi-5-4gb"].get("amx"))
     r = run_cli("plan", "1.5b", "q8", "--draft", "0.5b:q4_0", "--device", "raspberry-pi-5-4gb")
     assert r.returncode == 0, r.stderr
     t, d = plan("1.5b", "q8_0", amx=amx), plan("0.5b", "q4_0", amx=amx)

@@ -144,8 +144,8 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
         if not as_json:
             sys.stdout.write(display_text(last.text))
             sys.stdout.flush()
-    if as_json:   # the same text stdout shows: one rule for what a model's control characters become
-        click.echo(json.dumps({"text": display_text("".join(text)), "build": build, "backend": runner.backend,
+    if as_json:   # a machine's output: the model's exact text, JSON-escaped (runner.display_text's rule)
+        click.echo(json.dumps({"text": "".join(text), "build": build, "backend": runner.backend,
                                "load_s": round(runner.load_s, 4), **last.stats()}))
     else:
         sys.stdout.write("\n")
