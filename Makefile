@@ -28,9 +28,10 @@ $(VENV)/.reference-done: $(VENV)/.setup-done
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The fuzz suite with many more examples than make test runs.
+# The fuzz suite with many more examples than make test runs, and the hostile inputs found by hand.
 fuzz: setup
-	EDGEQWEN_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_hardening.py tests/test_serve_hostile.py -k fuzzed
+	EDGEQWEN_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest -q tests/test_hardening.py tests/test_serve_hostile.py \
+	  tests/test_mlx.py tests/test_survey.py -k "fuzzed or hostile"
 
 # The arm64-marked tests in an emulated Raspberry Pi 5 (qemu-user, Cortex-A76); root, Debian's qemu-user-static,
 # debootstrap and gcc-aarch64-linux-gnu. Cached under ~/.cache/edgeqwen/arm64. EDGEQWEN_ARM64_TABLE=bench/ARM64.md

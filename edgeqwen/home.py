@@ -33,14 +33,10 @@ def checkpoints_dir() -> Path:
 def read_manifest(folder: Path) -> dict | None:
     """The folder's manifest, or None if it has none; a manifest that is there but malformed is a UsageError."""
     p = folder / MANIFEST
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    if not p.is_file():
         return None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        raise UsageError(f"{p}: not valid JSON") from None
+    from .schemas import read_json
+    data = read_json(p, "the build's manifest", error=UsageError)
     if isinstance(data, dict) and data.get("synthetic") is True and "file" not in data:
         return data   # a synthetic checkpoint's own small manifest
     from .schemas import check_manifest

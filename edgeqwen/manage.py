@@ -6,7 +6,6 @@ re-hashes only when those changed; `edgeqwen verify` always re-hashes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,11 +28,8 @@ def _stamp(folder: Path, manifest: dict) -> list:
 
 
 def _read_cache() -> dict:
-    try:
-        data = json.loads(_cache_file().read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    from .schemas import read_cache
+    return read_cache(_cache_file(), "the verified-builds cache")
 
 
 def remember_verified(folder: Path, manifest: dict) -> None:

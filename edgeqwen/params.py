@@ -48,4 +48,28 @@ class OutFile(click.Path):
 
 
 OUT_FILE = OutFile()
+
+
+class OutDir(click.Path):
+    """A folder a command writes into, made if missing: named (an empty path would quietly be the current
+    folder), not a file, and writable where it is or would be made; checked before the work starts."""
+
+    def __init__(self):
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; name a folder", param, ctx)
+        p = super().convert(value, param, ctx)
+        there = p
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        if not there.is_dir():
+            self.fail(f"{there} is not a folder", param, ctx)
+        if not os.access(there, os.W_OK):
+            self.fail(f"{there} is not writable", param, ctx)
+        return p
+
+
+OUT_DIR = OutDir()
 SPEED_FRACTION = Finite(0.1, 1.0)

@@ -67,10 +67,11 @@ class Runner(Protocol):
 
 def side_json(path) -> dict:
     """An optional side file of a build folder: unreadable or not an object counts as absent."""
-    import json
+    from .errors import SourceError
+    from .schemas import read_json
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        data = read_json(path, path.name)
+    except SourceError:
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -310,6 +310,28 @@ def read_json(path, what: str, error=SourceError):
         raise error(f"{path}: {what} is nested too deeply") from None
 
 
+def read_cache(path, what: str) -> dict:
+    """A cache or state file of ours as a JSON object: absent is empty; unreadable, malformed or not an object is
+    empty too, with one warning line (we write it again), never an error that stops the command."""
+    if not path.exists():
+        return {}
+    try:
+        data = read_json(path, what)
+    except SourceError as e:
+        data = e
+    if not isinstance(data, dict):
+        if str(path) not in _WARNED:   # a cache read, then updated, in one command: said once
+            import logging
+            why = data if isinstance(data, SourceError) else f"{path}: {what} is not a JSON object"
+            logging.getLogger("edgeqwen").warning(f"{why}; ignored (edgeqwen writes it again)")
+            _WARNED.add(str(path))
+        return {}
+    return data
+
+
+_WARNED: set[str] = set()
+
+
 # --- device profiles and claims (TOML) ----------------------------------------------------------------
 
 class _Match(BaseModel):

@@ -211,12 +211,12 @@ def two_chat_turns(runner, greedy) -> tuple[list[int], list]:
     return t2, reused
 
 
-def run_cli(*args, input=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+def run_cli(*args, input=None, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
     """The real command in a child process (so crashes and exit codes are real)."""
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "edgeqwen.cli", *map(str, args)], input=input,
-                          capture_output=True, text=True, env=e, timeout=timeout)
+                          capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
 
 
 def needs_real_tokenizer():

@@ -428,9 +428,9 @@ def test_chat_reads_any_bytes(tiny_builds):
     assert b"the context holds" in r.stdout   # the 1 MB line is refused, the chat goes on
 
 
-def test_json_and_stdout_show_a_models_text_by_one_rule():
-    """run prints each piece through display_text and --json carries display_text of the whole: the same text
-    whatever control characters a model emits (on an AMX CPU the tiny model's greedy text had ESC bytes)."""
+def test_the_terminals_text_is_cleaned_piece_by_piece_as_whole():
+    """run prints each piece through display_text as it streams: what shows is display_text of the whole answer
+    whatever control characters a model emits (run --json and the API carry them exactly: test_serve)."""
     from edgeqwen.runner import display_text
     pieces = ["a\x1b[2J", "\x00b", "\ufffd c\n", "\td\x7f"]
     assert "".join(display_text(p) for p in pieces) == display_text("".join(pieces))
@@ -624,3 +624,28 @@ def test_fuzzed_row_fields_each_wrong_in_turn_give_a_usage_error_or_render(tmp_p
         except UsageError as e:
             assert "rows.jsonl" in str(e) and "\n" not in str(e)
     check()
+
+
+@pytest.mark.parametrize("name", ["tune.json", "verified.json"])
+@pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "{not json", "\xff\xfe", "[1, 2]"])
+def test_hostile_cache_files_are_ignored_with_a_warning(margin_builds, tmp_path, name, content):
+    """Our caches (the tune winners, the verified builds) are written again when unreadable: a run goes on."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / name).write_bytes(content.encode("utf-8", "surrogateescape") if content != "\xff\xfe" else b"\xff\xfe")
+    r = run_cli("run", margin_builds["q8_0"], "hi", "-n", "2", env={"EDGEQWEN_HOME": str(home)})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert name in r.stderr and "ignored" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_hostile_nested_json_anywhere_is_one_error():
+    from edgeqwen.errors import SourceError
+    from edgeqwen.schemas import read_cache, read_json
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.json"
+        p.write_text("[" * 100000 + "]" * 100000)
+        with pytest.raises(SourceError, match="nested too deeply"):
+            read_json(p, "a file")
+        assert read_cache(p, "a cache") == {}

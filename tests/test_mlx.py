@@ -261,6 +261,22 @@ def test_interrupted_mlx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8", "no-such-mode"])
+def test_hostile_a_quantization_mode_the_tensors_do_not_hold_is_refused(mlx_builds, tmp_path, mode):
+    """mlx-lm would read affine tensors (scales and biases) as another mode's and answer nonsense."""
+    from edgeqwen.errors import RunnerError
+    from edgeqwen.formats.mlx.runner import MlxRunner
+    folder = tmp_path / "b"
+    shutil.copytree(mlx_builds["mlx4"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization"]["mode"] = cfg["quantization_config"]["mode"] = mode
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RunnerError, match="mode"):
+        MlxRunner(folder / "model.safetensors")
+    r = run_cli("run", folder, "hi", "-n", "2")
+    assert r.returncode != 0 and "mode" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_fuzzed_mlx_folders_give_one_error_or_load(mlx_builds, tmp_path_factory):
     """config.json (its quantization block and its shape keys) and the safetensors header of an MLX folder set to
     any JSON in turn: the runner opens it or raises one of our errors, never another exception."""
@@ -284,7 +300,9 @@ def test_fuzzed_mlx_folders_give_one_error_or_load(mlx_builds, tmp_path_factory)
             "vocab_size", "intermediate_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta"]
     value = st.one_of(st.integers(-3, 2**40), _json_values(),
                       st.fixed_dictionaries({"bits": st.sampled_from([2, 3, 4, 8, 5, 0, "4", None]),
-                                             "group_size": st.sampled_from([32, 64, 128, 7, 0, -64, "64"])}))
+                                             "group_size": st.sampled_from([32, 64, 128, 7, 0, -64, "64"])}),
+                      st.fixed_dictionaries({"bits": st.just(4), "group_size": st.just(64),
+                                             "mode": st.sampled_from(["affine", "mxfp4", "nvfp4", "fp9", 4, None])}))
     field = st.sampled_from(["dtype", "shape", "data_offsets"])
     change = st.one_of(st.tuples(st.just("config"), st.sampled_from(keys), value),
                        st.tuples(st.sampled_from(names), field, value))

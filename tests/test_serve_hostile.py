@@ -165,3 +165,38 @@ def test_fuzzed_bodies_get_a_4xx_or_an_answer_never_a_500(tiny_builds):
         assert s.stop() == 0
     log = s.proc.stderr.read()
     assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("how", ["chunked", "content-length"])
+def test_hostile_a_stalled_body_is_cut_off_after_the_read_timeout(tiny_builds, how):
+    """A client that sends part of its body and stops: 408 after --read-timeout (serve --help says so), the
+    connection closed, and the server answers others meanwhile and after."""
+    s = Served([tiny_builds["q4_0"]], "--read-timeout", "1.5")
+    s.model = _name(tiny_builds["q4_0"])
+    try:
+        part = b'{"model": "x", "prompt": "'
+        if how == "chunked":
+            head = b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(part):x}\r\n".encode() + part + b"\r\n"
+        else:
+            head = b"Content-Length: 1000\r\n\r\n" + part
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head)
+            t0 = time.perf_counter()
+            assert _short(s) < 10   # others are served while it stalls
+            got = b""
+            while chunk := c.recv(65536):   # until the server closes it
+                got += chunk
+            waited = time.perf_counter() - t0
+        assert got.startswith(b"HTTP/1.1 408") and b"--read-timeout" in got, got[:300]
+        assert 1.0 < waited < 8.0, waited
+        assert _short(s) < 10
+    finally:
+        assert s.stop() == 0
+    log = s.proc.stderr.read()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_serve_help_states_the_read_timeout():
+    from conftest import run_cli
+    out = run_cli("serve", "--help").stdout
+    assert "--read-timeout" in out and "408" in out

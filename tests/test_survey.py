@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import run_cli
 
 
@@ -116,3 +117,30 @@ def test_a_build_that_cannot_be_made_here_is_skipped_and_the_survey_goes_on(tmp_
                 say=said.append)
     assert any(line.startswith("skipped tiny-qwen2 q4_0: not enough disk space") for line in said), said
     assert [x["build"]["quant"] for x in _rows(tmp_path / "s")] == ["q4_k_m"] and md.exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--sizes", "13b"], "unknown model '13b'"),
+    (["--sizes", ""], "--sizes names no size"),
+    (["--sizes", " , "], "--sizes names no size"),
+    (["--quants", "q9"], "q9"),
+    (["--quants", ""], "--quants names no quant"),
+    (["--out", ""], "is empty"),
+])
+def test_hostile_survey_choices_are_a_usage_error_before_anything_is_written(tmp_path, args, words):
+    out = tmp_path / "s"
+    r = run_cli("survey", "--synthetic", "--quick", "--out", out, *args, cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]   # click adds its usage lines
+    assert r.returncode == 2 and len(errors) == 1 and words in errors[0], r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_hostile_a_survey_that_measured_nothing_exits_1_and_says_why(tmp_path, monkeypatch):
+    from edgeqwen.errors import EdgeqwenError
+    from edgeqwen.measure import survey as survey_mod
+    real = survey_mod.matrix   # this machine with 1 MiB of RAM available: nothing fits
+    monkeypatch.setattr(survey_mod, "matrix", lambda s, q, ram, disk, apple=False: real(s, q, 1 << 20, disk, apple))
+    with pytest.raises(EdgeqwenError, match="measured nothing.*needs") as e:
+        survey_mod.survey(tmp_path / "s", sizes=["tiny-qwen2"], quants=["q4_0"], synthetic=True, quick=True,
+                          say=lambda m: None)
+    assert e.value.exit_code == 1 and not list((tmp_path / "s").glob("*.md"))

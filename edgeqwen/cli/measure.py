@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..params import CTX, OUT_FILE, SPEED_FRACTION, THREADS
+from ..params import CTX, OUT_DIR, OUT_FILE, SPEED_FRACTION, THREADS
 from .run import KV_OPTION, draft_of, speculative_options, tune_options
 
 
@@ -289,7 +289,7 @@ def fit_cmd(build, device, threads, lean, fraction, resolution, out, kv):
 
 
 @click.command("survey")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default="survey",
+@click.option("--out", "out_dir", type=OUT_DIR, default="survey",
               show_default=True, help="Folder for DEVICE-ID.jsonl (rows), DEVICE-ID.md (table) and the resume state.")
 @click.option("--synthetic", is_flag=True, help="Random weights of each size's exact shape (speed and memory only).")
 @click.option("--source", "sources", multiple=True, metavar="SIZE=DIR",
@@ -319,7 +319,7 @@ def survey_cmd(out_dir, synthetic, sources, sizes, quants, quick, resume):
             raise UsageError(f"--source {spec!r}: SIZE=DIR, e.g. 0.5b=./qwen2.5-0.5b-instruct")
         src[size.strip().lower()] = Path(folder)
     md = survey(out_dir, sizes=[s.strip() for s in sizes.split(",") if s.strip()],
-                quants=[q.strip() for q in quants.split(",") if q.strip()] if quants else None,
+                quants=[q.strip() for q in quants.split(",") if q.strip()] if quants is not None else None,
                 sources=src, synthetic=synthetic, quick=quick, resume=resume,
                 say=lambda m: click.echo(m, err=True))
     click.echo(str(md))

@@ -20,12 +20,14 @@ from .run import _devices, device_options, tuned
               help="Requests that may wait for the model; more get 503.")
 @click.option("--request-timeout", default=600.0, show_default=True, type=Finite(1, 86400),
               help="Seconds one request may generate for; then it ends as if max_tokens were reached.")
+@click.option("--read-timeout", default=30.0, show_default=True, type=Finite(0.1, 3600),
+              help="Seconds a client has to send its whole request body; a slower one gets 408 and is closed.")
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
 @device_options
-def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, ctx, threads, cors, lean,
-          workers, split, draft, lookup, draft_max, kv, flash_attn, no_tune):
+def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, read_timeout, ctx, threads, cors,
+          lean, workers, split, draft, lookup, draft_max, kv, flash_attn, no_tune):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Every build is loaded once before the server listens; one is resident at a time and
@@ -55,7 +57,7 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
         t, lb = tuned(b, threads, load, no_tune)
         per_build[b] = {"threads": t, **lb}
     cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
-                      load=load, per_build=per_build, request_timeout=request_timeout)
+                      load=load, per_build=per_build, request_timeout=request_timeout, read_timeout=read_timeout)
     sock = listen(where, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     run_server(cfg, sock, on_ready=lambda: click.echo(f"serving {', '.join(builds)} on {url} (OpenAI API at /v1)",

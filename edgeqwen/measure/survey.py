@@ -82,10 +82,9 @@ def expected_seconds(items: list[Item], threads: list[int], cfg, bandwidth_gbs: 
 
 
 def _state(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"done": []}
+    from ..schemas import read_cache
+    state = read_cache(path, "the survey's progress")
+    return state if isinstance(state.get("done"), list) else {"done": []}
 
 
 def _save_state(path: Path, state: dict) -> None:
@@ -106,6 +105,7 @@ def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, syn
     sources = sources or {}
     if not synthetic and not sources:
         raise UsageError("survey needs --synthetic or a --source SIZE=DIR per size (the hub needs a network)")
+    check_choices(sizes, quants)   # a name the user got wrong stops the survey before anything is written
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(bandwidth=not quick)
     dev = fp["device_id"]
@@ -161,8 +161,26 @@ def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, syn
             state["done"].append(item.key)
             _save_state(state_file, state)
             upd(1)
+    if not rows_file.exists() or not rows_file.stat().st_size:
+        from ..errors import EdgeqwenError
+        why = "; ".join(skipped) or "every build was skipped"
+        raise EdgeqwenError(f"the survey measured nothing ({why})")
     write_report(rows_file, md_file, fp)
     return md_file
+
+
+def check_choices(sizes, quants) -> None:
+    """Every size names a recipe and every quant a build of it; an empty list is a usage error too."""
+    from ..errors import UsageError
+    from ..recipes import get_recipe
+    if not sizes:
+        raise UsageError("--sizes names no size; e.g. --sizes 0.5b,1.5b")
+    if quants is not None and not quants:
+        raise UsageError("--quants names no quant; e.g. --quants q4_k_m,q8_0")
+    for size in sizes:
+        recipe = get_recipe(size)
+        for quant in quants or QUANTS:
+            recipe.resolve_quant(quant)
 
 
 def _eval(folder: Path, rows_file: Path) -> None:

@@ -2,7 +2,6 @@
 them (bench's child, the CLI for run, chat and serve) without importing the measuring itself (tune.py)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -17,17 +16,9 @@ def tune_file() -> Path:
 
 def _read() -> dict:
     """The tune cache; an unreadable one counts as empty (a warning, then the defaults)."""
-    f = tune_file()
-    try:
-        data = json.loads(f.read_text())
-    except FileNotFoundError:
-        return {"schema": SCHEMA, "entries": {}}
-    except (OSError, ValueError):
-        import logging
-        logging.getLogger("edgeqwen").warning(f"{f} is unreadable; using llama.cpp's defaults (edgeqwen tune "
-                                              "writes it again)")
-        return {"schema": SCHEMA, "entries": {}}
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+    from ..schemas import read_cache
+    data = read_cache(tune_file(), "the tune cache (llama.cpp's defaults are used)")
+    if not isinstance(data.get("entries"), dict):
         return {"schema": SCHEMA, "entries": {}}
     return data
 

@@ -21,6 +21,7 @@ from .schemas import ApiError, MAX_BODY
 
 _log = logging.getLogger("edgeqwen")
 REQUEST_TIMEOUT_S = 600.0   # llama-server's own default HTTP timeout
+READ_TIMEOUT_S = 30.0       # for a request's whole body: a client that stalls mid-body must not hold a connection
 
 
 # --- the model slot -------------------------------------------------------------------------------
@@ -37,6 +38,7 @@ class ServeConfig:
     load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
     per_build: dict = field(default_factory=dict)   # build argument -> its load arguments, tuned settings filled in
     request_timeout: float = REQUEST_TIMEOUT_S  # wall-clock seconds one request may generate for
+    read_timeout: float = READ_TIMEOUT_S        # wall-clock seconds a client has to send its whole body
 
 
 @dataclass

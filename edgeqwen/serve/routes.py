@@ -42,7 +42,7 @@ def create_app(server: Server) -> Starlette:
         endpoint = f"/v1/{kind}"
         try:
             authorized(request)
-            data = await _read_json(request, cfg.max_body)
+            data = await _read_json(request, cfg.max_body, cfg.read_timeout)
             req = _parse(ChatRequest if kind == "chat/completions" else CompletionRequest, data)
             if req.n != 1:
                 raise ApiError(400, "n > 1 is not supported: a context serves one sequence", code="invalid_value")

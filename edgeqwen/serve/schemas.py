@@ -79,19 +79,26 @@ class _Gone(Exception):
     """The client went away before its request was read (a normal event: one log line, no response)."""
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_json(request: Request, limit: int, timeout: float) -> dict:
+    import asyncio
+
     from starlette.requests import ClientDisconnect
     size = request.headers.get("content-length")
     if size and size.isdigit() and int(size) > limit:
         raise ApiError(413, f"the request body is {size} bytes; the limit is {limit}", code="body_too_large")
     body = b""
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes",
+                                   code="body_too_large")
     except ClientDisconnect:
         raise _Gone from None
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--read-timeout)",
+                       code="request_timeout") from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):

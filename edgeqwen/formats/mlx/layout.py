@@ -19,6 +19,8 @@ WEIGHTS = "model.safetensors"   # one file, whatever the size: the manifest hash
 DEFAULT_GROUP = 64
 GROUP_SIZES = (32, 64, 128)     # what mx.quantize accepts for affine
 MODE = "affine"
+# mlx-lm's quantization modes, and whether each stores a bias per group beside its scale (mx.quantize)
+MODES = {"affine": True, "mxfp4": False, "mxfp8": False, "nvfp4": False}
 # mlx-lm converts to the checkpoint's torch_dtype when it is one of these (convert.py MODEL_CONVERSION_DTYPES)
 CAST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 BYTES = {"BF16": 2, "F16": 2, "F32": 4, "U32": 4}
@@ -99,6 +101,13 @@ def check_folder(folder: Path, cfg: dict) -> None:
                 or w.shape[-1] * 32 != s.shape[-1] * group * bits:
             raise RunnerError(f"{folder}: {base} does not hold {bits}-bit weights in groups of {group}, as "
                               "config.json's quantization block says")
+        mode = p.get("mode", q.get("mode", MODE))
+        if mode not in MODES:
+            raise RunnerError(f"{folder}: config.json's quantization mode {mode!r} is none of {', '.join(MODES)}")
+        biases = tensors.get(f"{base}.biases")
+        if (biases is not None and biases.shape == s.shape) != MODES[mode]:
+            has = "scales and biases (affine)" if biases is not None else "scales without biases"
+            raise RunnerError(f"{folder}: {base} holds {has}, not what config.json's mode {mode!r} reads")
 
 
 def folder_config(raw: dict, bits: int | None, group: int) -> dict:

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import _pybind_state as ort_c
 
 from ...checkpoint import Checkpoint, copy_tokenizer
-from ...errors import BuildError
+from ...errors import BuildError, SourceError
 from .layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers
 from ...safetensors import Reader, to_f32
 from ...schemas import ModelConfig
@@ -446,7 +446,10 @@ def write_genai_config(ckpt: Checkpoint, out_dir: Path) -> None:
     c = ckpt.config
     gen = {}
     if (ckpt.path / "generation_config.json").exists():
-        gen = json.loads((ckpt.path / "generation_config.json").read_text())
+        from ...schemas import read_json
+        gen = read_json(ckpt.path / "generation_config.json", "generation_config.json")
+        if not isinstance(gen, dict):
+            raise SourceError(f"{ckpt.path / 'generation_config.json'}: not a JSON object")
     eos = gen.get("eos_token_id", c.eos_token_id)
     n_heads = c.num_attention_heads
     ctx = c.max_position_embeddings
