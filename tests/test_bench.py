@@ -475,3 +475,29 @@ def test_untested_speed_claims_on_calibrated_devices_are_predicted_with_their_er
     gpu = judge({"id": "g", "model": "0.5b", "quant": "q4_k_m", "device": "consumer-gpu-24gb", "min_decode_tps": 1},
                 [], devs)
     assert gpu["verdict"] == "UNTESTED"
+
+
+def test_one_run_says_n1_not_a_spread_it_did_not_measure():
+    from edgeqwen.measure.table import _ts
+    assert _ts({"mean": 4.3, "sd": 0.0, "n": 1}) == "4.30 (n=1)"
+    assert _ts({"mean": 5.0, "sd": 0.1, "n": 3}) == "5.00 ± 0.10" and _ts(None) == "-"
+
+
+def test_no_plan_ceiling_sits_below_the_measurement_it_is_shown_beside():
+    """Over every committed row file and claim: where a row decides a claim, the prediction beside it uses that
+    machine's measured bandwidth, so its roofline is never under the measured decode (a fixed profile's 20.6 GB/s
+    once put 'ceiling 4.7' beside a measured 5.9 tok/s)."""
+    from conftest import REPO
+
+    from edgeqwen.measure.plan import load_devices
+    from edgeqwen.measure.table import load_rows
+    rows = load_rows(sorted((REPO / "bench" / "results").glob("*.jsonl")))
+    devices = load_devices()
+    decided = 0
+    for claim in load_claims():
+        v = judge(claim, rows, devices)
+        row, p = v.get("row"), v.get("prediction")
+        if row and row.get("status") == "ok" and p:
+            decided += 1
+            assert p["measured_bandwidth"] and row["tg"]["mean"] <= p["ceiling_tps"], (claim["id"], row["tg"], p)
+    assert decided >= 2

@@ -76,6 +76,11 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
         out.update(verdict="PASS" if passing else "FAIL", row=best)
     else:
         out["verdict"] = "UNTESTED"
+    # The prediction beside a measurement uses the bandwidth that machine measured (each row's device records
+    # it), never a profile's fixed figure from another day or VM: a ceiling below its own measurement is a lie.
+    measured_bw = sorted(r["device"]["bandwidth_gbs"] for r in matching if r["device"].get("bandwidth_gbs"))
+    if measured_bw:
+        profile = {**profile, "bandwidth_gbs": measured_bw[len(measured_bw) // 2]}
     try:
         p = plan(claim["model"], quant, ctx=ctx, amx=bool(profile.get("amx")))
         v = verdict(p, profile, claim["device"])
@@ -83,7 +88,8 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
         fits = need <= (max_rss * 2**30 if max_rss else v["budget"])
         fast = min_tps is None or v["expected_tps"] >= min_tps
         out["prediction"] = {"verdict": "PASS" if fits and fast else "FAIL", "peak_ram": need,
-                             "expected_tps": v["expected_tps"], "ceiling_tps": v["ceiling_tps"], "error": v["error"]}
+                             "expected_tps": v["expected_tps"], "ceiling_tps": v["ceiling_tps"], "error": v["error"],
+                             "bandwidth_gbs": profile["bandwidth_gbs"], "measured_bandwidth": bool(measured_bw)}
         # nothing measured, but a prediction whose error is known: a third kind of verdict, never a PASS
         # (of speed: the error is decode's; a memory-only claim stays UNTESTED until a fit row exists)
         if out["verdict"] == "UNTESTED" and v["error"] is not None and min_tps is not None:
@@ -144,7 +150,8 @@ def render_claims(results: list[dict]) -> str:
                                                           "condition"))
         p = r.get("prediction")
         err = f" ±{p['error']:.0%}" if p and p.get("error") is not None else ""
+        bw = f" at the rows' {p['bandwidth_gbs']:.1f} GB/s" if p and p.get("measured_bandwidth") else ""
         pred = (f"{p['verdict']}: {p['peak_ram'] / 2**30:.1f} GiB, ~{p['expected_tps']:.1f}{err} tok/s "
-                f"(ceiling {p['ceiling_tps']:.1f})") if p else "-"
+                f"(ceiling {p['ceiling_tps']:.1f}{bw})") if p else "-"
         lines.append(f"| {c.get('text', c['id'])} | **{r['verdict']}** | {dec} | {pred} |")
     return "\n".join(lines) + "\n"

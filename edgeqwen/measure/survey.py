@@ -140,7 +140,9 @@ def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, syn
         except UsageError:   # no cgroup here (not root, no delegation): fit is skipped, said once
             say("fit skipped: no memory cgroup available (run as root or with a delegated cgroup)")
     with bar("survey", len(todo), unit="build") as upd:
-        for item in todo:
+        for n, item in enumerate(todo, 1):
+            say(f"[{n}/{len(todo)}] {item.size} {item.quant}: build, bench"   # a log file sees progress too
+                + (", fit" if fits else "") + (", eval" if sources.get(item.size) and not quick else ""))
             recipe = get_recipe(item.size)
             src = sources.get(item.size)
             try:

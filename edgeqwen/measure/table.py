@@ -76,7 +76,10 @@ def _ms(x) -> str:
 
 
 def _ts(d) -> str:
-    return f"{d['mean']:.2f} ± {d.get('sd', 0):.2f}" if d and d.get("n") else "-"
+    """mean ± sd over the repeats; one run has no spread, so it says n=1 instead of a ± 0.00 it did not measure."""
+    if not d or not d.get("n"):
+        return "-"
+    return f"{d['mean']:.2f} (n=1)" if d["n"] == 1 else f"{d['mean']:.2f} ± {d.get('sd', 0):.2f}"
 
 
 COLUMNS = ["model", "quant", "backend", "file GiB", "threads", "pp t/s", "tg t/s", "tg@d t/s", "TTFT ms", "load s",
