@@ -131,6 +131,12 @@ max_peak_rss_gib = 1
     verdicts = {c["id"]: judge(c, busy, devs) for c in load_claims(claims)}
     assert {v["verdict"] for v in verdicts.values()} == {"UNTESTED"}
     assert "BUSY: other processes used 1.00 cores" in render_rows(busy)
+    # and so do rows of a board whose firmware throttled during the run (get_throttled's bits for now)
+    hot = [dict(r, thermal_after={"throttled": 0x50004}) for r in rows]
+    verdicts = {c["id"]: judge(c, hot, devs) for c in load_claims(claims)}
+    assert {v["verdict"] for v in verdicts.values()} == {"UNTESTED"} and "THROTTLED" in render_rows(hot)
+    once = [dict(r, thermal_after={"throttled": 0x50000}) for r in rows]   # only since boot: still a verdict
+    assert judge(load_claims(claims)[0], once, devs)["verdict"] == "PASS"
 
 
 def test_emulated_rows_never_count_for_speed(rows, tmp_path):
@@ -501,3 +507,35 @@ def test_no_plan_ceiling_sits_below_the_measurement_it_is_shown_beside():
             decided += 1
             assert p["measured_bandwidth"] and row["tg"]["mean"] <= p["ceiling_tps"], (claim["id"], row["tg"], p)
     assert decided >= 2
+
+
+def test_rows_say_what_measured_them_and_how_hot_it_was(tmp_path):
+    """Provenance in the fingerprint every row carries: edgeqwen's commit (in a checkout), llama.cpp's own version
+    and commit (libggml-base's ggml_version/ggml_commit), and the thermal state where Linux shows it."""
+    from conftest import REPO
+
+    from edgeqwen.measure.hw import THROTTLED_NOW, thermal, versions
+    v = versions()
+    if (REPO / ".git").exists() and shutil.which("git"):
+        assert len(v["edgeqwen_commit"].removesuffix("-dirty")) == 40
+    if "llama_cpp_python" in v:
+        assert v["ggml"].count(".") == 2 and v["ggml_commit"]
+    # A recorded tree, marked as such: the files a Raspberry Pi 5 under load shows (Raspberry Pi OS, 6.6 kernel),
+    # get_throttled 50005 = under-voltage and throttled now, and both since boot (vcgencmd's documented bits).
+    sys_ = tmp_path / "sys"
+    zone = sys_ / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("81650\n")
+    freq = sys_ / "devices" / "system" / "cpu" / "cpu0" / "cpufreq"
+    freq.mkdir(parents=True)
+    for name, value in (("scaling_governor", "ondemand"), ("scaling_cur_freq", "1500000"),
+                        ("cpuinfo_max_freq", "2400000")):
+        (freq / name).write_text(value + "\n")
+    fw = sys_ / "devices" / "platform" / "soc" / "soc:firmware"
+    fw.mkdir(parents=True)
+    (fw / "get_throttled").write_text("50005\n")
+    t = thermal(sys_)
+    assert t == {"temps_c": {"cpu-thermal": 81.65}, "governor": "ondemand", "cur_mhz": 1500, "max_mhz": 2400,
+                 "throttled": 0x50005} and t["throttled"] & THROTTLED_NOW
+    assert thermal(tmp_path / "nothing") == {}   # a VM shows none of it: absent, never guessed

@@ -177,7 +177,8 @@ def plan_cmd(size, quant, ctx, device, pool, devices, draft, kv):
         return
     if device and device not in devs:
         raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
-    amx = bool(devs.get(device, {}).get("amx")) if device else "amx_int8" in fingerprint(bandwidth=False)["isa"]
+    amx = bool(devs.get(device, {}).get("amx")) if device else \
+        "amx_int8" in fingerprint(bandwidth=False, provenance=False)["isa"]
     p = plan(size, quant, ctx=ctx, amx=amx, kv=kv)
     click.echo(describe(p, device, devs.get(device)))
     if draft:

@@ -269,6 +269,9 @@ def make_row(build: str, threads: int, cfg: BenchConfig, fp: dict, result: dict)
         "threads": threads, "prompt_tokens": cfg.prompt_tokens, "gen_tokens": cfg.gen_tokens,
         "repeats": cfg.repeats, "lean": cfg.lean, **result,
     }
+    from .hw import thermal
+    if after := thermal():   # the fingerprint holds the state before; a board that heated up says so here
+        row["thermal_after"] = after
     if cfg.workers:   # several devices: who took part, in what shares, and what each used (when it is local)
         from ..formats.gguf.rpc import parse_endpoint, worker_peak_memory
         row.update(workers=cfg.workers, split=cfg.split,

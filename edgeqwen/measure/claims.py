@@ -47,6 +47,7 @@ def peak_rss(row: dict) -> int:
 
 def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     """The verdict and the row that decides it (the best matching row), or UNTESTED with a prediction."""
+    from .hw import throttled
     from .plan import plan, verdict
     profile = devices.get(claim["device"])
     if profile is None:
@@ -59,7 +60,7 @@ def judge(claim: dict, rows: list[dict], devices: dict) -> dict:
     # An emulated run proves the build runs on that ISA (at any context), never how fast: kept apart, never a
     # verdict on speed.
     # A run on a busy machine (busy.py) measured the other processes as much as the build: never a verdict.
-    matching = [r for r in same if not r["device"].get("emulated") and not r.get("busy")
+    matching = [r for r in same if not r["device"].get("emulated") and not r.get("busy") and not throttled(r)
                 and (r.get("n_ctx") or 4096) >= ctx]
     emulated = [r for r in same if r["device"].get("emulated") and r.get("status") == "ok"]
     min_tps, max_rss = claim.get("min_decode_tps"), claim.get("max_peak_rss_gib")

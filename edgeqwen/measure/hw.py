@@ -1,6 +1,7 @@
 """Hardware fingerprint: what this machine is, as far as LLM speed is concerned."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -128,15 +129,112 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, repeats: int = 
 
 
 def versions() -> dict:
+    """What measured: edgeqwen's version and commit, llama.cpp's own version and commit, every backend's."""
     import importlib.metadata as md
 
     from .. import __version__
     out = {"edgeqwen": __version__, "python": platform.python_version()}
+    if commit := edgeqwen_commit():
+        out["edgeqwen_commit"] = commit
     for pkg in ("llama_cpp_python", "onnxruntime", "onnxruntime_genai", "mlx", "mlx-lm", "gguf", "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    out.update(ggml_version())
+    return out
+
+
+@functools.cache
+def edgeqwen_commit() -> str | None:
+    """The checkout's commit (+"-dirty" with uncommitted changes to tracked files); None for an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+_GGML = """
+import ctypes, json, sys
+lib = ctypes.CDLL(sys.argv[1])
+out = {}
+for name in ("ggml_version", "ggml_commit"):
+    f = getattr(lib, name, None)
+    if f is not None:
+        f.restype = ctypes.c_char_p
+        out[name] = f().decode("utf-8", "replace")
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def ggml_version() -> dict:
+    """llama.cpp's own version and commit, as libggml-base reports them (ggml_version, ggml_commit; libllama has
+    no such call). Read in a child process: loading the library here would load libgomp before load_runner sets
+    how its threads wait."""
+    import importlib.util
+    import json
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.origin:
+        return {}
+    libs = sorted((Path(spec.origin).parent / "lib").glob("libggml-base.*"))
+    if not libs:
+        return {}
+    try:
+        p = subprocess.run([sys.executable, "-c", _GGML, str(libs[0])], capture_output=True, text=True, timeout=30)
+        got = json.loads(p.stdout) if p.returncode == 0 else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return {}
+    return {k: v for k, v in (("ggml", got.get("ggml_version")), ("ggml_commit", got.get("ggml_commit"))) if v}
+
+
+THROTTLED_NOW = 0xF   # get_throttled's bits for now: under-voltage, frequency capped, throttled, soft temperature limit
+
+
+def throttled(row: dict) -> bool:
+    """A row measured while the board's firmware was throttling (before or after the run): shown as such, never a
+    verdict, like a busy row."""
+    states = (row.get("device", {}).get("thermal") or {}, row.get("thermal_after") or {})
+    return any(isinstance(t.get("throttled"), int) and t["throttled"] & THROTTLED_NOW for t in states)
+
+
+def thermal(root: Path = Path("/sys")) -> dict:
+    """The machine's thermal and clock state where Linux shows it: every thermal zone's temperature (°C), the
+    CPU frequency governor and current / maximum clock (MHz), and on a Raspberry Pi the firmware's throttled
+    flags (non-zero: under-voltage or throttling now or since boot). Absent where unreadable, never guessed.
+    root stands in for /sys (tests feed recorded trees)."""
+    out: dict = {}
+    zones = {}
+    for z in sorted((root / "class" / "thermal").glob("thermal_zone*")):
+        try:
+            kind = (z / "type").read_text().strip() or z.name
+            zones[f"{kind}" if kind not in zones else f"{kind}-{z.name}"] = int((z / "temp").read_text()) / 1000
+        except (OSError, ValueError):
+            continue
+    if zones:
+        out["temps_c"] = zones
+    freq = root / "devices" / "system" / "cpu" / "cpu0" / "cpufreq"
+    for key, name, scale in (("governor", "scaling_governor", None), ("cur_mhz", "scaling_cur_freq", 1000),
+                             ("max_mhz", "cpuinfo_max_freq", 1000)):
+        try:
+            raw = (freq / name).read_text().strip()
+            out[key] = raw if scale is None else round(int(raw) / scale)
+        except (OSError, ValueError):
+            pass
+    try:   # the Pi firmware's get_throttled (vcgencmd's bits), which its firmware driver prints in hex
+        raw = (root / "devices" / "platform" / "soc" / "soc:firmware" / "get_throttled").read_text().strip()
+        out["throttled"] = int(raw, 16)
+    except (OSError, ValueError):
+        pass
     return out
 
 
@@ -171,7 +269,9 @@ def apple_info(sysctl=_sysctl) -> dict | None:
     return out
 
 
-def fingerprint(bandwidth: bool = True) -> dict:
+def fingerprint(bandwidth: bool = True, provenance: bool = True) -> dict:
+    """This machine as a row records it. provenance=False leaves out the versions and the thermal state (a child
+    process and git): for a look-up by device id or ISA, not for a row."""
     cpu = cpu_info()
     vm = psutil.virtual_memory()
     fp = {
@@ -181,7 +281,7 @@ def fingerprint(bandwidth: bool = True) -> dict:
         "ram_total": vm.total,
         "ram_available": vm.available,
         "os": f"{platform.system()} {platform.release()}",
-        "versions": versions(),
+        **({"versions": versions(), "thermal": thermal()} if provenance else {}),
         "emulated": bool(emu := emulation()),
     }
     if emu:

@@ -165,6 +165,9 @@ def _status(row: dict) -> str:
     if row.get("busy"):   # measured beside other work: shown, never a verdict (claims.py)
         from .busy import busy_line
         notes.append(f"BUSY: {busy_line(row)}")
+    from .hw import throttled
+    if throttled(row):
+        notes.append("THROTTLED: the firmware capped the clock during the run")
     return s + (f" ({', '.join(notes)})" if notes else "")
 
 

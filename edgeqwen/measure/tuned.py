@@ -33,7 +33,7 @@ def lookup(sha: str | None, device_id: str | None = None) -> dict | None:
         return None
     if device_id is None:
         from .hw import fingerprint
-        device_id = fingerprint(bandwidth=False)["device_id"]
+        device_id = fingerprint(bandwidth=False, provenance=False)["device_id"]
     e = _read()["entries"].get(_key(device_id, sha))
     if not isinstance(e, dict):
         return None
