@@ -54,9 +54,10 @@ def plan_cycles(folder: Path) -> dict:
             "cycle_text": tok.decode(cycle), "control_text": tok.decode(control)}
 
 
-def expected_text(n_tokens: int, which: str, cycles: dict, tokenizer) -> str:
-    ids = cycles[which]
-    return tokenizer.decode([ids[i % len(ids)] for i in range(n_tokens)])
+def continues(text: str, cycle_text: str) -> bool:
+    """text is the cycle's text from its start, over and over, cut anywhere (how long a cycle is in tokens
+    depends on the tokenizer: the generated one splits words the real one keeps whole)."""
+    return bool(text) and (cycle_text * (len(text) // len(cycle_text) + 2)).startswith(text)
 
 
 def write_margin(out: Path, config: dict, tokenizer: Path | None = None, seed: int = 0) -> dict:

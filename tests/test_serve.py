@@ -138,7 +138,7 @@ def test_stop_strings_and_max_completion_tokens(server, margin_builds):
 
 def test_run_json_and_the_api_carry_the_models_exact_text(server, margin_builds, margin_cycles):
     """Machine outputs carry a model's exact text, control characters included; only the terminal's is cleaned."""
-    from margin import STEER_TEXT
+    from margin import STEER_TEXT, continues
 
     from edgeqwen.runner import display_text
     prompt = "Whatever comes first, then " + STEER_TEXT   # steers the margin model into its control cycle
@@ -146,8 +146,8 @@ def test_run_json_and_the_api_carry_the_models_exact_text(server, margin_builds,
                                            temperature=0)
     args = ("run", margin_builds["q4_0"], prompt, "--raw", "-t", "0", "-n", "8")
     ref = json.loads(run_cli(*args, "--json").stdout)
-    assert r.choices[0].text == ref["text"] == margin_cycles["control_text"] * 2
-    assert "\x05" in ref["text"] and "\x0c" in ref["text"]
+    assert r.choices[0].text == ref["text"] and continues(ref["text"], margin_cycles["control_text"])
+    assert "\x05" in ref["text"] and "\x0c" in ref["text"] and ref["generation_tokens"] == 8
     plain = run_cli(*args).stdout
     assert plain == display_text(ref["text"]) + "\n" and "\x05" not in plain and "\ufffd" in plain
 
