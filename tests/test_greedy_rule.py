@@ -142,7 +142,7 @@ def _fixture_params(tree: ast.Module) -> dict[str, set[str]]:
     return out
 
 
-def _requests(name: str, direct: set[str], fixtures: dict[str, set[str]]) -> set[str]:
+def _requests(direct: set[str], fixtures: dict[str, set[str]]) -> set[str]:
     seen, todo = set(), list(direct)
     while todo:
         f = todo.pop()
@@ -159,7 +159,7 @@ def offenders(source: str, filename: str = "<test>", shared_fixtures: dict | Non
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-            wanted = _requests(node.name, {a.arg for a in node.args.args}, fixtures)
+            wanted = _requests({a.arg for a in node.args.args}, fixtures)
             if any(w.startswith("margin") for w in wanted):
                 continue
             out += [f"{filename}:{line} {node.name}" for line in text_comparisons(node, generators)]

@@ -638,14 +638,11 @@ def test_hostile_cache_files_are_ignored_with_a_warning(margin_builds, tmp_path,
     assert name in r.stderr and "ignored" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_hostile_nested_json_anywhere_is_one_error():
+def test_hostile_nested_json_anywhere_is_one_error(tmp_path):
     from edgeqwen.errors import SourceError
     from edgeqwen.schemas import read_cache, read_json
-    import tempfile
-    from pathlib import Path
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "x.json"
-        p.write_text("[" * 100000 + "]" * 100000)
-        with pytest.raises(SourceError, match="nested too deeply"):
-            read_json(p, "a file")
-        assert read_cache(p, "a cache") == {}
+    p = tmp_path / "x.json"
+    p.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(SourceError, match="nested too deeply"):
+        read_json(p, "a file")
+    assert read_cache(p, "a cache") == {}
