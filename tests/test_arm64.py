@@ -11,7 +11,7 @@ import platform
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from helpers import REPO, invoke, run_cli
 
 pytestmark = pytest.mark.arm64
 ON_ARM = platform.machine().lower() in ("aarch64", "arm64")
@@ -89,7 +89,7 @@ def test_survey_quick(tmp_path):
 
 
 def test_hw():
-    p = run_cli("hw", "--json", "--no-bandwidth")
+    p = invoke("hw", "--json", "--no-bandwidth")
     assert p.returncode == 0, p.stderr
     fp = json.loads(p.stdout)
     assert fp["arch"] == platform.machine().lower()
@@ -100,7 +100,7 @@ def test_hw():
 
 
 def test_plan():
-    p = run_cli("plan", "7b", "q4", "--device", "raspberry-pi-5-8gb")
+    p = invoke("plan", "7b", "q4", "--device", "raspberry-pi-5-8gb")
     assert p.returncode == 0 and "fits" in p.stdout
 
 

@@ -3,7 +3,7 @@ import json
 import shutil
 
 import pytest
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 from edgeqwen.measure.bench import BenchConfig, make_row, measure
 from edgeqwen.measure.claims import judge, load_claims, render_claims
@@ -165,7 +165,7 @@ match = { device = "Raspberry Pi 5", ram_gib = 8 }
 
 
 def test_pi5_identity_from_cpuinfo_and_device_tree(monkeypatch):
-    from conftest import REPO
+    from helpers import REPO
     from edgeqwen.measure import hw
     info = hw.cpu_info((REPO / "tools/arm64/pi5-cpuinfo").read_text(), "aarch64", "Raspberry Pi 5 Model B Rev 1.0\0")
     assert info == {"cpu": "Cortex-A76", "arch": "aarch64", "isa": ["dotprod", "fp16", "neon"],
@@ -215,13 +215,13 @@ def test_a_resident_load_holds_the_untied_embedding_table():
 
 
 def test_plan_and_claims_cli(tmp_path):
-    r = run_cli("plan", "72b", "q4", "--device", "consumer-gpu-24gb")
+    r = invoke("plan", "72b", "q4", "--device", "consumer-gpu-24gb")
     assert r.returncode == 0 and "does NOT fit" in r.stdout
-    r = run_cli("plan", "7b", "q4", "--ctx", "32768", "--device", "nope")
+    r = invoke("plan", "7b", "q4", "--ctx", "32768", "--device", "nope")
     assert r.returncode == 2 and "raspberry-pi-5-8gb" in r.stderr
-    r = run_cli("plan", "1.5b", "int4", "--device", "raspberry-pi-5-4gb")
+    r = invoke("plan", "1.5b", "int4", "--device", "raspberry-pi-5-4gb")
     assert r.returncode == 0 and "ONNX" in r.stdout and "prompt logits" in r.stdout and "fits" in r.stdout
-    r = run_cli("plan", "57b-a14b", "int4")
+    r = invoke("plan", "57b-a14b", "int4")
     assert r.returncode == 2 and "mixture of experts" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -249,13 +249,13 @@ def test_real_tiny_bench_run_with_a_failure_row(tiny_builds, tmp_path):
     assert (ok["hugepage_bytes"] > 0) != ok["mapped"]
     # merges with itself without duplicates, renders, plots
     png = tmp_path / "p.png"
-    t = run_cli("table", out, out, "--plot", png, "--claims")
+    t = invoke("table", out, out, "--plot", png, "--claims")
     assert t.returncode == 0 and t.stdout.count("| tiny-qwen2") == 2 and png.stat().st_size > 1000
     assert "UNTESTED" in t.stdout
 
 
 def test_hw_fingerprint_cli():
-    r = run_cli("hw", "--json", "--no-bandwidth")
+    r = invoke("hw", "--json", "--no-bandwidth")
     assert r.returncode == 0
     fp = json.loads(r.stdout)
     assert {"cpu", "arch", "isa", "device", "physical_cores", "logical_cores", "ram_total", "os", "versions",
@@ -325,8 +325,7 @@ def test_plan_over_several_devices():
 @pytest.mark.parametrize("spec, msg", [("3xnope", "unknown device"), ("raspberry-pi-5-4gb", "between 2 and 17"),
                                        ("18xraspberry-pi-5-4gb", "between 2 and 17"), ("3x;foo", "is not [COUNTx]")])
 def test_plan_devices_bad_input(spec, msg):
-    from conftest import run_cli
-    p = run_cli("plan", "7b", "q4", "--devices", spec)
+    p = invoke("plan", "7b", "q4", "--devices", spec)
     assert p.returncode == 2 and msg in p.stderr and p.stderr.count("\n") == 1
 
 
@@ -395,7 +394,7 @@ def test_fit_refuses_a_baseline_whose_runs_disagree():
 def _recorded_sysctl(name):
     """A Mac's sysctl answers, from a fixture written from Apple's documented keys and public dumps (not
     recorded on a Mac here: see each file's header)."""
-    from conftest import REPO
+    from helpers import REPO
     pairs = {}
     for line in (REPO / "tests" / "data" / "sysctl" / name).read_text().splitlines():
         if line and not line.startswith("#"):
@@ -493,7 +492,7 @@ def test_no_plan_ceiling_sits_below_the_measurement_it_is_shown_beside():
     """Over every committed row file and claim: where a row decides a claim, the prediction beside it uses that
     machine's measured bandwidth, so its roofline is never under the measured decode (a fixed profile's 20.6 GB/s
     once put 'ceiling 4.7' beside a measured 5.9 tok/s)."""
-    from conftest import REPO
+    from helpers import REPO
 
     from edgeqwen.measure.plan import load_devices
     from edgeqwen.measure.table import load_rows
@@ -512,7 +511,7 @@ def test_no_plan_ceiling_sits_below_the_measurement_it_is_shown_beside():
 def test_rows_say_what_measured_them_and_how_hot_it_was(tmp_path):
     """Provenance in the fingerprint every row carries: edgeqwen's commit (in a checkout), llama.cpp's own version
     and commit (libggml-base's ggml_version/ggml_commit), and the thermal state where Linux shows it."""
-    from conftest import REPO
+    from helpers import REPO
 
     from edgeqwen.measure.hw import THROTTLED_NOW, thermal, versions
     v = versions()

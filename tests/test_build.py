@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 from edgeqwen.checkpoint import sha256_file
 
@@ -43,10 +43,10 @@ def test_manifest_records_what_was_built(tiny_builds, tiny_ckpt):
 def test_existing_build_is_reused_and_never_silently_replaced(tiny_builds, tiny_untied_ckpt, tiny_ckpt):
     folder = tiny_builds["q8_0"]
     before = (folder / "manifest.json").stat().st_mtime_ns
-    r = run_cli("build", "tiny", "q8", "--source", tiny_ckpt)
+    r = invoke("build", "tiny", "q8", "--source", tiny_ckpt)
     assert r.returncode == 0 and "already built" in r.stderr
     assert (folder / "manifest.json").stat().st_mtime_ns == before
-    r = run_cli("build", "tiny", "q8", "--source", tiny_untied_ckpt)
+    r = invoke("build", "tiny", "q8", "--source", tiny_untied_ckpt)
     assert r.returncode != 0 and "--force" in r.stderr
     assert (folder / "manifest.json").stat().st_mtime_ns == before
 
@@ -95,7 +95,7 @@ def test_bad_sources_fail_cleanly(tmp_path, tiny_ckpt, kind, model, message):
     import re
     d = _bad_folder(tmp_path, tiny_ckpt, kind)
     out = tmp_path / "out"
-    r = run_cli("build", model, "q8", "--source", d, "--out", out)
+    r = invoke("build", model, "q8", "--source", d, "--out", out)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) <= 2 and lines[-1].startswith("Error:") and re.search(message, lines[-1]), r.stderr
@@ -108,12 +108,12 @@ def test_bad_sources_fail_cleanly(tmp_path, tiny_ckpt, kind, model, message):
     (["0.5b", "iq2_xxs"], "importance matrix"),
 ])
 def test_bad_names_fail_with_the_choices(args, message):
-    r = run_cli("build", *args)
+    r = invoke("build", *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_offline_hub_miss_names_the_repo_and_source_flag(tmp_path):
-    r = run_cli("build", "0.5b", "q4", env={"HF_HOME": str(tmp_path / "empty-hf")})
+    r = invoke("build", "0.5b", "q4", env={"HF_HOME": str(tmp_path / "empty-hf")})
     assert r.returncode != 0
     assert "Qwen/Qwen2-0.5B-Instruct" in r.stderr and "--source" in r.stderr
 
@@ -176,6 +176,6 @@ def test_full_disk_fails_cleanly(tmp_path, tiny_ckpt):
 
 
 def test_list_shows_builds_and_recipes(tiny_builds):
-    r = run_cli("list")
+    r = invoke("list")
     assert r.returncode == 0
     assert "tiny-qwen2-q4_k_m" in r.stdout and "Qwen/Qwen2-7B-Instruct" in r.stdout and "q6_k" in r.stdout

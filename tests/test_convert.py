@@ -4,7 +4,7 @@ import json
 import gguf
 import numpy as np
 import pytest
-from conftest import REAL_TOKENIZER, tiny_config
+from helpers import REAL_TOKENIZER, tiny_config
 
 from edgeqwen.checkpoint import open_checkpoint
 from edgeqwen.formats.gguf.convert import convert

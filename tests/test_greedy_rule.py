@@ -2,12 +2,12 @@
 the margin model (tests/margin.py), never a random one, whose greedy text depends on the CPU's kernels.
 
 "Generated" here is concrete: a value that comes from a call of `stream`, `generate_text`, `respond`, `generate`
-(Hugging Face's), `run_cli("run" | "chat", ...)` (or `run_cli(*args)` with such args), an HTTP POST, the openai
-client (`.create`), conftest's `two_chat_turns`, or a helper of the test module that makes such a call (or runs a
-module-level script that does), or from a name or expression built from one. A comparison (`==`, `!=`, `in`) of
-two generated values is a text comparison, unless both come from the very same call written the same way (one
-path twice: the seeded-sampling reproducibility checks). A test (its parameters, or any fixture it requests)
-must then name a margin fixture (`margin_*`).
+(Hugging Face's), `run_cli("run" | "chat", ...)` or `invoke` likewise (or `run_cli(*args)` with such args), an
+HTTP POST, the openai client (`.create`), helpers' `two_chat_turns`, or a helper of the test module that makes such
+a call (or runs a module-level script that does), or from a name or expression built from one. A comparison (`==`,
+`!=`, `in`) of two generated values is a text comparison, unless both come from the very same call written the
+same way (one path twice: the seeded-sampling reproducibility checks). A test (its parameters, or any fixture it
+requests) must then name a margin fixture (`margin_*`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 GENERATORS = {"stream", "generate_text", "respond", "generate", "create", "post", "_cli_bytes", "two_chat_turns"}
 CLI_GENERATORS = {"run", "chat"}
+CLI_RUNNERS = {"run_cli", "invoke"}   # tests/helpers.py: in a child process, in this one
 
 
 def _call_name(call: ast.Call) -> str:
@@ -28,7 +29,7 @@ def _is_generator(call: ast.Call, generators=GENERATORS, cli_args: frozenset = f
     name = _call_name(call)
     if name in generators:
         return True
-    if name == "run_cli" and call.args:
+    if name in CLI_RUNNERS and call.args:
         first = call.args[0]
         if isinstance(first, ast.Constant):
             return first.value in CLI_GENERATORS

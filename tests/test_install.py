@@ -6,7 +6,7 @@ import pkgutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_cli
+from helpers import run_cli
 
 import edgeqwen
 from edgeqwen.cli import cli
@@ -75,7 +75,7 @@ def test_build_output_is_quiet_and_generated_text_is_clean_utf8(tiny_ckpt, tmp_p
 def test_install_script_flags_per_arch(arch, target, want, absent, system):
     import shutil
     import subprocess
-    from conftest import REPO
+    from helpers import REPO
     if target and not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("gcc-aarch64-linux-gnu is not installed")
     env = dict(os.environ, EDGEQWEN_UNAME_M=arch, EDGEQWEN_UNAME_S=system, CC="clang" if system == "Darwin" else "gcc")

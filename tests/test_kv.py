@@ -1,7 +1,7 @@
 """--kv q8_0: llama.cpp's quantized KV cache through run, bench, eval and plan; what it saves and what it costs."""
 import json
 
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 
 def test_plan_halves_the_kv_cache_with_q8_0():
@@ -9,7 +9,7 @@ def test_plan_halves_the_kv_cache_with_q8_0():
     f16, q8 = plan("1.5b", "q4_k_m", ctx=32768), plan("1.5b", "q4_k_m", ctx=32768, kv="q8_0")
     assert abs(q8.kv_bytes / f16.kv_bytes - 34 / 64) < 1e-3
     assert f16.peak_ram - q8.peak_ram == f16.kv_bytes - q8.kv_bytes
-    r = run_cli("plan", "1.5b", "int4", "--kv", "q8_0")
+    r = invoke("plan", "1.5b", "int4", "--kv", "q8_0")
     assert r.returncode == 2 and "not a GGUF build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -30,8 +30,8 @@ def test_q8_0_cache_runs_benches_and_is_scored_against_the_f16_cache(tiny_builds
     assert r.returncode == 0, r.stderr
     ev = json.loads(out.read_text().splitlines()[-1])
     assert ev["kind"] == "eval" and ev["kv"] == "q8_0" and 0 < ev["kl_mean"] < 0.05
-    t = run_cli("table", out)
+    t = invoke("table", out)
     assert t.returncode == 0 and "llama.cpp (KV q8_0)" in t.stdout
     assert "KL en" not in t.stdout   # a cache's cost is not the build's quality: the quality table ignores it
-    r = run_cli("run", onnx_builds["int4"], "hi", "--kv", "q8_0")
+    r = invoke("run", onnx_builds["int4"], "hi", "--kv", "q8_0")
     assert r.returncode != 0 and "need a GGUF build" in r.stderr and len(r.stderr.strip().splitlines()) == 1

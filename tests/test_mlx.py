@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import interrupted_build, run_cli, two_chat_turns
+from helpers import interrupted_build, invoke, run_cli, two_chat_turns
 
 from edgeqwen.build import BuildRequest, build
 from edgeqwen.formats.mlx.thread import on_mlx_thread
@@ -89,7 +89,7 @@ def test_group_size_is_written_and_named(tiny_ckpt, tmp_path):
                              smoke=False), log=None)
     assert out.name == "tiny-qwen2-mlx4-g32"
     _same_tensors(out, _mlx_lm_convert(tiny_ckpt, tmp_path / "theirs", "-q", "--q-group-size", "32"))
-    r = run_cli("build", "tiny-qwen2", "q4", "--source", tiny_ckpt, "--group-size", "32")
+    r = invoke("build", "tiny-qwen2", "q4", "--source", tiny_ckpt, "--group-size", "32")
     assert r.returncode == 2 and "--group-size is for MLX builds" in r.stderr
 
 
@@ -106,7 +106,7 @@ def test_manifest_hashes_the_weights_and_verify_catches_a_change(mlx_builds, tmp
     folder = shutil.copytree(mlx_builds["mlx4"], tmp_path / "copy")
     m = json.loads((folder / "manifest.json").read_text())
     assert m["format"] == "mlx" and m["file"] == "model.safetensors" and m["mlx"]["bits"] == 4
-    assert run_cli("verify", folder).returncode == 0
+    assert invoke("verify", folder).returncode == 0
     with open(folder / "model.safetensors", "r+b") as f:
         f.seek(-3, os.SEEK_END)
         f.write(b"\x00\x01\x02")
@@ -176,7 +176,7 @@ def test_bench_eval_and_table_take_mlx_builds(mlx_builds, tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["status"] == "ok" and row["backend"] == "mlx (cpu)" and row["build"]["format"] == "mlx"
     assert row["tg"]["mean"] > 0 and row["pp"]["mean"] > 0 and row["max_rss"] > 0
-    t = run_cli("table", out)
+    t = invoke("table", out)
     assert t.returncode == 0 and "| mlx_bf16 | mlx (cpu) |" in t.stdout
     r = run_cli("eval", mlx_builds["mlx4"], "--text", "en", "--ctx", "64", "--windows", "2", "--json")
     assert r.returncode == 0, r.stderr   # the reference: the mlx_bf16 build of the same source, found
@@ -200,7 +200,7 @@ def test_serve_answers_as_run_does(margin_mlx):
 
 def test_info_and_plan_know_mlx_builds(mlx_builds):
     from edgeqwen.measure.plan import plan
-    r = run_cli("info", mlx_builds["untied-mlx4"], "--json")
+    r = invoke("info", mlx_builds["untied-mlx4"], "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     m = info["manifest"]
@@ -208,7 +208,7 @@ def test_info_and_plan_know_mlx_builds(mlx_builds):
     # the file is its tensors plus the safetensors header
     assert 0 <= m["file_size"] - p.file_bytes < 64 << 10
     assert info["plan"]["file_bytes"] == p.file_bytes
-    apple = run_cli("plan", "1.5b", "mlx4", "--device", "apple-m2-16gb")
+    apple = invoke("plan", "1.5b", "mlx4", "--device", "apple-m2-16gb")
     assert apple.returncode == 0 and "MLX" in apple.stdout and "12.00 GiB" in apple.stdout   # 75% of 16 GiB
 
 

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import interrupted_build, run_cli, two_chat_turns
+from helpers import interrupted_build, invoke, run_cli, two_chat_turns
 
 from edgeqwen.build import BuildRequest, build
 from edgeqwen.errors import BuildError
@@ -214,12 +214,12 @@ def test_ignore_eos_generates_the_full_length_and_context_is_enforced(onnx_build
     (("tiny-qwen2", "int3"), "int4, int4_rtn, int8, fp32"),
 ])
 def test_format_and_quant_mistakes_fail_with_the_choices(args, message):
-    r = run_cli("build", *args)
+    r = invoke("build", *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_ram_preflight_refuses_before_loading(tiny_ckpt, tmp_path):
-    r = run_cli("build", "tiny-qwen2", "int4", "--source", tiny_ckpt, "--out", tmp_path / "b",
+    r = invoke("build", "tiny-qwen2", "int4", "--source", tiny_ckpt, "--out", tmp_path / "b",
                 env={"EDGEQWEN_RAM_BUDGET": "64M"})
     assert r.returncode == 1 and "needs about" in r.stderr and "64.00 MiB is available" in r.stderr
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
@@ -252,7 +252,7 @@ def test_bench_and_table_take_onnx_builds(onnx_builds, tmp_path):
     assert row["status"] == "ok" and row["backend"] == "onnxruntime-genai" and row["build"]["format"] == "onnx"
     assert row["tg"]["mean"] > 0 and row["pp"]["mean"] > 0 and row["ttft_s"]["mean"] > 0 and row["max_rss"] > 0
     assert row["build"]["file_size"] > (onnx_builds["int4"] / "model.onnx.data").stat().st_size - 1
-    t = run_cli("table", out)
+    t = invoke("table", out)
     assert t.returncode == 0 and "| int4 | onnxruntime-genai |" in t.stdout
 
 
@@ -329,7 +329,7 @@ def test_read_ahead_keeps_order_raises_and_ends_its_thread():
 
 def test_lean_is_refused_for_onnx_in_one_line(onnx_builds):
     # without prepacking, onnxruntime's MatMulNBits dequantizes every call: ~50x slower and larger (README)
-    r = run_cli("run", onnx_builds["int4"], "hi", "-n", "2", "--lean")
+    r = invoke("run", onnx_builds["int4"], "hi", "-n", "2", "--lean")
     assert r.returncode != 0 and "--lean needs a GGUF build" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 

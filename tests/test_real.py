@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, run_cli
+from helpers import SHARED, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -45,7 +45,7 @@ def test_unknown_quant_and_size_list_the_choices():
     (lambda s: s.replace("tied_embeddings = true", 'tied_embeddings = "yes"'), "must be a bool"),
 ])
 def test_recipes_are_parsed_strictly(tmp_path, mutation, message):
-    from conftest import TINY_RECIPE
+    from helpers import TINY_RECIPE
     p = tmp_path / "bad.toml"
     p.write_text(mutation(TINY_RECIPE))
     with pytest.raises(RecipeError, match=message):

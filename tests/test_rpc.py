@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 pytest.importorskip("llama_cpp")
 
@@ -169,11 +169,11 @@ def test_cli_run_with_workers_and_errors(tiny_builds, workers):
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "connection refused" in p.stderr
     twice = f"{workers[0].ep},{workers[0].ep}"
     for bad, msg in [("nohost", "is not HOST:PORT"), ("a:70000", "is not HOST:PORT"), (twice, "listed twice")]:
-        p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", bad)
+        p = invoke("run", tiny_builds["q8_0"], "Hello", "--workers", bad)
         assert p.returncode == 2 and msg in p.stderr, (bad, p.stderr)
-    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--workers", eps, "--split", "1,1")
+    p = invoke("run", tiny_builds["q8_0"], "Hello", "--workers", eps, "--split", "1,1")
     assert p.returncode == 2 and "needs 3 shares" in p.stderr
-    p = run_cli("run", tiny_builds["q8_0"], "Hello", "--split", "1,1")
+    p = invoke("run", tiny_builds["q8_0"], "Hello", "--split", "1,1")
     assert p.returncode == 2 and "--split needs --workers" in p.stderr
 
 
@@ -183,7 +183,7 @@ def test_onnx_build_refuses_workers(onnx_builds, workers):
 
 
 def test_non_loopback_bind_needs_allow_remote():
-    p = run_cli("worker", "--host", "0.0.0.0", "--port", str(free_port()), timeout=30)
+    p = invoke("worker", "--host", "0.0.0.0", "--port", str(free_port()))
     assert p.returncode == 2 and "--allow-remote" in p.stderr and "unauthenticated" in p.stderr
 
 
@@ -297,9 +297,9 @@ def test_the_model_process_stays_in_step_after_a_closed_stream_or_an_error(tiny_
 def test_worker_host_checks_are_the_servers(tiny_builds):
     """One host check for serve and worker: ::1 is loopback (ggml-rpc listens on IPv4 only: one line saying so),
     an empty host is refused rather than meaning every interface."""
-    p = run_cli("worker", "--host", "::1", "--port", str(free_port()), timeout=30)
+    p = invoke("worker", "--host", "::1", "--port", str(free_port()))
     assert p.returncode == 2 and "IPv4 addresses only" in p.stderr and "not a loopback" not in p.stderr, p.stderr
-    p = run_cli("worker", "--host", "", "--port", str(free_port()), timeout=30)
+    p = invoke("worker", "--host", "", "--port", str(free_port()))
     assert p.returncode == 2 and "--host is empty" in p.stderr
 
 

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 from edgeqwen.errors import RunnerError
 from edgeqwen.formats.load import load_runner
@@ -62,7 +62,7 @@ def test_prompt_from_stdin_and_raw(tiny_builds):
 def test_build_name_resolution_lists_what_exists(tiny_builds):
     ok = run_cli("run", "tiny-qwen2-q8_0", "hi", "-n", "2")
     assert ok.returncode == 0
-    bad = run_cli("run", "tiny-qwen2-q9", "hi")
+    bad = invoke("run", "tiny-qwen2-q9", "hi")
     assert bad.returncode == 2 and "tiny-qwen2-q8_0" in bad.stderr
 
 

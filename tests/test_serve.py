@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -277,7 +277,7 @@ def test_health_is_503_while_loading(tiny_builds):
 
 def test_non_loopback_host_needs_a_key_or_says_it_is_insecure(tiny_builds):
     """serve --help says a non-loopback host needs --api-key: without one it is refused, before any load."""
-    r = run_cli("serve", tiny_builds["q4_0"], "--host", "0.0.0.0", "--port", str(_free_port()))
+    r = invoke("serve", tiny_builds["q4_0"], "--host", "0.0.0.0", "--port", str(_free_port()))
     assert r.returncode == 2 and "--api-key" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     p = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", str(tiny_builds["q4_0"]), "--host",
                           "0.0.0.0", "--port", str(_free_port()), "--insecure-no-key"], stderr=subprocess.PIPE,
@@ -296,7 +296,7 @@ def test_non_loopback_host_needs_a_key_or_says_it_is_insecure(tiny_builds):
     ("192.0.2.1", "not an address of this machine"),   # TEST-NET-1: never this machine's
 ])
 def test_hosts_that_cannot_be_served_are_one_line(tiny_builds, host, words):
-    r = run_cli("serve", tiny_builds["q4_0"], "--host", host, "--port", str(_free_port()), "--api-key", "k")
+    r = invoke("serve", tiny_builds["q4_0"], "--host", host, "--port", str(_free_port()), "--api-key", "k")
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -331,7 +331,7 @@ def test_an_unloadable_build_is_one_line_not_a_server_answering_500(tiny_builds,
         bad.write_bytes(bytes(data))
     else:
         bad.write_bytes(content)
-    r = run_cli("serve", tiny_builds["q4_0"], bad, "--port", str(_free_port()))
+    r = invoke("serve", tiny_builds["q4_0"], bad, "--port", str(_free_port()))
     assert r.returncode != 0 and "Error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert str(bad.name) in r.stderr
 

@@ -197,6 +197,6 @@ def test_hostile_a_stalled_body_is_cut_off_after_the_read_timeout(tiny_builds, h
 
 
 def test_serve_help_states_the_read_timeout():
-    from conftest import run_cli
+    from helpers import run_cli
     out = run_cli("serve", "--help").stdout
     assert "--read-timeout" in out and "408" in out

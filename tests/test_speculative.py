@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 
 def _greedy(runner, prompt, n=200):
@@ -186,7 +186,7 @@ def test_bad_drafts_are_one_line(tiny_builds, other_tokenizer_draft, onnx_builds
         r = run_cli("run", target, "hi", "-n", "4", "-t", "0", *extra)
         assert r.returncode != 0 and msg in r.stderr, (extra, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-    r = run_cli("run", onnx_builds["int4"], "hi", "-n", "4", "--lookup")
+    r = invoke("run", onnx_builds["int4"], "hi", "-n", "4", "--lookup")
     assert r.returncode != 0 and "need a GGUF target" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -211,7 +211,7 @@ def test_bench_with_a_draft(tiny_builds, tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     s = row["speculative"]
     assert s["draft"] == "lookup" and s["drafted"] >= s["accepted"] >= 0 and 0 <= s["acceptance"] <= 1
-    t = run_cli("table", out)
+    t = invoke("table", out)
     assert t.returncode == 0 and "+ draft lookup" in t.stdout
 
 
@@ -219,7 +219,7 @@ def test_plan_counts_a_draft_beside_the_target():
     """The expectation comes from the named device's profile (a Pi has no AMX), never from the CPU running it."""
     from edgeqwen.measure.plan import fmt_gib, load_devices, plan
     amx = bool(load_devices()["raspberry-pi-5-4gb"].get("amx"))
-    r = run_cli("plan", "1.5b", "q8", "--draft", "0.5b:q4_0", "--device", "raspberry-pi-5-4gb")
+    r = invoke("plan", "1.5b", "q8", "--draft", "0.5b:q4_0", "--device", "raspberry-pi-5-4gb")
     assert r.returncode == 0, r.stderr
     t, d = plan("1.5b", "q8_0", amx=amx), plan("0.5b", "q4_0", amx=amx)
     assert f"with draft 0.5b q4_0: + peak RAM {fmt_gib(d.peak_ram)}" in r.stdout
@@ -227,21 +227,21 @@ def test_plan_counts_a_draft_beside_the_target():
     assert "together fit on raspberry-pi-5-4gb" in r.stdout
     for args, msg in ((("0.5b", "q4_0", "--draft", "1.5b:q8_0"), "not smaller"),
                       (("1.5b", "q8", "--draft", "0.5b:int4"), "GGUF draft")):
-        r = run_cli("plan", *args)
+        r = invoke("plan", *args)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_token_past_the_drafts_vocabulary_ends_drafting_not_the_answer(tiny_builds, tmp_path):
     """The 7B's embedding is padded to 152064 ids, the 0.5B's to 151936: a padded id in the context (a synthetic
     target can emit one) is past what the draft can read; the answer goes on, plain, and is still the target's."""
-    from conftest import _tokenizer_dir, tiny_config
+    from helpers import tokenizer_dir, tiny_config
 
     from edgeqwen.build import BuildRequest, build
     from edgeqwen.formats.load import load_runner
     from edgeqwen.recipes import get_recipe
     from edgeqwen.synthetic import write_synthetic
     src = tmp_path / "tiny-wide"
-    write_synthetic(src, tiny_config(vocab_size=152064), seed=3, tokenizer=_tokenizer_dir())
+    write_synthetic(src, tiny_config(vocab_size=152064), seed=3, tokenizer=tokenizer_dir())
     wide = build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="f16", source=src, name="tiny-wide-f16",
                               out=tmp_path / "wide"), log=None)
     prompt = [9707, 11, 152000, 1879, 0]   # 152000: a padded id the target has and the draft has not

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 
 def _rows(folder):
@@ -28,7 +28,7 @@ def test_quick_synthetic_survey_writes_rows_and_the_device_table(tmp_path):
     assert md.exists() and md.name == f"{rows[0]['device']['device_id']}.md"
     text = md.read_text()
     assert "| tiny-qwen2 (synthetic) | q4_k_m |" in text and "## Claims" in text and "Device id" in text
-    t = run_cli("table", out / f"{rows[0]['device']['device_id']}.jsonl")   # what `table` merges
+    t = invoke("table", out / f"{rows[0]['device']['device_id']}.jsonl")   # what `table` merges
     assert t.returncode == 0 and "| tiny-qwen2 (synthetic) | q4_k_m |" in t.stdout
 
 
@@ -62,7 +62,7 @@ def test_killed_survey_resumes_without_redoing_finished_builds(tmp_path):
 
 
 def test_survey_needs_a_source_or_synthetic_and_skips_what_does_not_fit(tmp_path):
-    r = run_cli("survey", "--quick", "--out", tmp_path / "s")
+    r = invoke("survey", "--quick", "--out", tmp_path / "s")
     assert r.returncode == 2 and "--synthetic" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     from edgeqwen.measure.survey import matrix
     items, skipped = matrix(["0.5b", "7b"], ["q4_k_m"], ram_available=2 << 30, disk_free=100 << 30)
@@ -72,24 +72,24 @@ def test_survey_needs_a_source_or_synthetic_and_skips_what_does_not_fit(tmp_path
 
 
 def test_table_refuses_a_row_that_passes_an_x86_run_off_as_a_pi(tmp_path):
-    from conftest import REPO
+    from helpers import REPO
     committed = sorted((REPO / "bench" / "results").glob("fbde2af58b2c.jsonl"))[0]   # an x86 machine's rows
     row = json.loads(committed.read_text().splitlines()[0])
     assert row["device"]["arch"] == "x86_64"
     forged = tmp_path / "forged.jsonl"
     row["device"].update(device="Raspberry Pi 5 Model B Rev 1.0", cpu="Cortex-A76")   # arch still x86_64
     forged.write_text(json.dumps(row) + "\n")
-    t = run_cli("table", forged)
+    t = invoke("table", forged)
     assert t.returncode == 2 and "forged.jsonl:1" in t.stderr and "claims a Raspberry Pi" in t.stderr
     assert len(t.stderr.strip().splitlines()) == 1
     row["device"]["arch"] = "aarch64"   # as hw reports a Pi: merged
     forged.write_text(json.dumps(row) + "\n")
-    assert run_cli("table", forged).returncode == 0
+    assert invoke("table", forged).returncode == 0
 
 
 def test_an_emulated_board_reports_its_own_ram_not_the_hosts():
     env = {"EDGEQWEN_EMULATED": "qemu-user (cortex-a76)", "EDGEQWEN_EMULATED_RAM_GIB": "8"}
-    fp = json.loads(run_cli("hw", "--json", "--no-bandwidth", env=env).stdout)
+    fp = json.loads(invoke("hw", "--json", "--no-bandwidth", env=env).stdout)
     assert fp["emulated"] and fp["ram_total"] == 8 << 30 and fp["host_ram_total"] > 0
     from edgeqwen.measure.hw import device_label
     assert "8 GiB" in device_label(fp) and "the host's" not in device_label(fp)

@@ -1,7 +1,7 @@
 """`edgeqwen tune`: measured settings per machine and build, used by default, recorded in every bench row."""
 import json
 
-from conftest import run_cli
+from helpers import invoke, run_cli
 
 
 def test_tune_measures_stores_and_is_used_by_default(tiny_builds, tmp_path):
@@ -66,7 +66,7 @@ def test_a_broken_or_foreign_tune_cache_falls_back_to_the_defaults(tiny_builds, 
 
 
 def test_tune_needs_a_gguf_build(onnx_builds):
-    r = run_cli("tune", onnx_builds["int4"])
+    r = invoke("tune", onnx_builds["int4"])
     assert r.returncode == 2 and "not a GGUF build" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -4,6 +4,7 @@ measure). Each command's docstring is its --help; heavy imports stay inside comm
 May import anything in the package; nothing imports it."""
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -44,19 +45,27 @@ def cli(verbose):
     _setup_logging(verbose)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (click's CliRunner swaps it), not the one at setup."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     """Library messages (logger "edgeqwen") go to stderr as plain lines; backend logs only with -v."""
-    import logging
     log = logging.getLogger("edgeqwen")
-    if not any(getattr(h, "_edgeqwen", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        h = _Stderr()
         h.setFormatter(logging.Formatter("%(message)s"))
-        h._edgeqwen = True
         log.addHandler(h)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("edgeqwen.llama").setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
 
 
 def _register() -> None:
