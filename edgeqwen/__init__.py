@@ -65,6 +65,7 @@ def evaluate(build, texts=("en", "zh"), ctx: int = 512, reference=None, threads:
     from .measure.evaluate import evaluate_files, load_text
     from .home import resolve_build
     path, manifest = resolve_build(str(build))
-    model = path / manifest["file"] if path.is_dir() else path
+    from .formats import model_path
+    model = model_path(path, manifest)
     ref = resolve_reference(path, manifest, reference)
     return dict(evaluate_files(model, ref, [load_text(t) for t in texts], ctx, threads))

@@ -81,8 +81,11 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
     fmt = format_of_quant(quant)
     if req.synthetic and req.source:
         raise UsageError("--synthetic and --source exclude each other")
-    if req.group_size is not None and fmt != "mlx":
-        raise UsageError(f"--group-size is for MLX builds (mlx4, mlx8); {quant} is a {fmt} build")
+    if req.group_size is not None and not FORMATS[fmt].group_size:
+        which = [f for f in FORMATS.values() if f.group_size]
+        raise UsageError(f"--group-size is for {' and '.join(f.label for f in which)} builds "
+                         f"({', '.join(q for f in which for q in f.quants if q != f.reference_quant)}); "
+                         f"{quant} is a {fmt} build")
     name = build_name(req, quant)
     final = Path(req.out) if req.out else builds_dir() / name
     source_desc = _describe_source(req)

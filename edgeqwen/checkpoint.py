@@ -5,9 +5,7 @@ any checkpoint that asks for remote code.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import gguf
 
 from .arch import Arch, arch_for_config
 from .errors import SourceError
+from .process import sha256_file
 from .safetensors import Reader, TensorInfo, read_header
 from .schemas import ModelConfig
 
@@ -65,16 +64,6 @@ def copy_tokenizer(src: Path, out_dir: Path, also: tuple[str, ...] = ()) -> None
     for name in (*TOKENIZER_FILES, "chat_template.jinja", "generation_config.json", *also):
         if (src / name).exists():
             shutil.copyfile(src / name, out_dir / name)
-
-
-def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None, block: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(block):
-            h.update(b)
-            if on_bytes:
-                on_bytes(len(b))
-    return h.hexdigest()
 
 
 def _load_json(path: Path, what: str) -> dict:

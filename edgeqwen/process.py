@@ -6,6 +6,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -83,3 +84,15 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def sha256_file(path, on_bytes: Callable[[int], None] | None = None, block: int = 16 << 20) -> str:
+    """The hex sha256 of a file, read in blocks (on_bytes(n) after each, for a progress bar)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(block):
+            h.update(b)
+            if on_bytes:
+                on_bytes(len(b))
+    return h.hexdigest()

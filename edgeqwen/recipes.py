@@ -13,6 +13,7 @@ import gguf
 from .arch import ARCHS, Arch
 from .errors import RecipeError, UsageError
 from .formats import FORMATS as _FORMATS
+from .formats import named_quants
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,13 +34,9 @@ CONVERTER_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantiz
 NEEDS_IMATRIX = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"}
 # Meaningless for a dense model, or not a type llama_model_quantize writes ("invalid output file type").
 NOT_FOR_DENSE = {"mxfp4_moe", "nvfp4"}
-# ONNX precisions (onnxruntime-genai decoders, block-32 weights; onnx_export.PRECISIONS says how each
-# quantizes): int4 is the Q4_K_M-like mix, int4_rtn the builder's plain default, fp32 the reference.
-ONNX_QUANTS = _FORMATS["onnx"].quants
-# MLX builds (mlx-lm folders): 4- and 8-bit affine in groups of 64, and the unquantized reference.
-MLX_QUANTS = _FORMATS["mlx"].quants
+# The other formats' quant names are their rows' (the formats table): ONNX precisions (onnxruntime-genai decoders,
+# block-32 weights; onnx/export.py's PRECISIONS says how each quantizes) and MLX's affine 4/8-bit and bf16.
 FORMATS = tuple(_FORMATS)
-_WHAT = {"onnx": "an ONNX precision", "mlx": "an MLX quant", "gguf": "a GGUF quant"}
 # The short names every recipe ships with; a recipe's [aliases] may add more.
 DEFAULT_ALIASES = {"q4": "q4_k_m", "q8": "q8_0"}
 
@@ -63,7 +60,7 @@ class Recipe:
     path: Path | None = None
 
     def quant_names(self) -> list[str]:
-        return sorted(self.aliases) + buildable_gguf_quants() + list(ONNX_QUANTS) + list(MLX_QUANTS)
+        return sorted(self.aliases) + [q for f in _FORMATS.values() for q in quants_of(f.name)]
 
     def resolve_quant(self, quant: str, fmt: str | None = None) -> str:
         """'q4' -> 'q4_k_m'; checks the name against every llama.cpp file type and the ONNX precisions.
@@ -79,10 +76,10 @@ class Recipe:
                 continue
             if q in row.quants:
                 if fmt not in (None, row.name):
-                    raise UsageError(f"{quant!r} is {_WHAT[row.name]}; {fmt} quants: {', '.join(_names(fmt))}")
+                    raise UsageError(f"{quant!r} is {row.quant_word}; {fmt} quants: {', '.join(quants_of(fmt))}")
                 return q
             if fmt == row.name:
-                raise UsageError(f"{quant!r} is not {_WHAT[row.name]}; choose {', '.join(row.quants)}")
+                raise UsageError(f"{quant!r} is not {row.quant_word}; choose {', '.join(row.quants)}")
         if q not in GGUF_QUANTS:
             raise UsageError(f"unknown quant {quant!r}; choose one of: {', '.join(self.quant_names())}")
         if q in NEEDS_IMATRIX:
@@ -101,8 +98,10 @@ class Recipe:
         return cfg
 
 
-def _names(fmt: str) -> list[str]:
-    return buildable_gguf_quants() if fmt == "gguf" else list(_FORMATS[fmt].quants)
+def quants_of(fmt: str) -> list[str]:
+    """The quant names a format builds: its row's, or for the default row every buildable llama.cpp file type."""
+    row = _FORMATS[fmt]
+    return buildable_gguf_quants() if row.default else list(row.quants)
 
 
 def buildable_gguf_quants() -> list[str]:
@@ -142,7 +141,7 @@ def parse_recipe(path) -> Recipe:
         raise _fail(path, f"[config] lacks {', '.join(absent)}")
     aliases = {k.lower(): v.lower() for k, v in data.get("aliases", {}).items()}
     for alias, target in aliases.items():
-        if target not in GGUF_QUANTS and target not in ONNX_QUANTS and target not in MLX_QUANTS:
+        if target not in GGUF_QUANTS and target not in named_quants():
             raise _fail(path, f"alias {alias} -> {target!r} is not a quant type; choose from {', '.join(GGUF_QUANTS)}")
     for key, typ in (("context_length", int), ("tied_embeddings", bool), ("revision", str), ("hub_repo", str)):
         if not isinstance(data[key], typ):

@@ -13,6 +13,9 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
                       field_validator, model_validator)
 
 from .errors import SourceError, UsageError
+from .formats import DEFAULT, FORMATS
+
+FORMAT_NAMES = tuple(FORMATS)   # a manifest's format: a row of the formats table
 
 
 class _Open(BaseModel):
@@ -49,7 +52,7 @@ class _Build(_Open):
     recipe: StrictStr | None = None
     quant: StrictStr | None = None
     size: StrictStr | None = None
-    format: StrictStr = "gguf"
+    format: StrictStr = DEFAULT.name
     sha256: StrictStr | None = None
     file_size: Bytes | None = None
     synthetic: StrictBool = False
@@ -176,7 +179,7 @@ def check_row(data, where: str) -> dict:
 
 class Manifest(_Open):
     name: str
-    format: Literal["gguf", "onnx", "mlx"] = "gguf"
+    format: Literal[FORMAT_NAMES] = DEFAULT.name
     quant: str
     file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")   # one file inside the build folder
     file_size: int = Field(ge=0)

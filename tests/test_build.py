@@ -10,7 +10,7 @@ import time
 import pytest
 from helpers import invoke, run_cli
 
-from edgeqwen.checkpoint import sha256_file
+from edgeqwen.process import sha256_file
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "q4_k_m", "q4_0"])

@@ -130,3 +130,64 @@ def test_imports_point_one_way_and_never_round():
     assert len(graph) > 40 and graph["edgeqwen.cli"]   # the walk found the package
     assert violations(graph) == []
     assert cycles(graph) == []
+
+
+def format_name_uses(source: str, names: set[str]) -> list[str]:
+    """Where a source compares with, defaults to, indexes by or enumerates a format's name: what it should ask the
+    format's row instead (a pip package or an engine of the same spelling in a plain list is not a format)."""
+    tree = ast.parse(source)
+    out = []
+
+    def named(node) -> bool:
+        return isinstance(node, ast.Constant) and node.value in names
+
+    for n in ast.walk(tree):
+        hits = []
+        if isinstance(n, ast.Compare):
+            hits = [x for x in [n.left, *n.comparators] if named(x)
+                    or isinstance(x, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in x.elts)]
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get":
+            hits = [x for x in n.args[1:] if named(x)]
+        elif isinstance(n, ast.BoolOp):
+            hits = [x for x in n.values if named(x)]
+        elif isinstance(n, ast.arguments):
+            hits = [x for x in [*n.defaults, *n.kw_defaults] if x is not None and named(x)]
+        elif isinstance(n, ast.AnnAssign) and n.value is not None:
+            hits = [n.value] if named(n.value) else []
+        elif isinstance(n, ast.Subscript):
+            s = n.slice
+            hits = [x for x in (s.elts if isinstance(s, ast.Tuple) else [s]) if named(x)]
+        elif isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", "")) == "Choice":
+            hits = [e for a in n.args if isinstance(a, (ast.List, ast.Tuple)) for e in a.elts if named(e)]
+        out += [f"line {x.lineno}: {ast.unparse(n)[:80]}" for x in hits]
+    return out
+
+
+def test_the_format_name_checker_finds_what_it_looks_for():
+    src = '''
+def f(fmt, m, kind="mlx"):
+    if fmt.name != "gguf" or fmt.name in ("onnx", "x"):
+        pass
+    a = m.get("format", "gguf")
+    b = m.get("format") or "gguf"
+    c = FORMATS["onnx"].quants
+    d: str = "gguf"
+    e = click.Choice(["gguf", "onnx"])
+    ok = ("gguf", "numpy", "mlx-lm")   # pip packages: not a format
+'''
+    hits = format_name_uses(src, {"gguf", "onnx", "mlx"})
+    # each kind once (the comparisons twice, Choice's list twice); the pip packages' tuple (line 10) not at all
+    assert sorted(int(h.split(":")[0].split()[1]) for h in hits) == [2, 3, 3, 5, 6, 7, 8, 9, 9]
+
+
+def test_no_code_outside_a_formats_own_package_asks_for_it_by_name():
+    from edgeqwen.formats import FORMATS
+    names = set(FORMATS)
+    found = {}
+    for name, path in modules().items():
+        if name == "edgeqwen.formats" or folder(name) is not None:   # the table, and each format's own package
+            continue
+        hits = format_name_uses(path.read_text(), names)
+        if hits:
+            found[name] = hits
+    assert found == {}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..formats import FORMATS
 from ..params import THREADS
 
 
@@ -23,7 +24,7 @@ from ..params import THREADS
 @click.option("--threads", type=THREADS, help="Quantization threads (default: physical cores).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the f16 GGUF next to the quantized one.")
 @click.option("--no-smoke", is_flag=True, help="Skip the load-and-generate check after building.")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx", "mlx"]),
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)),
               help="Insist on a format (default: the QUANT name decides).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="MLX builds: weights per quantization group (default 64, as mlx-lm).")
@@ -69,14 +70,14 @@ def list_cmd(as_json):
     """
     from ..home import builds_dir, list_builds
     from ..process import human_bytes
-    from ..recipes import MLX_QUANTS, ONNX_QUANTS, buildable_gguf_quants, load_recipes
+    from ..recipes import load_recipes, quants_of
     builds = list_builds()
     recipes = load_recipes()
     if as_json:
         click.echo(json.dumps({"builds": [{"path": str(p), **m} for p, m in builds],
                                "recipes": {n: {"size": r.size, "hub_repo": r.hub_repo} for n, r in recipes.items()},
-                               "quants": buildable_gguf_quants(), "onnx_quants": list(ONNX_QUANTS),
-                               "mlx_quants": list(MLX_QUANTS)}, indent=2))
+                               **{"quants" if f.default else f"{f.name}_quants": quants_of(f.name)
+                                  for f in FORMATS.values()}}, indent=2))
         return
     click.echo(f"Builds in {builds_dir()}:")
     if not builds:
@@ -89,9 +90,8 @@ def list_cmd(as_json):
     for n, r in sorted(recipes.items()):
         aliases = ", ".join(f"{a}={t}" for a, t in sorted(r.aliases.items()))
         click.echo(f"  {r.size:6s} {n:14s} {r.hub_repo:28s} tied={str(r.tied_embeddings).lower():5s} {aliases}")
-    click.echo("GGUF quants: " + ", ".join(buildable_gguf_quants()))
-    click.echo("ONNX quants: " + ", ".join(ONNX_QUANTS))
-    click.echo("MLX quants: " + ", ".join(MLX_QUANTS))
+    for f in FORMATS.values():
+        click.echo(f"{f.label} quants: " + ", ".join(quants_of(f.name)))
 
 
 COMMANDS = [build, list_cmd]

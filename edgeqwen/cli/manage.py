@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..formats import DEFAULT
+
 
 @click.command()
 @click.argument("build")
@@ -26,7 +28,7 @@ def info(build, row_files, as_json):
         return
     m = d["manifest"]
     src = m.get("source", {})
-    kind = f"{m.get('format', 'gguf')} {m.get('quant')}" + (", synthetic" if m.get("synthetic") else "")
+    kind = f"{m.get('format') or DEFAULT.name} {m.get('quant')}" + (", synthetic" if m.get("synthetic") else "")
     click.echo(f"{m.get('name')}  ({kind})")
     click.echo(f"  path     {d['path']}")
     click.echo(f"  recipe   {(m.get('recipe') or {}).get('name')}   source {src.get('kind')}: {src.get('id')}")

@@ -212,7 +212,8 @@ def eval_cmd(build, reference, texts, ctx, threads, max_windows, as_json, out, k
     from ..measure.evalrows import eval_row, resolve_reference
     from ..home import resolve_build
     path, manifest = resolve_build(build)
-    model_file = path / manifest["file"] if path.is_dir() else path
+    from ..formats import model_path
+    model_file = model_path(path, manifest)
     ref_file = resolve_reference(path, manifest, reference, log=lambda m: click.echo(m, err=True))
     loaded = [load_text(spec) for spec in texts]
     for label, res in evaluate_files(model_file, ref_file, loaded, ctx, threads, max_windows, kv):

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..formats import DEFAULT, of_manifest
 from ..params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
 
 
@@ -48,7 +49,7 @@ def tuned(build: str, threads: int | None, load: dict, no_tune: bool) -> tuple[i
         _, manifest = resolve_build(str(build))
     except EdgeqwenError:   # the load says what is wrong with it
         return threads, load
-    if not manifest or manifest.get("format", "gguf") != "gguf":
+    if not manifest or not (of_manifest(manifest) or DEFAULT).tune:
         return threads, load
     from ..measure.tuned import for_now, lookup
     s = lookup(manifest.get("sha256"))

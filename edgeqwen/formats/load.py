@@ -10,7 +10,13 @@ from ..errors import RunnerError
 from ..home import resolve_build
 from ..manage import check_build
 from ..runner import Runner, Sampling, generate_text
-from . import detect
+from . import FORMATS, detect, model_path
+
+
+def _which(capability: str, article: bool = True) -> str:
+    """The formats whose rows have a capability, as a message names them ("a GGUF")."""
+    names = " or ".join(f.label for f in FORMATS.values() if getattr(f, capability))
+    return f"a {names}" if article else names
 
 
 def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
@@ -31,12 +37,12 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
     kv = kv or "f16"
-    if (kv != "f16" or flash_attn is not None) and fmt.name != "gguf":
-        raise RunnerError(f"--kv and flash attention settings are llama.cpp's: they need a GGUF build; {path.name} is "
-                          f"{fmt.name}")
+    if (kv != "f16" or flash_attn is not None) and not fmt.kv_settings:
+        raise RunnerError(f"--kv and flash attention settings are llama.cpp's: they need {_which('kv_settings')} "
+                          f"build; {path.name} is {fmt.name}")
     if draft is not None:
-        if fmt.name != "gguf":
-            raise RunnerError(f"--draft and --lookup need a GGUF target; {path.name} is {fmt.name}")
+        if not fmt.drafts:
+            raise RunnerError(f"--draft and --lookup need {_which('drafts')} target; {path.name} is {fmt.name}")
         if workers:
             raise RunnerError("--draft and --lookup do not combine with --workers (the verify pass would cross the "
                               "network for every draft)")
@@ -44,11 +50,12 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
         # onnxruntime can skip prepacking (session.disable_prepacking, a flat string key of genai's
         # session_options), but MatMulNBits then dequantizes its weights on every call: the real 0.5B int4
         # decoded at 0.54 tok/s instead of 25.8, at 1.28 GiB peak RSS instead of 0.78 (README)
-        raise RunnerError(f"--lean needs a GGUF build: an ONNX build without prepacked weights is ~50x slower "
-                          f"and larger ({path.name} is {fmt.name})")
+        raise RunnerError(f"--lean needs {_which('lean')} build: an ONNX build without prepacked weights is ~50x "
+                          f"slower and larger ({path.name} is {fmt.name})")
     if workers:
         if not fmt.workers:
-            raise RunnerError(f"--workers needs a build whose backend can use them (GGUF); {path.name} is {fmt.name}")
+            raise RunnerError(f"--workers needs a build whose backend can use them ({_which('workers', False)}); "
+                              f"{path.name} is {fmt.name}")
         if isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
             from .gguf.isolated import IsolatedRunner
             from .gguf.rpc import check_workers
@@ -56,13 +63,13 @@ def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None
             return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
                                   workers=workers, split=split)
     extra = {}
-    if not spin and fmt.name == "gguf":   # before runner_class() imports llama_cpp: libgomp reads it as it loads
+    if not spin and fmt.spin:   # before runner_class() imports llama_cpp: libgomp reads it as it loads
         from .gguf.runner import wait_policy
         wait_policy(False)
         extra["spin"] = False
     cls = fmt.runner_class()
     check_build(path, manifest)
-    model = path / manifest["file"] if path.is_dir() else path
+    model = model_path(path, manifest)
     if lean:
         extra["lean"] = True
     if workers:
@@ -86,10 +93,9 @@ def _load_draft(draft: str, target_cls, threads, n_ctx):
     path, manifest = resolve_build(str(draft))
     fmt = detect(path, manifest)
     if fmt.runner_class() is not target_cls:
-        raise RunnerError(f"the draft must be a GGUF build like its target; {path.name} is {fmt.name}")
+        raise RunnerError(f"the draft must be {_which('drafts')} build like its target; {path.name} is {fmt.name}")
     check_build(path, manifest)
-    return target_cls(path / manifest["file"] if path.is_dir() else path, threads=threads, n_ctx=n_ctx,
-                      manifest=manifest)
+    return target_cls(model_path(path, manifest), threads=threads, n_ctx=n_ctx, manifest=manifest)
 
 
 def _smoke_main(model: str, threads: str, n: str) -> None:

@@ -25,13 +25,9 @@ def smoke_check(model: Path, threads: int | None = None, tokens: int = 8, timeou
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
         fmt = detect(model)
-        if fmt.name != "gguf":   # llama.cpp's crashes have known causes, said below
-            raise BuildError(f"{fmt.engine} crashed ({sig}) running {model}")
-        if sig == "SIGABRT":
-            raise BuildError(f"llama.cpp crashed (SIGABRT) on {model}: an assertion failed on something in the file, "
-                             "which is malformed")
-        raise BuildError(f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
-                         "reinstall llama-cpp-python with 'make setup'")
+        if fmt.crash_hint:   # an engine whose crashes have known causes says them
+            raise BuildError(fmt.load("crash_hint")(sig, model))
+        raise BuildError(f"{fmt.engine} crashed ({sig}) running {model}")
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("Error: ")
         raise BuildError(f"smoke check failed for {model}: {last}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from ..formats import DEFAULT, model_path, of_manifest
 from ..home import resolve_build
 
 SCHEMA = 1
@@ -80,7 +81,7 @@ def tuned_settings(build: str, cfg: BenchConfig) -> dict | None:
     if not cfg.tuned or cfg.workers:
         return None
     _, m = resolve_build(build)
-    if not m or m.get("format", "gguf") != "gguf":
+    if not m or not (of_manifest(m) or DEFAULT).tune:   # (an unknown format: no tuned settings)
         return None
     from .tuned import lookup
     return lookup(m.get("sha256"))
@@ -252,8 +253,8 @@ def build_fields(build: str) -> tuple[Path, dict]:
     """(model file, the row's "build" object): what every result row says about the build it measured."""
     path, manifest = resolve_build(build)
     manifest = manifest or {}
-    model = path / manifest["file"] if path.is_dir() else path
-    return model, {"name": manifest.get("name", model.stem), "format": manifest.get("format", "gguf"),
+    model = model_path(path, manifest)
+    return model, {"name": manifest.get("name", model.stem), "format": manifest.get("format", DEFAULT.name),
                    "quant": manifest.get("quant"), "recipe": (manifest.get("recipe") or {}).get("name"),
                    "size": (manifest.get("recipe") or {}).get("size"), "synthetic": bool(manifest.get("synthetic")),
                    "file_size": manifest.get("file_size") or (model.stat().st_size if model.exists() else None),

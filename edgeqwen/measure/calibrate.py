@@ -169,7 +169,7 @@ def calibrated(name: str, backend: str = "llama.cpp", plan_fn=None) -> dict | No
     cls = device_class(name)
     if cls is None:
         return None
-    group = "mlx" if backend == "mlx" else "metal" if cls.startswith("apple") else "cpu"
+    group = "mlx" if backend == "mlx-lm" else "metal" if cls.startswith("apple") else "cpu"
     t = _table(plan_fn).get((group, cls))
     if not t:
         return None

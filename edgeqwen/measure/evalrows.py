@@ -15,7 +15,7 @@ def resolve_reference(path: Path, manifest: dict | None, reference: str | None, 
     """The reference model file: given, else the f16 GGUF (fp32 ONNX for ONNX builds) of the same source,
     built if missing."""
     from ..build import BuildRequest, build
-    from ..formats import FORMATS
+    from ..formats import model_path, of_manifest
     from ..recipes import get_recipe
     if reference:
         ref = Path(reference)
@@ -23,15 +23,15 @@ def resolve_reference(path: Path, manifest: dict | None, reference: str | None, 
             # a Hugging Face folder: its f16 GGUF (fp32 ONNX for an ONNX build)
             if not manifest:
                 raise UsageError("a Hugging Face reference needs a build with a manifest")
-            q = FORMATS[manifest.get("format", "gguf")].reference_quant
+            q = of_manifest(manifest).reference_quant
             req = BuildRequest(recipe=get_recipe(manifest["recipe"]["name"]), quant=q, source=ref,
                                name=f"{manifest['recipe']['name']}-{q}-ref-{ref.name}", role="reference")
             return _model_file(build(req, log=log))
         rpath, rman = resolve_build(reference)
-        return rpath / rman["file"] if rpath.is_dir() else rpath
+        return model_path(rpath, rman)
     if not manifest:
         raise UsageError("no manifest next to this model: pass --reference")
-    ref_quant = FORMATS[manifest.get("format", "gguf")].reference_quant
+    ref_quant = of_manifest(manifest).reference_quant
     if manifest.get("quant") == ref_quant:
         return path / manifest["file"]
     src = manifest.get("source", {})
@@ -52,11 +52,13 @@ def _model_file(folder: Path) -> Path:
 
 
 def eval_row(build: str, manifest: dict | None, model: Path, ref: Path | None, text: str, res: dict) -> dict:
+    from ..formats import DEFAULT
     from .hw import fingerprint
     m = manifest or {}
     row = {"schema": SCHEMA, "kind": "eval", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "device": fingerprint(bandwidth=False),
-           "build": {"name": m.get("name", model.stem), "quant": m.get("quant"), "format": m.get("format", "gguf"),
+           "build": {"name": m.get("name", model.stem), "quant": m.get("quant"),
+                     "format": m.get("format", DEFAULT.name),
                      "recipe": (m.get("recipe") or {}).get("name"), "size": (m.get("recipe") or {}).get("size"),
                      "synthetic": bool(m.get("synthetic")), "sha256": m.get("sha256"),
                      "file_size": m.get("file_size")},

@@ -86,9 +86,9 @@ def open_logit_model(model: Path, ctx: int, threads: int | None = None, kv: str 
     from ..errors import RunnerError
     from ..formats import detect
     fmt = detect(Path(model))
-    if kv != "f16" and fmt.name != "gguf":
-        raise RunnerError(f"--kv {kv} needs a GGUF build (llama.cpp's KV cache types); {Path(model).name} is "
-                          f"{fmt.name}")
+    if kv != "f16" and not fmt.kv_settings:
+        raise RunnerError(f"--kv {kv} needs a build whose engine has KV cache types (llama.cpp's: GGUF); "
+                          f"{Path(model).name} is {fmt.name}")
     extra = {"kv": kv} if kv != "f16" else {}
     return fmt.runner_class()(Path(model), threads=threads, n_ctx=ctx, logits=True, **extra)
 

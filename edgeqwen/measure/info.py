@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from ..formats import FORMATS
+from ..formats import of_manifest
 from ..home import resolve_build
 
 
@@ -16,9 +16,9 @@ def info(build: str, row_files: list[Path] = ()) -> dict:
     files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()} if path.is_dir() else {}
     out = {"path": str(path), "manifest": manifest, "files": files,
            "disk_bytes": sum(files.values())}
-    fmt = FORMATS.get(manifest.get("format", "gguf"))
+    fmt = of_manifest(manifest)
     size = (manifest.get("recipe") or {}).get("size")
-    if fmt and fmt.plan and size:
+    if fmt and size:
         from .plan import plan
         try:
             p = plan(size, manifest["quant"], config=manifest.get("config"))

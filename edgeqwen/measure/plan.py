@@ -148,7 +148,7 @@ class Plan:
     resident: bool = False    # a normal load reads the file into memory (llama_runner, Linux): the table is held
     held_bytes: int | None = None   # ONNX: what onnxruntime holds of the weights (ONNX_HELD); None for GGUF
     extra_bytes: int = 0      # GGUF on AMX: a tied output's second copy and the AMX layout's additions
-    backend: str = "llama.cpp"   # or "onnxruntime-genai", "mlx"
+    backend: str = "llama.cpp"   # or "onnxruntime-genai", "mlx-lm": the engine, as calibrate groups published rows
 
     @property
     def peak_ram(self) -> int:
@@ -202,7 +202,7 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     """
     if kv not in KV_BYTES:
         raise UsageError(f"--kv {kv}: choose {', '.join(KV_BYTES)}")
-    from ..formats import format_of_quant
+    from ..formats import FORMATS, format_of_quant
     from ..recipes import get_recipe
     cfg = model_config(size, config)
     if size.lower() not in EXTRA_MODELS:
@@ -210,12 +210,11 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     else:
         from ..recipes import DEFAULT_ALIASES
         quant = DEFAULT_ALIASES.get(quant.lower(), quant.lower())
-    if kv != "f16" and format_of_quant(quant) != "gguf":
+    fmt = FORMATS[format_of_quant(quant)]
+    if kv != "f16" and not fmt.kv_settings:
         raise UsageError(f"--kv {kv} is a llama.cpp KV cache type; {quant} is not a GGUF build")
-    if format_of_quant(quant) == "onnx":
-        return plan_onnx(size, quant, cfg, ctx, prompt_tokens)
-    if format_of_quant(quant) == "mlx":
-        return plan_mlx(size, quant, cfg, ctx, prompt_tokens)
+    if fmt.planner:   # a format with its own memory model; the default row's is the one below
+        return fmt.load("planner")(size, quant, cfg, ctx, prompt_tokens)
     tensors = tensor_types(cfg, quant)
     weights = sum(nbytes(ne, t) for _, _, ne, t in tensors)
     tied = cfg.tie_word_embeddings
@@ -324,7 +323,7 @@ def plan_mlx(size: str, quant: str, cfg: ModelConfig, ctx: int, prompt_tokens: i
     ctx = min(ctx, 32768)
     params = sum(math.prod(shape) for shape in shapes.values())
     return Plan(size, quant, ctx, total, total, 0, ctx * kv_pos, cfg.vocab_size * 4, MLX_RUNTIME_BYTES,
-                total - gathered + kv_pos * prompt_tokens, params, gathered, held_bytes=total, backend="mlx")
+                total - gathered + kv_pos * prompt_tokens, params, gathered, held_bytes=total, backend="mlx-lm")
 
 
 # --- device profiles ---------------------------------------------------------------------------
@@ -349,7 +348,7 @@ def verdict(p: Plan, device: dict, name: str | None = None) -> dict:
     expected decode uses the efficiency fitted on published measurements of such devices (calibrate.py) and
     carries that fit's leave-one-out error; otherwise the profile's own efficiency, with no known error."""
     share = device.get("usable_fraction", 0.8)
-    if p.backend == "mlx" and device.get("unified_memory"):
+    if p.backend == "mlx-lm" and device.get("unified_memory"):
         share = min(share, MLX_WORKING_SET)   # Metal's working-set limit binds first
     budget = device["ram_gib"] * 2**30 * share
     ceiling = device["bandwidth_gbs"] * 1e9 / p.bytes_per_token
@@ -369,7 +368,7 @@ def fmt_gib(b: float) -> str:
 
 
 def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
-    if p.backend == "mlx":
+    if p.backend == "mlx-lm":
         lines = [f"{p.size} {p.quant} (MLX, mlx-lm) at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
                  f"  file size        {fmt_gib(p.file_bytes)}",
                  f"  RAM              {fmt_gib(p.min_ram)} = weights {fmt_gib(p.held_bytes)} + KV (bf16) "
@@ -512,10 +511,12 @@ def plan_pool(size: str, quant: str, pool: list[tuple[str, dict]], ctx: int = 40
 
     Layers go to devices in proportion to the RAM each has left after its fixed costs, as llama.cpp's
     free-memory split would; the first device also keeps the token embeddings, the last the output layer."""
+    from ..formats import FORMATS
     from ..recipes import DEFAULT_ALIASES, get_recipe
+    workers = next(f for f in FORMATS.values() if f.workers)   # the format whose engine spreads over devices
     p = plan(size, quant, ctx=ctx)
     cfg = model_config(size)
-    q = p.quant if size.lower() in EXTRA_MODELS else get_recipe(size).resolve_quant(quant, "gguf")
+    q = p.quant if size.lower() in EXTRA_MODELS else get_recipe(size).resolve_quant(quant, workers.name)
     q = DEFAULT_ALIASES.get(q, q)
     tensors = tensor_types(cfg, q)
     n = cfg.num_hidden_layers

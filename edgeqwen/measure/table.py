@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import UsageError
+from ..formats import DEFAULT
 
 
 def load_rows(files: list[Path]) -> list[dict]:
@@ -254,7 +255,7 @@ def render_quality(rows: list[dict], fmt: str = "md") -> str:
         b = next(iter(per.values()))["build"]
         size = b.get("file_size") or sizes.get(name)
         ref = next((r["reference"] for r in per.values() if r.get("reference")), None)
-        row = [name + (" (synthetic)" if b.get("synthetic") else ""), b.get("format") or "gguf",
+        row = [name + (" (synthetic)" if b.get("synthetic") else ""), b.get("format") or DEFAULT.name,
                f"{size / 2**20:.0f}" if size else "-", Path(ref).parent.name if ref else "-"]
         for t in texts:
             r = per.get(t)
@@ -293,7 +294,7 @@ def plot(rows: list[dict], out: Path) -> None:
         raise UsageError("--plot: no successful bench rows to plot (emulated rows have no speed)")
     sizes = sorted({r["build"].get("size") or r["build"]["name"] for r in ok}, key=_size_order)
     quants = sorted({r["build"].get("quant") or "?" for r in ok})
-    series = sorted({(r.get("backend") or r["build"].get("format", "gguf"), r["device"].get("cpu", "?")[:32])
+    series = sorted({(r.get("backend") or r["build"].get("format", DEFAULT.name), r["device"].get("cpu", "?")[:32])
                      for r in ok})
     colours = {q: plt.get_cmap("tab20")(i % 20) for i, q in enumerate(quants)}
     markers = {s: "osD^v<>Px*"[i % 10] for i, s in enumerate(series)}
@@ -301,7 +302,7 @@ def plot(rows: list[dict], out: Path) -> None:
     for ax, size in zip(axes[0], sizes):
         for r in (r for r in ok if (r["build"].get("size") or r["build"]["name"]) == size):
             x = max(r.get("peak_rss_sampled") or 0, r.get("max_rss") or 0) / 2**30
-            key = (r.get("backend") or r["build"].get("format", "gguf"), r["device"].get("cpu", "?")[:32])
+            key = (r.get("backend") or r["build"].get("format", DEFAULT.name), r["device"].get("cpu", "?")[:32])
             ax.scatter(x, r["tg"]["mean"], color=colours[r["build"].get("quant") or "?"], marker=markers[key], s=36,
                        edgecolors="black", linewidths=0.4, alpha=0.85)
         ax.set_title(f"{size}")

@@ -49,7 +49,7 @@ def tune(build: str, depth: int = 1024, gen_tokens: int = 64, repeats: int = 2, 
     from .bench import BenchConfig, run_one
     from .hw import fingerprint
     path, manifest = resolve_build(build)
-    if detect(path, manifest).name != "gguf" or not (manifest or {}).get("sha256"):
+    if not detect(path, manifest).tune or not (manifest or {}).get("sha256"):
         raise UsageError(f"tune measures llama.cpp's settings: {build} is not a GGUF build with a manifest")
     cores = physical_cores()
     fp = fingerprint(bandwidth=False)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from ..errors import EdgeqwenError, RunnerError
+from ..formats import DEFAULT
 from ..runner import Sampling
 from .metrics import Metrics
 from .schemas import ApiError, MAX_BODY
@@ -60,7 +61,7 @@ def _build_meta(arg: str) -> tuple[str, dict]:
     m = manifest or {}
     name = m.get("name") or path.stem
     return name, {"id": name, "object": "model", "created": int(path.stat().st_mtime), "owned_by": "edgeqwen",
-                  "format": m.get("format", "gguf"), "quant": m.get("quant"), "file_size": m.get("file_size")}
+                  "format": m.get("format") or DEFAULT.name, "quant": m.get("quant"), "file_size": m.get("file_size")}
 
 
 class Server:

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...build import BuildRequest, disk_guard, check_disk, estimate_bytes, say
-from ...checkpoint import Checkpoint, sha256_file
-from ...process import PeakRSS, Timer
+from ...checkpoint import Checkpoint
+from ...process import PeakRSS, Timer, sha256_file
 from ...progress import bar
 from .convert import OUT_TYPES, convert, output_size
 

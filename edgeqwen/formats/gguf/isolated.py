@@ -26,7 +26,8 @@ def _open_here(build: str, *, threads=None, n_ctx=None, logits=False, lean=False
     from .runner import LlamaRunner
     path, manifest = resolve_build(build)
     check_build(path, manifest)
-    model = path / manifest["file"] if path.is_dir() else path
+    from .. import model_path
+    model = model_path(path, manifest)
     return LlamaRunner(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, lean=lean,
                        workers=workers, split=split)
 

@@ -103,6 +103,15 @@ def _watching(path: Path, info, mapped: bool):
 KV_TYPES = {"f16": None, "q8_0": "GGML_TYPE_Q8_0"}
 
 
+def crash_hint(sig: str, model: Path) -> str:
+    """What a crash of llama.cpp running model most likely means (the formats table names this)."""
+    if sig == "SIGABRT":
+        return (f"llama.cpp crashed (SIGABRT) on {model}: an assertion failed on something in the file, "
+                "which is malformed")
+    return (f"llama.cpp crashed ({sig}) running {model.name}; if this is an AMX CPU with gcc < 13.3, "
+            "reinstall llama-cpp-python with 'make setup'")
+
+
 def wait_policy(spin: bool) -> None:
     """How llama.cpp's CPU threads wait for each other: spinning (libgomp's default, ~300k rounds before sleeping)
     or sleeping at once (OMP_WAIT_POLICY=passive).
