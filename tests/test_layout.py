@@ -1,5 +1,6 @@
 """The house's rules, read off the source (ast): dependencies point one way, cli -> serve / measure -> formats ->
-the shared core, and no module imports itself back through others (lazy imports inside functions count too)."""
+the shared core, and no module imports itself back through others (lazy imports inside functions and imports for
+annotations under TYPE_CHECKING count too); only a format's own package and the formats table name a format."""
 import ast
 from pathlib import Path
 
@@ -24,11 +25,7 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps = set()
         tree = ast.parse(path.read_text())
-        typing_only = {id(n) for t in ast.walk(tree) if isinstance(t, ast.If) and getattr(t.test, "id", "") ==
-                       "TYPE_CHECKING" for n in ast.walk(t)}   # annotations: never imported at run time
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(tree):   # imports under TYPE_CHECKING count: a circle for annotations is one still
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")[: len(package.split(".")) - node.level + 1]

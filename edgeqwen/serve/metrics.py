@@ -1,17 +1,11 @@
-"""Prometheus metrics of the server (/metrics) and the per-request timings object."""
+"""Prometheus metrics of the server (/metrics) and the per-request timings object. Knows nothing of the server or
+of responses: the routes record what happened."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.responses import JSONResponse
-
-from .schemas import ApiError, _error
-
-if TYPE_CHECKING:   # annotations only: the queue holds the metrics
-    from .queue import Server
 
 
 class Metrics:
@@ -30,29 +24,19 @@ class Metrics:
         Gauge("edgeqwen_process_rss_bytes", "Resident memory of the server", registry=r).set_function(
             lambda: proc.memory_info().rss)
 
+    def record(self, endpoint: str, status: str, n_prompt: int = 0, last=None) -> None:
+        """One finished request: its status, its prompt and, if it generated, its tokens, speed and TTFT."""
+        self.requests.labels(endpoint, status).inc()
+        self.prompt_tokens.inc(n_prompt)
+        if last is not None:
+            self.generated.inc(last.generation_tokens)
+            if last.generation_tokens > 1:
+                self.decode.observe(last.generation_tps)
+            if last.generation_tokens:
+                self.ttft.observe(last.ttft_s)
 
-def _timings(last) -> dict:
+
+def timings(last) -> dict:
+    """llama-server's "timings" object of an answer, from its last Response."""
     return {"ttft_ms": round(last.ttft_s * 1000, 1), "prompt_per_second": round(last.prompt_tps, 1),
             "predicted_per_second": round(last.generation_tps, 1)}
-
-
-def _record(server: Server, endpoint: str, status: str, n_prompt: int = 0, last=None) -> None:
-    m = server.metrics
-    m.requests.labels(endpoint, status).inc()
-    m.prompt_tokens.inc(n_prompt)
-    if last is not None:
-        m.generated.inc(last.generation_tokens)
-        if last.generation_tokens > 1:
-            m.decode.observe(last.generation_tps)
-        if last.generation_tokens:
-            m.ttft.observe(last.ttft_s)
-
-
-def _failed(server: Server, endpoint: str, e: Exception) -> JSONResponse:
-    """An error response (a domain error from the model thread is a 500), counted in the metrics."""
-    if not isinstance(e, ApiError):
-        e = ApiError(500, str(e), "server_error")
-    _record(server, endpoint, str(e.status))
-    return _error(e)
-
-

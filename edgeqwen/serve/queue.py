@@ -76,7 +76,7 @@ class Server:
         self.slot = _Slot(names, meta)
         self.metrics = Metrics()
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeqwen-model")
-        self.jobs: set[_Job] = set()   # running or about to run: cancelled together at shutdown
+        self.jobs: set[Job] = set()   # running or about to run: cancelled together at shutdown
         self.closing = False
 
     # worker-thread side
@@ -130,7 +130,7 @@ class Server:
 # --- generation -------------------------------------------------------------------------------------
 
 @dataclass(eq=False)   # a job is itself: kept in a set of running jobs
-class _Job:
+class Job:
     name: str
     chat: list[dict] | None
     prompt: str | None
@@ -151,7 +151,7 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
-def _run_job(server: Server, job: _Job, emit) -> None:
+def _run_job(server: Server, job: Job, emit) -> None:
     """On the worker thread: tokenize, check the context, stream; emit(kind, payload) for each event."""
     runner = server._ensure(job.name)
     try:
@@ -198,7 +198,7 @@ def _run_job(server: Server, job: _Job, emit) -> None:
     emit("done", last)
 
 
-async def _admit(server: Server, name: str):
+async def admit(server: Server, name: str):
     """Wait for the model slot in FIFO order; a full queue is a 503."""
     s = server.slot
     if server.closing:
@@ -220,8 +220,8 @@ async def _admit(server: Server, name: str):
         raise ApiError(503, "the server is shutting down", "server_busy")
 
 
-def _start(server: Server, job: _Job) -> asyncio.Queue:
-    """Run the job on the model thread (the slot, taken by _admit, is released when it ends, whatever the
+def start(server: Server, job: Job) -> asyncio.Queue:
+    """Run the job on the model thread (the slot, taken by admit, is released when it ends, whatever the
     client does); its events arrive on the returned queue."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
@@ -245,7 +245,7 @@ def _start(server: Server, job: _Job) -> asyncio.Queue:
     return q
 
 
-async def _until_gone(request: Request, job: _Job) -> None:
+async def until_gone(request: Request, job: Job) -> None:
     """Set job.cancel when the client disconnects (a non-streaming request: nothing else would notice)."""
     while True:
         msg = await request.receive()
@@ -254,7 +254,7 @@ async def _until_gone(request: Request, job: _Job) -> None:
             return
 
 
-async def _first(q: asyncio.Queue) -> int:
+async def prompt_size(q: asyncio.Queue) -> int:
     """The prompt's token count, or the error that refused it (before any response is started)."""
     kind, payload = await q.get()
     if kind == "error":
@@ -262,7 +262,7 @@ async def _first(q: asyncio.Queue) -> int:
     return payload
 
 
-async def _events(q: asyncio.Queue, job: _Job):
+async def events(q: asyncio.Queue, job: Job):
     """The worker's text and done events; closing this iterator (a client gone) cancels the job."""
     try:
         while True:

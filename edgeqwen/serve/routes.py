@@ -1,5 +1,5 @@
 """The Starlette app: the OpenAI-compatible endpoints, /health, /metrics, the chat page, and the SSE framing of a
-streamed answer."""
+streamed answer. Handlers find the server on the app (request.app.state.server); every response is built here."""
 from __future__ import annotations
 
 import asyncio
@@ -18,139 +18,168 @@ from starlette.routing import Route
 
 from ..errors import EdgeqwenError
 from ..text import clean
-from .metrics import _failed, _record, _timings
-from .queue import Server, _Job, _admit, _events, _first, _start, _until_gone
-from .schemas import ApiError, ChatRequest, CompletionRequest, _Gone, _error, _parse, _read_json, _sampling
-
+from .metrics import timings
+from .queue import Job, Server, admit, events, prompt_size, start, until_gone
+from .schemas import ApiError, ChatRequest, CompletionRequest, Gone, error_response, parse, read_json, sampling
 
 _log = logging.getLogger("edgeqwen")
-# --- the app ------------------------------------------------------------------------------------------
+
 
 def create_app(server: Server) -> Starlette:
-    cfg = server.cfg
-
-    def authorized(request: Request) -> None:
-        if not cfg.api_key:
-            return
-        got = request.headers.get("authorization", "")
-        token = got[7:] if got.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
-                           "invalid_api_key")
-
-    async def generate(request: Request, kind: str):
-        endpoint = f"/v1/{kind}"
-        try:
-            authorized(request)
-            data = await _read_json(request, cfg.max_body, cfg.read_timeout)
-            req = _parse(ChatRequest if kind == "chat/completions" else CompletionRequest, data)
-            if req.n != 1:
-                raise ApiError(400, "n > 1 is not supported: a context serves one sequence", code="invalid_value")
-            stops = [clean(x) for x in ([req.stop] if isinstance(req.stop, str) else list(req.stop or []))]
-            if isinstance(req, ChatRequest):
-                chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
-                job = _Job(req.model, chat, None, _sampling(req, 1 << 30), stops)
-            else:
-                prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-                if len(prompts) != 1:
-                    raise ApiError(400, "prompt: give one string", code="invalid_value")
-                job = _Job(req.model, None, clean(prompts[0]), _sampling(req, 1 << 30), stops)
-            await _admit(server, req.model)
-            q = _start(server, job)
-            n_prompt = await _first(q)
-        except (ApiError, EdgeqwenError) as e:
-            return _failed(server, endpoint, e)
-        except _Gone:
-            _log.info("%s: the client disconnected before its request was read", endpoint)
-            _record(server, endpoint, "499")
-            return Response(status_code=499)
-        rid = ("chatcmpl-" if kind.startswith("chat") else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        events = _events(q, job)
-        if req.stream:
-            include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return _sse(server, endpoint, events, rid, created, req.model, kind, include_usage, job, n_prompt)
-        watcher = asyncio.create_task(_until_gone(request, job))
-        try:
-            text, last = [], None
-            async for ev, payload in events:
-                if ev == "text":
-                    text.append(payload)
-                else:
-                    last = payload
-        except (ApiError, EdgeqwenError) as e:
-            return _failed(server, endpoint, e)
-        finally:
-            watcher.cancel()
-        if last.finish_reason == "cancelled" and job.cancel.is_set() and not server.closing:
-            _log.info("%s: the client disconnected after %d tokens: stopped", endpoint, last.generation_tokens)
-            _record(server, endpoint, "499", n_prompt, last)
-            return Response(status_code=499)
-        _record(server, endpoint, "200", n_prompt, last)
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": last.generation_tokens,
-                 "total_tokens": n_prompt + last.generation_tokens}
-        content = "".join(text)
-        finish = "length" if last.finish_reason == "length" else "stop"
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
-                  if kind.startswith("chat") else {"index": 0, "text": content, "finish_reason": finish})
-        return JSONResponse({"id": rid, "object": "chat.completion" if kind.startswith("chat") else "text_completion",
-                             "created": created, "model": req.model, "choices": [choice], "usage": usage,
-                             "timings": _timings(last)})
-
-    async def chat_completions(request):
-        return await generate(request, "chat/completions")
-
-    async def completions(request):
-        return await generate(request, "completions")
-
-    async def models(request):
-        try:
-            authorized(request)
-        except ApiError as e:
-            return _error(e)
-        return JSONResponse({"object": "list", "data": list(server.slot.meta.values())})
-
-    async def health(request):
-        s = server.slot
-        if s.failed and not s.loading:
-            return JSONResponse({"status": "error", "error": s.failed}, status_code=503)
-        if s.loading or s.runner is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ok", "model": s.resident})
-
-    async def metrics(request):
-        try:
-            authorized(request)
-        except ApiError as e:
-            return _error(e)
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    async def page(request):
-        from ..resources import data
-        return HTMLResponse(data("chat.html").read_text(encoding="utf-8"))
-
-    async def not_found(request, exc):
-        return _error(ApiError(404, f"no route {request.url.path}", code="not_found"))
-
-    async def method_not_allowed(request, exc):
-        return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
-
-    async def crashed(request, exc):
-        _log.exception("unhandled error")
-        return _error(ApiError(500, "internal error", "server_error"))
-
+    """The app serving server's models (CORS only if the server's config names an origin)."""
     routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics),
               Route("/v1/models", models), Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     middleware = []
-    if cfg.cors:
+    if server.cfg.cors:
         from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
-        middleware.append(Middleware(CORSMiddleware, allow_origins=[cfg.cors], allow_methods=["GET", "POST"],
+        middleware.append(Middleware(CORSMiddleware, allow_origins=[server.cfg.cors], allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={404: not_found, 405: method_not_allowed, 500: crashed})
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={404: not_found, 405: method_not_allowed, 500: crashed})
+    app.state.server = server
+    return app
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server
+
+
+def _authorize(request: Request) -> None:
+    """--api-key given: the request carries it as a bearer token, or it is a 401."""
+    key = _server(request).cfg.api_key
+    if not key:
+        return
+    got = request.headers.get("authorization", "")
+    token = got[7:] if got.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
+                       "invalid_api_key")
+
+
+def _failed(server: Server, endpoint: str, e: Exception) -> JSONResponse:
+    """An error response (a domain error from the model thread is a 500), counted in the metrics."""
+    if not isinstance(e, ApiError):
+        e = ApiError(500, str(e), "server_error")
+    server.metrics.record(endpoint, str(e.status))
+    return error_response(e)
+
+
+def _job(req, kind: str) -> Job:
+    """The model thread's work for a parsed request."""
+    if req.n != 1:
+        raise ApiError(400, "n > 1 is not supported: a context serves one sequence", code="invalid_value")
+    stops = [clean(x) for x in ([req.stop] if isinstance(req.stop, str) else list(req.stop or []))]
+    if isinstance(req, ChatRequest):
+        chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        return Job(req.model, chat, None, sampling(req, 1 << 30), stops)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise ApiError(400, "prompt: give one string", code="invalid_value")
+    return Job(req.model, None, clean(prompts[0]), sampling(req, 1 << 30), stops)
+
+
+async def _generate(request: Request, kind: str):
+    server = _server(request)
+    endpoint = f"/v1/{kind}"
+    try:
+        _authorize(request)
+        data = await read_json(request, server.cfg.max_body, server.cfg.read_timeout)
+        req = parse(ChatRequest if kind == "chat/completions" else CompletionRequest, data)
+        job = _job(req, kind)
+        await admit(server, req.model)
+        q = start(server, job)
+        n_prompt = await prompt_size(q)
+    except (ApiError, EdgeqwenError) as e:
+        return _failed(server, endpoint, e)
+    except Gone:
+        _log.info("%s: the client disconnected before its request was read", endpoint)
+        server.metrics.record(endpoint, "499")
+        return Response(status_code=499)
+    rid = ("chatcmpl-" if kind.startswith("chat") else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    answer = events(q, job)
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return _sse(server, endpoint, answer, rid, created, req.model, kind, include_usage, job, n_prompt)
+    watcher = asyncio.create_task(until_gone(request, job))
+    try:
+        text, last = [], None
+        async for ev, payload in answer:
+            if ev == "text":
+                text.append(payload)
+            else:
+                last = payload
+    except (ApiError, EdgeqwenError) as e:
+        return _failed(server, endpoint, e)
+    finally:
+        watcher.cancel()
+    if last.finish_reason == "cancelled" and job.cancel.is_set() and not server.closing:
+        _log.info("%s: the client disconnected after %d tokens: stopped", endpoint, last.generation_tokens)
+        server.metrics.record(endpoint, "499", n_prompt, last)
+        return Response(status_code=499)
+    server.metrics.record(endpoint, "200", n_prompt, last)
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": last.generation_tokens,
+             "total_tokens": n_prompt + last.generation_tokens}
+    content = "".join(text)
+    finish = "length" if last.finish_reason == "length" else "stop"
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+              if kind.startswith("chat") else {"index": 0, "text": content, "finish_reason": finish})
+    return JSONResponse({"id": rid, "object": "chat.completion" if kind.startswith("chat") else "text_completion",
+                         "created": created, "model": req.model, "choices": [choice], "usage": usage,
+                         "timings": timings(last)})
+
+
+async def chat_completions(request: Request):
+    return await _generate(request, "chat/completions")
+
+
+async def completions(request: Request):
+    return await _generate(request, "completions")
+
+
+async def models(request: Request):
+    try:
+        _authorize(request)
+    except ApiError as e:
+        return error_response(e)
+    return JSONResponse({"object": "list", "data": list(_server(request).slot.meta.values())})
+
+
+async def health(request: Request):
+    s = _server(request).slot
+    if s.failed and not s.loading:
+        return JSONResponse({"status": "error", "error": s.failed}, status_code=503)
+    if s.loading or s.runner is None:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ok", "model": s.resident})
+
+
+async def metrics(request: Request):
+    try:
+        _authorize(request)
+    except ApiError as e:
+        return error_response(e)
+    return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def page(request: Request):
+    from ..resources import data
+    return HTMLResponse(data("chat.html").read_text(encoding="utf-8"))
+
+
+async def not_found(request: Request, exc):
+    return error_response(ApiError(404, f"no route {request.url.path}", code="not_found"))
+
+
+async def method_not_allowed(request: Request, exc):
+    return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+
+async def crashed(request: Request, exc):
+    _log.exception("unhandled error")
+    return error_response(ApiError(500, "internal error", "server_error"))
 
 
 def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job, n_prompt):
@@ -183,7 +212,7 @@ def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job
             yield chunk({}, finish)
             if include_usage:
                 yield chunk(usage={"prompt_tokens": n_prompt, "completion_tokens": last.generation_tokens,
-                                   "total_tokens": n_prompt + last.generation_tokens}, timings=_timings(last))
+                                   "total_tokens": n_prompt + last.generation_tokens}, timings=timings(last))
             yield {"data": "[DONE]"}
         except ApiError as e:
             status = str(e.status)
@@ -197,7 +226,7 @@ def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job
         finally:
             job.cancel.set()
             await events.aclose()
-            _record(server, endpoint, status, n_prompt, last)
+            server.metrics.record(endpoint, status, n_prompt, last)
     return EventSourceResponse(gen(), ping=15)
 
 

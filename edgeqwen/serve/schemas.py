@@ -64,22 +64,22 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
 
 
-def _error(e: ApiError) -> JSONResponse:
+def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse({"error": {"message": e.message, "type": e.type, "code": e.code}}, status_code=e.status,
                         headers=e.headers)
 
 
-def _sampling(req: _Req, n_default: int) -> Sampling:
+def sampling(req: _Req, n_default: int) -> Sampling:
     return Sampling(max_tokens=req.max_completion_tokens or req.max_tokens or n_default,
                     temperature=0.7 if req.temperature is None else req.temperature,
                     top_p=0.8 if req.top_p is None else req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
 
 
-class _Gone(Exception):
+class Gone(Exception):
     """The client went away before its request was read (a normal event: one log line, no response)."""
 
 
-async def _read_json(request: Request, limit: int, timeout: float) -> dict:
+async def read_json(request: Request, limit: int, timeout: float) -> dict:
     import asyncio
 
     from starlette.requests import ClientDisconnect
@@ -95,7 +95,7 @@ async def _read_json(request: Request, limit: int, timeout: float) -> dict:
                     raise ApiError(413, f"the request body is over the limit of {limit} bytes",
                                    code="body_too_large")
     except ClientDisconnect:
-        raise _Gone from None
+        raise Gone from None
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--read-timeout)",
                        code="request_timeout") from None
@@ -110,7 +110,7 @@ async def _read_json(request: Request, limit: int, timeout: float) -> dict:
     return data
 
 
-def _parse(model: type[BaseModel], data: dict):
+def parse(model: type[BaseModel], data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as e:
