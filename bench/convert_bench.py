@@ -22,7 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeqwen.build import synthetic_checkpoint
+from edgeqwen.formats.build import synthetic_checkpoint
 from edgeqwen.process import human_bytes
 from edgeqwen.recipes import get_recipe
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from convert_bench import measure  # noqa: E402
 
-from edgeqwen.build import synthetic_checkpoint  # noqa: E402
+from edgeqwen.formats.build import synthetic_checkpoint  # noqa: E402
 from edgeqwen.measure.hw import fingerprint  # noqa: E402
 from edgeqwen.process import human_bytes  # noqa: E402
 from edgeqwen.recipes import get_recipe  # noqa: E402

@@ -15,8 +15,8 @@ __all__ = ["build", "load", "bench", "evaluate", "__version__"]
 
 def build(model: str, quant: str = "q4", **options):
     """Build MODEL (a size or recipe name) as QUANT; options are BuildRequest's fields. Returns the folder."""
-    from .build import BuildRequest
-    from .build import build as run
+    from .formats.build import BuildRequest
+    from .formats.build import build as run
     from .recipes import get_recipe
     return run(BuildRequest(recipe=get_recipe(model), quant=quant, **options))
 

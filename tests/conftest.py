@@ -71,7 +71,7 @@ def margin_cycles(margin_ckpt) -> dict:
 @pytest.fixture(scope="session")
 def margin_builds(margin_ckpt) -> dict[str, Path]:
     """GGUF builds of the margin model: f16, q8_0, q4_k_m, q4_0 (each with its own kernels on every CPU)."""
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     recipe = get_recipe("tiny-qwen2")
     # no smoke child per build: tiny_builds take that path, and every margin test loads these
@@ -82,7 +82,7 @@ def margin_builds(margin_ckpt) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def margin_onnx(margin_ckpt) -> dict[str, Path]:
     pytest.importorskip("onnxruntime_genai")
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     recipe = get_recipe("tiny-qwen2")
     return {q: build(BuildRequest(recipe=recipe, quant=q, source=margin_ckpt, name=f"tiny-margin-{q}", smoke=False),
@@ -92,7 +92,7 @@ def margin_onnx(margin_ckpt) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def margin_mlx(margin_ckpt) -> dict[str, Path]:
     pytest.importorskip("mlx_lm")
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     return {q: build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant=q, source=margin_ckpt,
                                   name=f"tiny-margin-{q}", smoke=False), log=None) for q in ("mlx4", "mlx_bf16")}
@@ -109,7 +109,7 @@ def margin_load(request) -> dict:
 @pytest.fixture(scope="session")
 def tiny_builds(tiny_ckpt) -> dict[str, Path]:
     """f16 and quantized GGUF builds of the tiny model, built once through the real build path."""
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     recipe = get_recipe("tiny-qwen2")
     out = {}
@@ -122,7 +122,7 @@ def tiny_builds(tiny_ckpt) -> dict[str, Path]:
 def onnx_builds(tiny_ckpt, tiny_untied_ckpt):
     """Every ONNX precision of the tiny model (and int4/fp32 of the untied one), through the real build path."""
     pytest.importorskip("onnxruntime_genai")
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     recipe = get_recipe("tiny-qwen2")
     out = {q: build(BuildRequest(recipe=recipe, quant=q, source=tiny_ckpt), log=None)

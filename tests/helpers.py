@@ -62,10 +62,11 @@ def tokenizer_dir():
 
 
 def interrupted_build(module, monkeypatch, tiny_ckpt, out, quant) -> None:
-    """A build whose builder's progress bar raises KeyboardInterrupt (Ctrl-C mid-write), through the real path."""
+    """A build whose step's progress bar (module: formats.steps) raises KeyboardInterrupt (Ctrl-C mid-write), through
+    the real path."""
     import contextlib
 
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
 
     @contextlib.contextmanager

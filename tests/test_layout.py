@@ -49,7 +49,7 @@ def stage(name: str) -> str:
     parts = name.split(".")
     if name == "edgeqwen.formats":      # the formats table: data every stage may read
         return "core"
-    if name == "edgeqwen.build" or parts[1:2] == ["formats"]:   # build runs a format's builder
+    if parts[1:2] == ["formats"]:
         return "formats"
     if parts[1:2] in (["measure"], ["serve"], ["cli"]):
         return parts[1]

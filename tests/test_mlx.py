@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import interrupted_build, invoke, run_cli, two_chat_turns
 
-from edgeqwen.build import BuildRequest, build
+from edgeqwen.formats.build import BuildRequest, build
 from edgeqwen.formats.mlx.thread import on_mlx_thread
 from edgeqwen.formats.load import load_runner
 from edgeqwen.recipes import get_recipe
@@ -256,8 +256,8 @@ def test_bad_mlx_folders_are_one_error_line(mlx_builds, tmp_path, case):
 
 
 def test_interrupted_mlx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
-    import edgeqwen.formats.mlx.build
-    interrupted_build(edgeqwen.formats.mlx.build, monkeypatch, tiny_ckpt, tmp_path / "b", "mlx4")
+    import edgeqwen.formats.steps
+    interrupted_build(edgeqwen.formats.steps, monkeypatch, tiny_ckpt, tmp_path / "b", "mlx4")
     assert list(tmp_path.iterdir()) == []
 
 

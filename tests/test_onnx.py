@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import interrupted_build, invoke, run_cli, two_chat_turns
 
-from edgeqwen.build import BuildRequest, build
+from edgeqwen.formats.build import BuildRequest, build
 from edgeqwen.errors import BuildError
 from edgeqwen.recipes import get_recipe
 from edgeqwen.formats.load import load_runner
@@ -226,8 +226,8 @@ def test_ram_preflight_refuses_before_loading(tiny_ckpt, tmp_path):
 
 
 def test_interrupted_onnx_build_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
-    import edgeqwen.formats.onnx.build
-    interrupted_build(edgeqwen.formats.onnx.build, monkeypatch, tiny_ckpt, tmp_path / "b", "int4")
+    import edgeqwen.formats.steps
+    interrupted_build(edgeqwen.formats.steps, monkeypatch, tiny_ckpt, tmp_path / "b", "int4")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -41,7 +41,7 @@ def assert_targets_own(build, prompt, got, want, tol=1e-3):
 @pytest.fixture(scope="module")
 def other_tokenizer_draft(tmp_path_factory, tiny_ckpt):
     """The tiny checkpoint with two vocabulary entries swapped in its tokenizer: a draft that must be refused."""
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     src = tmp_path_factory.mktemp("othertok") / "tiny-qwen2"
     shutil.copytree(tiny_ckpt, src)
@@ -57,7 +57,7 @@ def other_tokenizer_draft(tmp_path_factory, tiny_ckpt):
 @pytest.fixture(scope="module")
 def stranger_draft(tiny_untied_ckpt):
     """Same tokenizer, other weights: a draft the target rarely agrees with."""
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     return build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="q4_0", source=tiny_untied_ckpt,
                               name="tiny-untied-q4_0"), log=None)
@@ -236,7 +236,7 @@ def test_a_token_past_the_drafts_vocabulary_ends_drafting_not_the_answer(tiny_bu
     target can emit one) is past what the draft can read; the answer goes on, plain, and is still the target's."""
     from helpers import tokenizer_dir, tiny_config
 
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.formats.load import load_runner
     from edgeqwen.recipes import get_recipe
     from edgeqwen.synthetic import write_synthetic

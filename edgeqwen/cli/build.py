@@ -49,8 +49,8 @@ def build(model, quant, source, synthetic, seed, tokenizer, out, name, force, th
       edgeqwen build 1.5b int4                     # ONNX int4 for onnxruntime-genai
       edgeqwen build 1.5b mlx4                     # MLX 4-bit for mlx-lm on a Mac
     """
-    from ..build import BuildRequest
-    from ..build import build as run_build
+    from ..formats.build import BuildRequest
+    from ..formats.build import build as run_build
     from ..recipes import get_recipe
     req = BuildRequest(recipe=get_recipe(model), quant=quant, source=source, synthetic=synthetic, seed=seed,
                        tokenizer=tokenizer, out=out, name=name, force=force, threads=threads,

@@ -14,7 +14,7 @@ SCHEMA = 1
 def resolve_reference(path: Path, manifest: dict | None, reference: str | None, log=None) -> Path | None:
     """The reference model file: given, else the f16 GGUF (fp32 ONNX for ONNX builds) of the same source,
     built if missing."""
-    from ..build import BuildRequest, build
+    from ..formats.build import BuildRequest, build
     from ..formats import model_path, of_manifest
     from ..recipes import get_recipe
     if reference:

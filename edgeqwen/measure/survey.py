@@ -96,7 +96,7 @@ def _save_state(path: Path, state: dict) -> None:
 def survey(out: Path, sizes=SIZES, quants=None, sources: dict | None = None, synthetic: bool = False,
            quick: bool = False, resume: bool = False, say=print) -> Path:
     """Run the survey; returns the device's markdown file."""
-    from ..build import BuildRequest, build
+    from ..formats.build import BuildRequest, build
     from ..errors import BuildError, UsageError
     from ..progress import bar
     from ..recipes import get_recipe

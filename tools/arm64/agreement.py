@@ -39,7 +39,7 @@ def prepare(root: Path) -> None:
     _env(root)
     from conftest import REAL_TOKENIZER, tiny_config
 
-    from edgeqwen.build import BuildRequest, build
+    from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
     from edgeqwen.synthetic import write_synthetic
     ckpt = root / "ckpt"

@@ -13,14 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ...build import BuildRequest, check_disk, disk_guard, say
 from ...checkpoint import Checkpoint, copy_tokenizer
 from ...errors import BuildError
 from ...home import MANIFEST
-from ...process import PeakRSS, Timer
-from ...progress import bar
 from ...safetensors import write_safetensors
 from .. import build_hash
+from ..steps import BuildRequest, check_disk, disk_guard, note, step
 from .thread import on_mlx_thread
 from .layout import (DEFAULT_GROUP, GROUP_SIZES, MODE, QUANTS, WEIGHTS, file_bytes, folder_config, target_dtype,
                      tensor_specs)
@@ -117,12 +115,10 @@ def build_mlx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: P
     on_mlx_thread(_import_mlx)
     size = file_bytes(specs_of(ckpt, scheme.bits, group))
     check_disk(tmp, size)
-    say(log, f"writing MLX {quant} from {ckpt.path}")
+    note(log, f"writing MLX {quant} from {ckpt.path}")
     total = sum(t.n_elements * (2 if t.dtype != "F32" else 4) for t in ckpt.tensors.values())
-    with Timer() as t, PeakRSS() as rss, bar(f"mlx {quant}", total) as upd:
+    with step(manifest, "convert", f"mlx {quant}", total) as upd:
         info = disk_guard(lambda: write_folder(ckpt, tmp, scheme.bits, group, progress=upd))
-    manifest["timings_s"]["convert"] = round(t.seconds, 2)
-    manifest["peak_rss_bytes"]["convert"] = rss.peak
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest.update(file=WEIGHTS, files=files, file_size=info["bytes"])
     manifest.update(sha256=build_hash(tmp, manifest),   # mlx's version: in manifest["tools"], as every backend's

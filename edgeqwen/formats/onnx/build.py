@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...build import BuildRequest, check_disk, check_ram, disk_guard, say
 from ...checkpoint import Checkpoint
 from ...errors import BuildError
 from .. import build_hash
 from ...home import MANIFEST
-from ...process import PeakRSS, Timer
-from ...progress import bar
+from ..steps import BuildRequest, check_disk, check_ram, disk_guard, note, step
 
 
 def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: Path, manifest: dict, log) -> Path:
@@ -22,11 +20,9 @@ def build_onnx(req: BuildRequest, ckpt: Checkpoint, quant: str, name: str, tmp: 
     check_ram(onnx_export.peak_estimate(ckpt, quant), f"an ONNX {quant} build of {ckpt.path.name}")
     size = onnx_export.output_size(ckpt, quant)
     check_disk(tmp, size)
-    say(log, f"writing {quant} ONNX decoder from {ckpt.path}")
-    with Timer() as t, PeakRSS() as rss, bar(f"export {quant}", size) as upd:
+    note(log, f"writing {quant} ONNX decoder from {ckpt.path}")
+    with step(manifest, "export", f"export {quant}", size) as upd:
         info = disk_guard(lambda: onnx_export.export(ckpt, tmp, quant, progress=upd))
-    manifest["timings_s"]["export"] = round(t.seconds, 2)
-    manifest["peak_rss_bytes"]["export"] = rss.peak
     model = tmp / "model.onnx"
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != MANIFEST)
     manifest.update(file="model.onnx", files=files, file_size=info["bytes"])

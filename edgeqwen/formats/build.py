@@ -8,55 +8,30 @@ only when complete, so an interrupted build leaves nothing that looks finished.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import platform
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint
-from .errors import BuildError, SourceError, UsageError
-from .home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
-from .process import Timer, human_bytes, max_rss_bytes
-from .formats import FORMATS, format_of_quant
-from .recipes import Recipe
+from .. import __version__
+from ..checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint
+from ..errors import SourceError, UsageError
+from ..home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
+from ..process import Timer, human_bytes, max_rss_bytes
+from ..recipes import Recipe
+from . import FORMATS, format_of_quant
+from .steps import BuildRequest, check_disk, disk_guard, note
 
 _logger = logging.getLogger("edgeqwen")
+NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"   # a build's --name: one path component
 
 SCHEMA = 1
 # Config keys that decide the shape; a --source must agree with the recipe on these.
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads")
-# Bits per weight by quant, for the disk preflight (upper bounds; exact size is known only after).
-_BPW = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6, "q5_0": 5.5,
-        "q5_1": 6, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_0": 4.6, "q4_1": 5, "iq4_nl": 4.6, "iq4_xs": 4.3}
-
-
-@dataclass
-class BuildRequest:
-    recipe: Recipe
-    quant: str
-    source: Path | None = None         # a local Hugging Face folder
-    synthetic: bool = False
-    seed: int = 0
-    tokenizer: Path | None = None      # for --synthetic: a folder with tokenizer.json
-    out: Path | None = None
-    name: str | None = None
-    force: bool = False
-    threads: int | None = None
-    keep_intermediate: bool = False
-    smoke: bool = True
-    format: str | None = None          # 'gguf' | 'onnx' | 'mlx'; by default the quant name decides
-    group_size: int | None = None      # MLX quantization groups (default 64)
-    role: str | None = None            # "reference": made by eval, and `gc` may remove it once unused
-
-
-NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
 
 
 def build_name(req: BuildRequest, quant: str) -> str:
@@ -68,11 +43,6 @@ def build_name(req: BuildRequest, quant: str) -> str:
         return req.name
     group = f"-g{req.group_size}" if req.group_size and req.group_size != 64 else ""
     return f"{req.recipe.name}-{quant}{group}" + ("-synthetic" if req.synthetic else "")
-
-
-def say(log, msg):
-    if log:
-        log(msg)
 
 
 def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -> Path:
@@ -101,7 +71,7 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
         if existing.get("quant") != quant or existing.get("source", {}).get("id") != source_desc["id"]:
             raise UsageError(f"{final} holds a different build ({existing.get('name')}, from "
                              f"{existing.get('source', {}).get('id')}); use --force to replace it or --name")
-        say(log, f"{name}: already built at {final} (use --force to rebuild)")
+        note(log, f"{name}: already built at {final} (use --force to rebuild)")
         return final
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -125,41 +95,21 @@ def build(req: BuildRequest, log: Callable[[str], None] | None = _logger.info) -
         manifest["host"] = {"machine": platform.machine(), "system": platform.system()}
         manifest["peak_rss_bytes"]["process_max"] = max_rss_bytes()
         if req.smoke:
-            from .formats.smoke import smoke_check
+            from .smoke import smoke_check
             with Timer() as t:
                 manifest["smoke"] = smoke_check(model, threads=req.threads)
             manifest["timings_s"]["smoke"] = round(t.seconds, 2)
-            say(log, f"smoke check: {manifest['smoke']['tokens']} tokens, {manifest['smoke']['decode_tps']} tok/s")
+            note(log, f"smoke check: {manifest['smoke']['tokens']} tokens, {manifest['smoke']['decode_tps']} tok/s")
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_json_atomic(tmp / MANIFEST, manifest)
         _install(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from .manage import remember_verified
+    from ..manage import remember_verified
     remember_verified(final, manifest)
-    say(log, f"built {name}: {final / manifest['file']} ({human_bytes(manifest['file_size'])})")
+    note(log, f"built {name}: {final / manifest['file']} ({human_bytes(manifest['file_size'])})")
     return final
-
-
-def available_ram() -> int:
-    """Memory a build may use: EDGEQWEN_RAM_BUDGET (e.g. 8G) if set, else what the OS says is available."""
-    import psutil
-    budget = os.environ.get("EDGEQWEN_RAM_BUDGET")
-    if budget:
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-        b = budget.strip().upper().removesuffix("B")
-        try:
-            return int(float(b[:-1]) * units[b[-1]]) if b and b[-1] in units else int(b)
-        except ValueError:
-            raise UsageError(f"EDGEQWEN_RAM_BUDGET={budget!r}: give bytes or a size such as 8G") from None
-    return psutil.virtual_memory().available
-
-
-def check_ram(need: int, what: str) -> None:
-    have = available_ram()
-    if need > have:
-        raise BuildError(f"{what} needs about {human_bytes(need)} of RAM; {human_bytes(have)} is available")
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -189,9 +139,9 @@ def _resolve_source(req: BuildRequest, log) -> tuple[Checkpoint, dict]:
         return ckpt, {"path": str(path), "tokenizer": (read_manifest(path) or {}).get("tokenizer")}
     if req.source:
         ckpt = open_checkpoint(Path(req.source))
-        say(log, f"hashing source files in {ckpt.path}")
+        note(log, f"hashing source files in {ckpt.path}")
         return ckpt, {"path": str(ckpt.path), "files": ckpt.file_hashes()}
-    say(log, f"fetching {req.recipe.hub_repo}@{req.recipe.revision} through huggingface_hub")
+    note(log, f"fetching {req.recipe.hub_repo}@{req.recipe.revision} through huggingface_hub")
     path, commit = fetch_from_hub(req.recipe.hub_repo, req.recipe.revision)
     return open_checkpoint(path), {"path": str(path), "commit": commit}
 
@@ -202,7 +152,7 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
     The tokenizer is the given one, else the hub's (cache or a small download), else a generated
     one with Qwen2's size and special tokens; generated-tokenizer checkpoints are cached apart.
     """
-    from .synthetic import write_synthetic
+    from ..synthetic import write_synthetic
     tok_src = "given"
     if tokenizer is None:
         tokenizer = find_tokenizer(recipe.hub_repo, recipe.revision)
@@ -213,14 +163,14 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
     if read_manifest(final) is not None:
         return final
     if tok_src == "generated":
-        say(log, "real tokenizer not available: generating one with Qwen2's size and special tokens")
+        note(log, "real tokenizer not available: generating one with Qwen2's size and special tokens")
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final.parent)
     tmp = final.parent / f"{final.name}{TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     config = recipe.hf_config()
     check_disk(tmp.parent, sum(_numel(s) for s in _shapes(config)) * 2)
-    say(log, f"writing synthetic {recipe.name} checkpoint (seed {seed}) to {final}")
+    note(log, f"writing synthetic {recipe.name} checkpoint (seed {seed}) to {final}")
     try:
         disk_guard(lambda: write_synthetic(tmp, config, seed=seed, tokenizer=Path(tokenizer) if tokenizer else None))
         write_json_atomic(tmp / MANIFEST, {"synthetic": True, "recipe": recipe.name, "seed": seed,
@@ -235,9 +185,9 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
 
 
 def _shapes(config):
-    from .arch import arch_for_config
-    from .checkpoint import expected_tensors
-    from .schemas import ModelConfig
+    from ..arch import arch_for_config
+    from ..checkpoint import expected_tensors
+    from ..schemas import ModelConfig
     return expected_tensors(ModelConfig.model_validate(config), arch_for_config(config)).values()
 
 
@@ -253,29 +203,6 @@ def _check_against_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
             if k in recipe.config and getattr(ckpt.config, k) != recipe.config[k]]
     if diff:
         raise SourceError(f"{ckpt.path} is not a {recipe.name} checkpoint: {'; '.join(diff)}")
-
-
-def estimate_bytes(ckpt: Checkpoint, quant: str) -> int:
-    n = sum(t.n_elements for t in ckpt.tensors.values())
-    return int(n * _BPW.get(quant, 8.5) / 8) + (16 << 20)
-
-
-def check_disk(path: Path, need: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("EDGEQWEN_SKIP_DISK_CHECK"):  # for filesystems that misreport free space
-        return
-    free = shutil.disk_usage(path).free
-    if free < need * 1.05:
-        raise BuildError(f"not enough disk space at {path}: need {human_bytes(need)}, {human_bytes(free)} free")
-
-
-def disk_guard(fn):
-    try:
-        return fn()
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise BuildError(f"disk full while writing ({e.strerror}); the partial build was removed") from None
-        raise
 
 
 def tool_versions() -> dict:
