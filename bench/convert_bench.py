@@ -66,7 +66,7 @@ def main():
         src_bytes = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
         work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="convbench-"))
         try:
-            code = ("import sys; from pathlib import Path; from edgeqwen.checkpoint import open_checkpoint;"
+            code = ("import sys; from pathlib import Path; from edgeqwen.checkpoints import open_checkpoint;"
                     "from edgeqwen.formats.gguf.convert import convert;"
                     "convert(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])")
             tools = [("edgeqwen", [sys.executable, "-c", code, str(ckpt), str(work / "ours.gguf"), args.outtype])]

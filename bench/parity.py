@@ -68,11 +68,11 @@ TESTS = {
 KEYS = tuple(TESTS)
 HUGEPAGES = {   # what the JSON's "hugepages" records -> what it means for llama-bench as the reference
     True: " Our runner gives llama.cpp's repacked weights (Q4_0, Q4_K) transparent huge pages "
-          "(edgeqwen/hugepages.py); llama-bench with its defaults leaves them in 4 KiB pages, so on repacked "
+          "(edgeqwen/formats/hugepages.py); llama-bench with its defaults leaves them in 4 KiB pages, so on repacked "
           "builds the reference is not the engine's best: with glibc's `glibc.malloc.hugetlb=1` its own tg128 "
           "on the real 0.5B q4_0 was 1.037x as fast (median of 6 pairs, AMD EPYC AVX2, 2026-11-26).",
     "all": " Our runner reads the file into memory rather than mapping it and gives all the weights, repacked "
-           "copies and the rest, transparent huge pages (edgeqwen/hugepages.py), and collapses onnxruntime's "
+           "copies and the rest, transparent huge pages (edgeqwen/formats/hugepages.py), and collapses onnxruntime's "
            "prepacked weights into huge pages after the session is made; llama-bench with its defaults maps the "
            "file and leaves its repacked copies in 4 KiB pages, and the Generator loop leaves onnxruntime's "
            "memory as it is, so neither reference is the engine's best: with glibc's `glibc.malloc.hugetlb=1` "

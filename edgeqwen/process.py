@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 import psutil
 
+# the most threads any option accepts (--threads, bench's lists): more than cores, never absurd
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+
 
 def physical_cores() -> int:
     """Default thread count: physical cores (hyper-threads do not help memory-bound decode)."""

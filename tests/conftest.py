@@ -37,7 +37,7 @@ def isolated_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny tied Qwen2 checkpoint (real tokenizer when ../shared has it, else the generated one)."""
-    from edgeqwen.synthetic import write_synthetic
+    from edgeqwen.checkpoints.synthetic import write_synthetic
     out = tmp_path_factory.mktemp("tiny") / "tiny-qwen2"
     write_synthetic(out, tiny_config(), seed=1, tokenizer=tokenizer_dir())
     return out
@@ -45,7 +45,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_untied_ckpt(tmp_path_factory) -> Path:
-    from edgeqwen.synthetic import write_synthetic
+    from edgeqwen.checkpoints.synthetic import write_synthetic
     out = tmp_path_factory.mktemp("tiny") / "tiny-untied"
     write_synthetic(out, tiny_config(tie_word_embeddings=False, vocab_size=151936), seed=2,
                     tokenizer=tokenizer_dir())

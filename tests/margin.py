@@ -62,10 +62,10 @@ def continues(text: str, cycle_text: str) -> bool:
 
 def write_margin(out: Path, config: dict, tokenizer: Path | None = None, seed: int = 0) -> dict:
     """Write the margin checkpoint (config must be untied) into out; returns plan_cycles' description."""
-    from edgeqwen.checkpoint import expected_tensors
-    from edgeqwen.safetensors import f32_to_bf16, write_safetensors
+    from edgeqwen.checkpoints import expected_tensors
+    from edgeqwen.checkpoints.safetensors import f32_to_bf16, write_safetensors
     from edgeqwen.schemas import ModelConfig
-    from edgeqwen.synthetic import _arch_of, write_metadata
+    from edgeqwen.checkpoints.synthetic import _arch_of, write_metadata
 
     assert not config.get("tie_word_embeddings", True), "the margin model needs its own output head"
     out.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from helpers import REAL_TOKENIZER, tiny_config
 
-from edgeqwen.checkpoint import open_checkpoint
+from edgeqwen.checkpoints import open_checkpoint
 from edgeqwen.formats.gguf.convert import convert
-from edgeqwen.safetensors import bf16_to_f32
+from edgeqwen.checkpoints.safetensors import bf16_to_f32
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_llama_cpp_tokenizer_matches_hugging_face(which, tiny_ckpt, tmp_path):
     """llama.cpp's tokenizer on our GGUF gives the Hugging Face tokenizer's ids."""
     tokenizers = pytest.importorskip("tokenizers")
     llama_cpp = pytest.importorskip("llama_cpp")
-    from edgeqwen.synthetic import write_synthetic
+    from edgeqwen.checkpoints.synthetic import write_synthetic
     if which == "real":
         if not REAL_TOKENIZER.exists():
             pytest.skip("../shared/fixtures/qwen2-tokenizer is absent")
@@ -116,7 +116,7 @@ def test_llama_cpp_tokenizer_matches_hugging_face(which, tiny_ckpt, tmp_path):
 
 
 def test_generated_tokenizer_has_qwen2_specials(tmp_path):
-    from edgeqwen.synthetic import write_generated_tokenizer
+    from edgeqwen.checkpoints.synthetic import write_generated_tokenizer
     write_generated_tokenizer(tmp_path)
     tok = json.loads((tmp_path / "tokenizer.json").read_text())
     assert len(tok["model"]["vocab"]) == 151643

@@ -197,7 +197,7 @@ def test_fuzzed_safetensors_headers_give_a_source_error_or_tensors(tmp_path_fact
     from hypothesis import strategies as st
 
     from edgeqwen.errors import SourceError
-    from edgeqwen.safetensors import read_header
+    from edgeqwen.checkpoints.safetensors import read_header
     f = tmp_path_factory.mktemp("st") / "m.safetensors"
     entry = st.fixed_dictionaries({"dtype": st.sampled_from(["F16", "F32", "BF16", "I8", "", 3]),
                                    "shape": st.one_of(st.lists(st.integers(-2, 70), max_size=3), _json_values()),
@@ -258,7 +258,7 @@ def test_fuzzed_config_json_gives_a_source_error_or_opens(tiny_ckpt, tmp_path_fa
 
     from hypothesis import strategies as st
 
-    from edgeqwen.checkpoint import open_checkpoint
+    from edgeqwen.checkpoints import open_checkpoint
     from edgeqwen.errors import SourceError
     src = _tiny_copy(tiny_ckpt, tmp_path_factory.mktemp("cfg") / "ckpt")
     for name in ("tokenizer.json", "tokenizer_config.json"):   # not what is fuzzed here, and 7 MB to parse each time
@@ -283,7 +283,7 @@ def test_fuzzed_config_json_gives_a_source_error_or_opens(tiny_ckpt, tmp_path_fa
 def test_bad_weight_index_is_one_line(tiny_ckpt, tmp_path, index, words):
     import json
 
-    from edgeqwen.checkpoint import open_checkpoint
+    from edgeqwen.checkpoints import open_checkpoint
     from edgeqwen.errors import SourceError
     src = _tiny_copy(tiny_ckpt, tmp_path / "ckpt")
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -525,7 +525,7 @@ def test_bench_draws_its_prompt_from_the_builds_own_vocabulary_and_a_failure_exi
     llama_decode -1, and bench still exited 0."""
     from helpers import tiny_config
 
-    from edgeqwen.synthetic import write_generated_tokenizer, write_synthetic
+    from edgeqwen.checkpoints.synthetic import write_generated_tokenizer, write_synthetic
     src = tmp_path / "small-vocab"
     write_synthetic(src, tiny_config(vocab_size=1024), seed=3)
     write_generated_tokenizer(src, 1000)

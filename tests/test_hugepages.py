@@ -41,7 +41,7 @@ def _greedy(runner, n=12) -> list[int]:
 def test_a_new_buffer_of_the_logged_size_is_advised_and_nothing_else():
     import ctypes
 
-    from edgeqwen.hugepages import HugePager
+    from edgeqwen.formats.hugepages import HugePager
     hp = HugePager()
     buf = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -59,7 +59,7 @@ def test_a_new_buffer_of_the_logged_size_is_advised_and_nothing_else():
 def test_a_buffer_whose_size_the_line_rounds_up_is_still_advised():
     import ctypes
 
-    from edgeqwen.hugepages import HugePager
+    from edgeqwen.formats.hugepages import HugePager
     hp = HugePager()
     buf = mmap.mmap(-1, 31_916_032, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # a real tiny q4_0 CPU buffer's
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -70,7 +70,7 @@ def test_a_buffer_whose_size_the_line_rounds_up_is_still_advised():
 
 
 def test_new_parts_are_new_mappings_and_what_old_ones_grew_by():
-    from edgeqwen.hugepages import _new_parts
+    from edgeqwen.formats.hugepages import _new_parts
     before = {(100, 200), (300, 400), (500, 600)}
     now = {(100, 250), (300, 400), (450, 650), (700, 800)}   # heap grew; one merged on both sides; one new
     assert _new_parts(now, before) == [(200, 250), (450, 500), (600, 650), (700, 800)]
@@ -81,7 +81,7 @@ def test_memory_filled_before_it_could_be_advised_is_collapsed_into_huge_pages()
     """onnxruntime prepacks its weights inside session creation, with no line to act on: collapse afterwards."""
     import ctypes
 
-    from edgeqwen.hugepages import anonymous_mappings, available, collapse_new
+    from edgeqwen.formats.hugepages import anonymous_mappings, available, collapse_new
     if not available():
         pytest.skip("transparent huge pages are off on this kernel")
     before = anonymous_mappings()
@@ -99,7 +99,7 @@ def test_memory_filled_before_it_could_be_advised_is_collapsed_into_huge_pages()
 # In a fresh process, as a user's: pytest's own has raised glibc's mmap threshold above the tiny model's buffer.
 LOAD = r"""
 import json, sys
-from edgeqwen import hugepages
+from edgeqwen.formats import hugepages
 from edgeqwen.formats.gguf.runner import LlamaRunner
 from edgeqwen.runner import Sampling
 hugepages.HUGE_PAGE = 0   # the tiny model's repacked copy is smaller than one huge page
@@ -126,7 +126,7 @@ def _load(model, lean="full", huge="on") -> dict:
 
 
 def test_the_runner_advises_its_repack_or_amx_buffer_with_the_same_tokens(margin_builds):
-    from edgeqwen.hugepages import hugepager
+    from edgeqwen.formats.hugepages import hugepager
     model = next(Path(margin_builds["q4_0"]).glob("*.gguf"))
     advised = _load(model)
     # Q4_0 goes to an extra buffer on every x86 CPU: ggml-cpu's CPU_REPACK, or AMX on AMX CPUs (libllama's words)
@@ -154,7 +154,7 @@ def test_a_second_load_in_one_process_is_advised_too(tiny_builds):
     of the heap, which grows by it."""
     import subprocess
 
-    from edgeqwen.hugepages import available
+    from edgeqwen.formats.hugepages import available
     if not available():
         pytest.skip("transparent huge pages are off on this kernel")
     p = subprocess.run([sys.executable, "-c", TWICE, str(next(Path(tiny_builds["q8_0"]).glob("*.gguf")))],
@@ -181,7 +181,7 @@ def test_recorded_read_in_loads_advise_every_filled_buffer_of_each_branch(branch
     before it (as libllama's allocation does): the buffers libllama fills are advised, nothing else."""
     import ctypes
 
-    from edgeqwen.hugepages import BUFFER_LINE, HugePager
+    from edgeqwen.formats.hugepages import BUFFER_LINE, HugePager
     hp, maps = HugePager(), []
     for ln in (RECORDED / f"{branch}-read.log").read_text().splitlines():
         m = BUFFER_LINE.search(ln)
@@ -202,7 +202,7 @@ def test_recorded_read_in_loads_advise_every_filled_buffer_of_each_branch(branch
 
 
 def test_a_normal_load_reads_the_file_into_huge_pages_and_a_lean_one_maps_it(margin_builds):
-    from edgeqwen.hugepages import available
+    from edgeqwen.formats.hugepages import available
     model = next(Path(margin_builds["q8_0"]).glob("*.gguf"))   # nothing repacked: every weight in the "CPU" buffer
     if not available():
         pytest.skip("transparent huge pages are off on this kernel")

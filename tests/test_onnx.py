@@ -65,7 +65,7 @@ def test_onnx_builds_have_a_manifest_and_generate(onnx_builds, quant):
 
 
 def test_sizes_are_what_the_preflight_expected(onnx_builds):
-    from edgeqwen.checkpoint import open_checkpoint
+    from edgeqwen.checkpoints import open_checkpoint
     from edgeqwen.formats.onnx.export import output_size
     sizes = {}
     for q in ("int4", "int4_rtn", "int8", "fp32", "untied-int4", "untied-fp32"):
@@ -291,8 +291,8 @@ def test_kquant_search_is_onnxruntimes_bit_for_bit(impl):
     samples = [w, (rng.standard_normal((7, 96)) * 3).astype(np.float32)]
     real = Path.home() / ".cache/edgeqwen-real/qwen2.5-coder-0.5b-instruct"
     if (real / "config.json").exists():
-        from edgeqwen.checkpoint import open_checkpoint
-        from edgeqwen.safetensors import to_f32
+        from edgeqwen.checkpoints import open_checkpoint
+        from edgeqwen.checkpoints.safetensors import to_f32
         ck = open_checkpoint(real)
         for name in ("model.layers.3.mlp.down_proj.weight", "model.layers.11.self_attn.q_proj.weight"):
             chunk = next(ck.reader().chunks(name))

@@ -59,7 +59,7 @@ def test_repacked_originals_are_released_with_the_same_tokens_on_this_cpus_repac
                                                                                                   monkeypatch):
     """Whatever this CPU repacks (CPU_REPACK: Q4_0; AMX: Q4_0 and the tied output's Q6_K copy of token_embd), the
     originals given back are exactly those libllama reported copying, less token_embd, which the lookup still reads."""
-    from edgeqwen import hugepages
+    from edgeqwen.formats import hugepages
     from edgeqwen.formats.gguf import pagecache
     from edgeqwen.formats.gguf.info import read_gguf_info
     from edgeqwen.formats.gguf.runner import LlamaRunner
@@ -146,7 +146,7 @@ def test_lines_that_are_not_repacks_release_nothing(tiny_builds):
 
 
 def test_a_load_that_reads_the_file_has_nothing_to_release(tiny_builds):
-    from edgeqwen.hugepages import available
+    from edgeqwen.formats.hugepages import available
     from edgeqwen.formats.gguf.runner import LlamaRunner
     if not available():
         pytest.skip("transparent huge pages are off: a normal load maps the file here")

@@ -101,7 +101,7 @@ def test_build_of_a_backend_that_is_not_installed(tmp_path, tiny_builds):
 
 
 def test_context_overflow_drops_oldest_turns(runner):
-    from edgeqwen.chat import fit_history
+    from edgeqwen.cli.chat import fit_history
     history = []
     for i in range(40):
         history += [{"role": "user", "content": f"question number {i} " * 5},

@@ -122,7 +122,7 @@ def test_sampled_output_follows_the_targets_distribution(tiny_builds, stranger_d
 
 
 def test_warp_keeps_what_llama_cpps_chain_keeps():
-    from edgeqwen.speculative import warp
+    from edgeqwen.formats.gguf.speculate import warp
     x = np.array([0.0, 3.0, 1.0, 2.0, 2.5])
     p = warp(x, 1.0, top_k=3, top_p=1.0, min_p=0.0)
     assert set(np.flatnonzero(p)) == {1, 3, 4} and abs(p.sum() - 1) < 1e-12
@@ -133,7 +133,7 @@ def test_warp_keeps_what_llama_cpps_chain_keeps():
 
 
 def test_lookup_drafts_what_followed_the_latest_match():
-    from edgeqwen.speculative import lookup_draft
+    from edgeqwen.formats.gguf.speculate import lookup_draft
     assert lookup_draft([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 3) == [7, 5, 1]   # the latest earlier "1 2 3"
     assert lookup_draft([1, 2, 3, 4, 2], 2) == [3, 4]   # a 1-gram when nothing longer matches
     assert lookup_draft([1, 2, 3], 4) == []
@@ -143,7 +143,7 @@ def test_lookup_drafts_what_followed_the_latest_match():
 def test_drafting_stops_where_it_does_not_pay_and_goes_on_where_it_does(monkeypatch):
     """The draft length follows measured speed (a controlled clock here): a draft that is never accepted ends up
     mostly switched off; one whose rounds emit more tokens per second than plain steps keeps drafting, long."""
-    import edgeqwen.speculative as sp
+    import edgeqwen.formats.gguf.speculate as sp
     clock = [0.0]
     monkeypatch.setattr(sp.time, "perf_counter", lambda: clock[0])
 
@@ -239,7 +239,7 @@ def test_a_token_past_the_drafts_vocabulary_ends_drafting_not_the_answer(tiny_bu
     from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.formats.load import load_runner
     from edgeqwen.recipes import get_recipe
-    from edgeqwen.synthetic import write_synthetic
+    from edgeqwen.checkpoints.synthetic import write_synthetic
     src = tmp_path / "tiny-wide"
     write_synthetic(src, tiny_config(vocab_size=152064), seed=3, tokenizer=tokenizer_dir())
     wide = build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="f16", source=src, name="tiny-wide-f16",

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..formats import FORMATS
-from ..params import THREADS
+from .params import THREADS
 
 
 @click.command()

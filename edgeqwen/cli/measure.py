@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..params import CTX, OUT_DIR, OUT_FILE, SPEED_FRACTION, THREADS
+from .params import CTX, OUT_DIR, OUT_FILE, SPEED_FRACTION, THREADS
 from .run import KV_OPTION, draft_of, speculative_options, tune_options
 
 

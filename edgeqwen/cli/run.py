@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..formats import DEFAULT, of_manifest
-from ..params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
+from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
 
 
 def device_options(f):
@@ -151,7 +151,7 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     else:
         sys.stdout.write("\n")
     if verbose:
-        from ..chat import stats_line
+        from .chat import stats_line
         click.echo(f"{last.generation_tokens} tokens · " + stats_line(last), err=True)
     runner.close()
 
@@ -176,7 +176,7 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
     \b
       edgeqwen chat qwen2-1.5b-q4_k_m --system "Answer briefly."
     """
-    from ..chat import repl
+    from .chat import repl
     from ..formats.load import load_runner
     from ..text import clean
     threads, load = tuned(build, threads, _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn),

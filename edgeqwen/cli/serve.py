@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..params import CTX, THREADS, Finite
+from .params import CTX, THREADS, Finite
 from .run import _devices, device_options, tuned
 
 

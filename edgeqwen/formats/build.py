@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoint import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint
+from ..checkpoints import Checkpoint, fetch_from_hub, find_tokenizer, open_checkpoint
 from ..errors import SourceError, UsageError
 from ..home import MANIFEST, TMP_MARK, builds_dir, checkpoints_dir, clean_stale, read_manifest, write_json_atomic
 from ..process import Timer, human_bytes, max_rss_bytes
@@ -152,7 +152,7 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
     The tokenizer is the given one, else the hub's (cache or a small download), else a generated
     one with Qwen2's size and special tokens; generated-tokenizer checkpoints are cached apart.
     """
-    from ..synthetic import write_synthetic
+    from ..checkpoints.synthetic import write_synthetic
     tok_src = "given"
     if tokenizer is None:
         tokenizer = find_tokenizer(recipe.hub_repo, recipe.revision)
@@ -186,7 +186,7 @@ def synthetic_checkpoint(recipe: Recipe, seed: int, tokenizer: Path | None, log)
 
 def _shapes(config):
     from ..arch import arch_for_config
-    from ..checkpoint import expected_tensors
+    from ..checkpoints import expected_tensors
     from ..schemas import ModelConfig
     return expected_tensors(ModelConfig.model_validate(config), arch_for_config(config)).values()
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
+from ..checkpoints import Checkpoint
 from ..errors import BuildError, UsageError
 from ..process import PeakRSS, Timer, human_bytes
 from ..progress import bar

@@ -348,7 +348,7 @@ def parse_threads(spec: str | None) -> list[int]:
         ts = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--threads {spec!r}: give numbers separated by commas, e.g. 1,2,4") from None
-    from ..params import MAX_THREADS
+    from ..process import MAX_THREADS
     if not ts or min(ts) < 1 or max(ts) > MAX_THREADS:
         raise UsageError(f"--threads {spec!r}: thread counts must be between 1 and {MAX_THREADS}")
     return ts

@@ -280,7 +280,7 @@ def plan_onnx(size: str, quant: str, cfg: ModelConfig, ctx: int, prompt_tokens: 
     """An ONNX build: the exporter's own initializer list (onnx_layout), what onnxruntime holds of each role,
     an fp32 KV cache genai allocates for the whole context, and the prompt's logits (the graph returns a row
     per prompt token)."""
-    from ..checkpoint import expected_tensors
+    from ..checkpoints import expected_tensors
     from ..formats.onnx.layout import file_bytes, initializers
     if cfg.extra("num_experts"):
         raise UsageError(f"{size} is a mixture of experts; ONNX builds are of dense models only")
@@ -310,7 +310,7 @@ MLX_WORKING_SET = 0.75
 
 def plan_mlx(size: str, quant: str, cfg: ModelConfig, ctx: int, prompt_tokens: int) -> Plan:
     """An MLX build: the folder's own tensor list (formats/mlx/layout.py), all of it held."""
-    from ..checkpoint import expected_tensors
+    from ..checkpoints import expected_tensors
     from ..formats.mlx.layout import DEFAULT_GROUP, QUANTS, file_bytes, tensor_specs
     if cfg.extra("num_experts"):
         raise UsageError(f"{size} is a mixture of experts; plan knows dense MLX builds only")

@@ -41,7 +41,7 @@ def prepare(root: Path) -> None:
 
     from edgeqwen.formats.build import BuildRequest, build
     from edgeqwen.recipes import get_recipe
-    from edgeqwen.synthetic import write_synthetic
+    from edgeqwen.checkpoints.synthetic import write_synthetic
     ckpt = root / "ckpt"
     if not (ckpt / "config.json").exists():
         write_synthetic(ckpt, tiny_config(), seed=1, tokenizer=REAL_TOKENIZER if REAL_TOKENIZER.exists() else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...checkpoint import Checkpoint
+from ...checkpoints import Checkpoint
 from ...process import sha256_file
 from ..steps import BuildRequest, check_disk, disk_guard, estimate_bytes, note, step
 from .convert import OUT_TYPES, convert, output_size

@@ -13,9 +13,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ...checkpoint import Checkpoint
+from ...checkpoints import Checkpoint
 from ...errors import BuildError, SourceError
-from ...safetensors import Reader, TensorInfo, f32_to_bf16, to_f32
+from ...checkpoints.safetensors import Reader, TensorInfo, f32_to_bf16, to_f32
 
 T = gguf.GGMLQuantizationType
 OUT_TYPES = {"f32": (T.F32, gguf.LlamaFileType.ALL_F32), "f16": (T.F16, gguf.LlamaFileType.MOSTLY_F16),

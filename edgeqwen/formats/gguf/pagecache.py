@@ -24,7 +24,7 @@ import logging
 import os
 import re
 
-from ...hugepages import madvise
+from ..hugepages import madvise
 
 _log = logging.getLogger("edgeqwen")
 REPACK_LINE = re.compile(r"(?:^|: )(?:amx )?repack tensor (\S+)")   # both wordings above

@@ -24,7 +24,7 @@ import psutil
 from ...errors import RunnerError
 from ...process import physical_cores
 from ...runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
-from ...speculative import DraftLength, accept_sampled, lookup_draft, sample, warp
+from .speculate import DraftLength, accept_sampled, lookup_draft, sample, warp
 from ...text import clean
 
 _log = logging.getLogger("edgeqwen.llama")
@@ -87,7 +87,7 @@ def _watching(path: Path, info, mapped: bool):
     """While libllama loads `path` (inside _model_params' lock): if it maps the file, drop each repacked original
     once copied (pagecache.py); if it reads the file, give the buffers it reads into huge pages (hugepages.py).
     Yields (releaser, hugepager), either None."""
-    from ...hugepages import hugepager
+    from ..hugepages import hugepager
     from .pagecache import releaser_for
     watchers = (releaser_for(path, info), None) if mapped else (None, hugepager())
     _watchers[:] = [w for w in watchers if w is not None]
@@ -191,7 +191,7 @@ class LlamaRunner:
         # A normal load reads the weights into memory libllama allocates, which hugepages.py gives 2 MiB pages
         # (tok/s +4-6% on the real 0.5B q8_0 and q4_0, README); a lean load, or one where huge pages cannot be
         # had, maps the file: one copy the kernel may evict (the untied embedding table is read a row a token).
-        from ...hugepages import available
+        from ..hugepages import available
         self.mapped = lean or not available()
         t0 = time.perf_counter()
         try:

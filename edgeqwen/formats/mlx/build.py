@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...checkpoint import Checkpoint, copy_tokenizer
+from ...checkpoints import Checkpoint, copy_tokenizer
 from ...errors import BuildError
 from ...home import MANIFEST
-from ...safetensors import write_safetensors
+from ...checkpoints.safetensors import write_safetensors
 from .. import build_hash
 from ..steps import BuildRequest, check_disk, disk_guard, note, step
 from .thread import on_mlx_thread

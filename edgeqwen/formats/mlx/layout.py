@@ -81,7 +81,7 @@ def check_folder(folder: Path, cfg: dict) -> None:
     """The quantization block of config.json against the tensors it describes (mlx-lm would load a folder whose
     block says 8 bits over 4-bit tensors and answer nonsense): a disagreement is one error naming the tensor."""
     from ...errors import RunnerError
-    from ...safetensors import WRITE_DTYPES, read_header
+    from ...checkpoints.safetensors import WRITE_DTYPES, read_header
     q = cfg.get("quantization")
     tensors = {}
     for f in sorted(folder.glob("model*.safetensors")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...checkpoint import Checkpoint
+from ...checkpoints import Checkpoint
 from ...errors import BuildError
 from .. import build_hash
 from ...home import MANIFEST

@@ -27,10 +27,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import _pybind_state as ort_c
 
-from ...checkpoint import Checkpoint, copy_tokenizer
+from ...checkpoints import Checkpoint, copy_tokenizer
 from ...errors import BuildError, SourceError
 from .layout import ALIGN, BLOCK, PRECISIONS, file_bytes, initializers, padding, promoted_layers
-from ...safetensors import Reader, to_f32
+from ...checkpoints.safetensors import Reader, to_f32
 from ...schemas import ModelConfig
 
 
@@ -489,5 +489,5 @@ def write_genai_config(ckpt: Checkpoint, out_dir: Path) -> None:
 if __name__ == "__main__":  # python -m edgeqwen.formats.onnx.export CHECKPOINT OUT_DIR PRECISION (build benchmark)
     import sys
 
-    from ...checkpoint import open_checkpoint
+    from ...checkpoints import open_checkpoint
     print(json.dumps(export(open_checkpoint(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3])))

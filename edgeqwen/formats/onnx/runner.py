@@ -43,7 +43,7 @@ class OnnxRunner:
             cfg.clear_providers()  # CPU, whatever the folder's config asks for
             opts = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
-            from ...hugepages import anonymous_mappings, available, collapse_new
+            from ..hugepages import anonymous_mappings, available, collapse_new
             before = anonymous_mappings() if available() else set()
             self.model = og.Model(cfg)
             # decode reads every prepacked weight per token: in huge pages, tg128 1.062x on the real 0.5B int4

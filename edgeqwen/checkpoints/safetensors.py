@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SourceError
+from ..errors import SourceError
 
 # safetensors dtype -> (numpy storage dtype, bytes per element); bf16 is carried as raw uint16.
 DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
@@ -56,7 +56,7 @@ def read_header(path: Path, dtypes: dict = DTYPES) -> dict[str, TensorInfo]:
         raise SourceError(f"{path}: safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: safetensors header must be a JSON object")
-    from .schemas import TensorEntry, check_source
+    from ..schemas import TensorEntry, check_source
     base = 8 + n
     out = {}
     for name, meta in header.items():

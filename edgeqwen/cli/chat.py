@@ -5,9 +5,9 @@ import sys
 
 import click
 
-from .errors import RunnerError
-from .runner import Response, Runner, Sampling, display_text
-from .text import clean
+from ..errors import RunnerError
+from ..runner import Response, Runner, Sampling, display_text
+from ..text import clean
 
 HELP = "/reset clears history · /stats last reply · /quit or Ctrl-D exits · Ctrl-C stops a reply"
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..process import MAX_THREADS
+
 
 class Finite(click.FloatRange):
     """A float in a range that is also finite (click's FloatRange lets NaN through: every comparison is False)."""
@@ -18,7 +20,6 @@ class Finite(click.FloatRange):
         return v
 
 
-MAX_THREADS = 4 * (os.cpu_count() or 1)
 THREADS = click.IntRange(1, MAX_THREADS)
 CTX = click.IntRange(16, 1 << 20)               # and at most the model's own, checked when it loads
 MAX_TOKENS = click.IntRange(1, 1 << 20)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import TOKENIZER_FILES, expected_tensors
+from . import TOKENIZER_FILES, expected_tensors
 from .safetensors import f32_to_bf16, write_safetensors
 
 SHARD_BYTES = 4 << 30
@@ -44,7 +44,7 @@ def _write_shards(out: Path, shards: list[list], fill) -> tuple[dict, int]:
 def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | None = None) -> None:
     """Write config.json, generation_config.json, sharded bf16 safetensors and a tokenizer into out."""
     out.mkdir(parents=True, exist_ok=True)
-    from .schemas import ModelConfig
+    from ..schemas import ModelConfig
     shapes = expected_tensors(ModelConfig.model_validate(config), _arch_of(config))
     specs = [(n, "BF16", s) for n, s in shapes.items()]
     shards: list[list] = [[]]
@@ -58,7 +58,7 @@ def write_synthetic(out: Path, config: dict, seed: int = 0, tokenizer: Path | No
         size += nbytes
     rng = np.random.default_rng(seed)
     std = float(config.get("initializer_range", 0.02))
-    from .progress import bar
+    from ..progress import bar
     with bar("synthetic weights", sum(int(np.prod(s)) * 2 for _, _, s in specs)) as upd:
         def fill(name, shape):
             if len(shape) == 1 and "norm" in name:
@@ -92,7 +92,7 @@ def write_metadata(out: Path, config: dict, tokenizer: Path | None = None) -> No
 
 
 def _arch_of(config):
-    from .arch import arch_for_config
+    from ..arch import arch_for_config
     return arch_for_config(config)
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import gguf
 
-from .arch import Arch, arch_for_config
-from .errors import SourceError
-from .process import sha256_file
+from ..arch import Arch, arch_for_config
+from ..errors import SourceError
+from ..process import sha256_file
 from .safetensors import Reader, TensorInfo, read_header
-from .schemas import ModelConfig
+from ..schemas import ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
@@ -46,7 +46,7 @@ class Checkpoint:
 
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every file that went into the build (the manifest's record of a local source)."""
-        from .progress import bar
+        from ..progress import bar
         names = [p for p in self.files] + [self.path / n for n in ("config.json",) + TOKENIZER_FILES]
         names = [p for p in names if p.exists()]
         with bar("hash source", sum(p.stat().st_size for p in names)) as upd:
@@ -58,7 +58,7 @@ def copy_tokenizer(src: Path, out_dir: Path, also: tuple[str, ...] = ()) -> None
     read them from the build folder)."""
     import shutil
 
-    from .errors import BuildError
+    from ..errors import BuildError
     if not (src / "tokenizer.json").exists():
         raise BuildError(f"{src}: no tokenizer.json; a build needs the tokenizer")
     for name in (*TOKENIZER_FILES, "chat_template.jinja", "generation_config.json", *also):
@@ -67,7 +67,7 @@ def copy_tokenizer(src: Path, out_dir: Path, also: tuple[str, ...] = ()) -> None
 
 
 def _load_json(path: Path, what: str) -> dict:
-    from .schemas import read_json
+    from ..schemas import read_json
     data = read_json(path, what)
     if not isinstance(data, dict):
         raise SourceError(f"{path}: {what} must be a JSON object, not {type(data).__name__}")
@@ -92,7 +92,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
     missing = [k for k in arch.required_config if k not in config]
     if missing:
         raise SourceError(f"{path}: config.json lacks {', '.join(missing)}")
-    from .schemas import WeightIndex, check_source
+    from ..schemas import WeightIndex, check_source
     cfg = check_source(ModelConfig, config, path / "config.json", "config.json")
 
     index = path / "model.safetensors.index.json"
@@ -120,7 +120,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 def _check_tokenizer_files(path: Path) -> None:
     """The tokenizer files a build reads, checked here, before any work (a build without one fails later)."""
-    from .schemas import TokenizerConfig, TokenizerFile, check_source, read_json
+    from ..schemas import TokenizerConfig, TokenizerFile, check_source, read_json
     for name, model in (("tokenizer.json", TokenizerFile), ("tokenizer_config.json", TokenizerConfig)):
         if (path / name).exists():
             check_source(model, read_json(path / name, name), path / name, name)
