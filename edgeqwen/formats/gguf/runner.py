@@ -24,7 +24,7 @@ import psutil
 from ...errors import RunnerError
 from ...process import physical_cores
 from ...runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
-from .speculate import DraftLength, accept_sampled, lookup_draft, sample, warp
+from .speculate import Speculator
 from ...text import clean
 
 _log = logging.getLogger("edgeqwen.llama")
@@ -286,7 +286,7 @@ class LlamaRunner:
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         lc.llama_perf_context_reset(llm.ctx)
-        self._spec = None
+        self._drafting = self.speculator is not None
 
         def tokens_out():
             llm.eval(tokens[prefix:])
@@ -295,8 +295,8 @@ class LlamaRunner:
                 yield tok
                 llm.eval([tok])
 
-        out = tokens_out() if self.speculate is None else _decode_errors(self._speculative(tokens, prefix, sampling,
-                                                                                             smp))
+        out = tokens_out() if not self._drafting else _decode_errors(self.speculator.tokens(tokens, prefix, sampling,
+                                                                                            smp))
         try:
             yield from respond(
                 out, t0=time.perf_counter(), n_prompt=len(tokens), cached=prefix, max_new=max_new,
@@ -306,12 +306,10 @@ class LlamaRunner:
         finally:
             smp.close()
 
-    # --- speculative decoding (speculative.py has the arithmetic) --------------------------------------------
+    # --- speculative decoding (speculate.py) ---------------------------------------------------------------
 
-    speculate = None   # None, "lookup", or the draft's LlamaRunner (attach_draft)
-    draft_max = 8
-    _spec: DraftLength | None = None   # the controller of the answer being made (its counters), None for a plain one
-    _ctl: DraftLength | None = None
+    speculator: Speculator | None = None   # attach_draft
+    _drafting = False                      # the answer being made is speculative (its counters are in the answer)
 
     def attach_draft(self, draft: LlamaRunner | str, draft_max: int = 8) -> None:
         """Draft with a smaller model of the same tokenizer, or "lookup" (n-grams already in the context)."""
@@ -321,109 +319,18 @@ class LlamaRunner:
             except BaseException:
                 draft.close()
                 raise
-        self.speculate, self.draft_max, self._ctl = draft, draft_max, None
+        self.speculator = Speculator(self, draft, draft_max)
 
-    def _rows(self, toks: list[int]) -> np.ndarray:
-        """Evaluate toks after the cached ones in one batch with logits at every position (a verify pass);
-        a view valid until the next decode."""
-        llm = self.llm
-        n_past = llm.n_tokens
-        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
-        llm._batch.set_batch(batch=toks, n_past=n_past, logits_all=True)
-        llm._ctx.decode(llm._batch)
-        llm.input_ids[n_past:n_past + len(toks)] = toks
-        llm.n_tokens += len(toks)
-        return np.ctypeslib.as_array(self._lc.llama_get_logits(llm.ctx), shape=(len(toks), self.n_vocab))
-
-    def _propose(self, seq: list[int], k: int, warp_args) -> tuple[list[int], list | None]:
-        """k draft tokens after seq, and the draft's probabilities for each when sampling (None: greedy or lookup)."""
-        if self.speculate == "lookup":
-            return lookup_draft(seq, k), None
-        d = self.speculate
-        dl = d.llm
-        # the draft's cache: keep what still agrees with seq (rolls back a rejected draft), evaluate the rest
-        dl.n_tokens = shared_prefix(dl.input_ids[: dl.n_tokens].tolist(), seq)
-        todo = seq[dl.n_tokens:]
-        if max(todo) >= d.n_vocab:   # an id past the draft's vocabulary (a padded row): it cannot follow any more
-            self._draft_lost = True
-            return [], None
-        dl.eval(todo)
-        drafts, qs = [], [] if warp_args else None
-        for j in range(k):
-            if warp_args is None:
-                tok = d._argmax()
-            else:
-                row = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(dl.ctx, -1), shape=(d.n_vocab,))
-                q = np.zeros(self.n_vocab)
-                q[:d.n_vocab] = warp(row, *warp_args)
-                tok = sample(q, self._rng)
-                qs.append(q)
-            drafts.append(tok)
-            if j < k - 1:
-                dl.eval([tok])
-        return drafts, qs
-
-    def _speculative(self, tokens: list[int], prefix: int, sampling: Sampling, smp) -> Iterator[int]:
-        llm = self.llm
-        greedy = sampling.temperature <= 0
-        warp_args = None if greedy else (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
-        self._rng = np.random.default_rng(sampling.seed)
-        if self._ctl is None:   # kept for the runner's life: what drafting is worth here carries over answers
-            self._ctl = DraftLength(k_max=self.draft_max, k=min(4, self.draft_max))
-        ctl = self._spec = self._ctl
-        ctl.new_answer()
-        self._draft_lost = False
-
-        def pick(row) -> int:
-            return int(row.argmax()) if greedy else sample(warp(row, *warp_args), self._rng)
-
-        llm.eval(tokens[prefix:])
-        cur = self._argmax() if greedy else smp.sample(llm._ctx, -1)
-        seq = list(tokens) + [cur]
-        yield cur
-        while True:
-            room = self.n_ctx - llm.n_tokens - 2   # the verify pass writes cur + k positions
-            k = max(0, min(ctl.next_k(), room))
-            ctl.start()
-            drafts, qs = self._propose(seq, k, warp_args) if k and not self._draft_lost else ([], None)
-            if not drafts:   # a plain step
-                llm.eval([cur])
-                cur = self._argmax() if greedy else smp.sample(llm._ctx, -1)
-                ctl.done(0, 0, 1)
-                seq.append(cur)
-                yield cur
-                continue
-            rows = self._rows([cur] + drafts)
-            base = llm.n_tokens - len(drafts) - 1
-            out = []
-            for i, d in enumerate(drafts):
-                if greedy:
-                    t = int(rows[i].argmax())
-                else:
-                    r = accept_sampled(warp(rows[i], *warp_args), qs[i] if qs else None, d, self._rng)
-                    t = d if r is None else r
-                out.append(t)
-                if t != d:
-                    break
-            else:
-                out.append(pick(rows[len(drafts)]))
-            llm.n_tokens = base + len(out)   # cur and the accepted drafts; the last token out is pending
-            ctl.done(len(drafts), len(out) - 1, len(out))
-            seq += out
-            cur = out[-1]
-            yield from out
     def _counters(self) -> dict:
         p = self._lc.llama_perf_context(self.llm.ctx)
         out = {"t_prompt_ms": p.t_p_eval_ms, "n_prompt": p.n_p_eval, "t_eval_ms": p.t_eval_ms, "n_eval": p.n_eval,
                "load_ms": p.t_load_ms}
-        if self._spec is not None:
-            out["speculative"] = dict(self._spec.counters(), draft=self.draft_name())
+        if self._drafting:
+            out["speculative"] = self.speculator.counters()
         return out
 
     def draft_name(self) -> str | None:
-        if self.speculate is None:
-            return None
-        return "lookup" if self.speculate == "lookup" else self.speculate.path.name
+        return self.speculator.name if self.speculator else None
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Next-token logits at every position of tokens, from an empty context (needs logits=True)."""
@@ -432,8 +339,8 @@ class LlamaRunner:
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
     def close(self) -> None:
-        if isinstance(self.speculate, LlamaRunner):
-            self.speculate.close()
+        if self.speculator:
+            self.speculator.close()
         self.llm.close()
 
 

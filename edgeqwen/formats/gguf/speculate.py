@@ -1,5 +1,5 @@
-"""Speculative decoding's arithmetic, backend-free: where drafts come from, how a target accepts them, how long
-the next draft should be.
+"""Speculative decoding for GGUF targets: where drafts come from, how a target accepts them, how long the next draft
+should be (the arithmetic, backend-free), and the Speculator that drives llama.cpp's verify pass and rollback.
 
 A draft (a small model of the same tokenizer, or n-grams already in the context: prompt lookup) proposes k tokens;
 the target scores all of them in one batched pass, which on a CPU costs little more than one token because the
@@ -11,9 +11,12 @@ and temperature as llama.cpp's sampler chain, in that order, so both paths sampl
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ...runner import shared_prefix
 
 
 def lookup_draft(seq: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -144,3 +147,122 @@ class DraftLength:
     def counters(self) -> dict:
         return {"drafted": self.drafted, "accepted": self.accepted, "rounds": self.rounds,
                 "acceptance": self.accepted / self.drafted if self.drafted else 0.0}
+
+
+class Speculator:
+    """Speculative decoding for one GGUF target: a draft model of the same tokenizer, or "lookup" (n-grams already in
+    the context), proposes; the target verifies in one batched pass and its KV cache is rolled back past a rejection.
+    The output is the target's (greedy: token for token; sampling: its distribution, by the rejection rule).
+
+    The target is the runner's loaded llama.cpp model (duck-typed: llm, _lc, _argmax, n_vocab, n_ctx); the draft is
+    "lookup" or another runner, checked by the target's runner before it gets here. One DraftLength controller lives
+    as long as the speculator: what drafting is worth here carries over answers."""
+
+    def __init__(self, target, draft, draft_max: int = 8):
+        self.target, self.draft, self.draft_max = target, draft, draft_max
+        self.length = DraftLength(k_max=draft_max, k=min(4, draft_max))
+        self.rng = np.random.default_rng()
+        self.draft_lost = False   # the draft cannot follow this answer any more (an id past its vocabulary)
+
+    @property
+    def name(self) -> str:
+        return "lookup" if self.draft == "lookup" else self.draft.path.name
+
+    def counters(self) -> dict:
+        return dict(self.length.counters(), draft=self.name)
+
+    def close(self) -> None:
+        if self.draft != "lookup":
+            self.draft.close()
+
+    def _verify(self, toks: list[int]) -> np.ndarray:
+        """The target evaluates toks after its cached tokens in one batch, with logits at every position; a view
+        valid until its next decode."""
+        t = self.target
+        llm = t.llm
+        n_past = llm.n_tokens
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        llm._batch.set_batch(batch=toks, n_past=n_past, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n_past:n_past + len(toks)] = toks
+        llm.n_tokens += len(toks)
+        return np.ctypeslib.as_array(t._lc.llama_get_logits(llm.ctx), shape=(len(toks), t.n_vocab))
+
+    def _propose(self, seq: list[int], k: int, warp_args) -> tuple[list[int], list | None]:
+        """k draft tokens after seq, and the draft's probabilities for each when sampling (None: greedy or lookup)."""
+        if self.draft == "lookup":
+            return lookup_draft(seq, k), None
+        d = self.draft
+        dl = d.llm
+        # the draft's cache: keep what still agrees with seq (rolls back a rejected draft), evaluate the rest
+        dl.n_tokens = shared_prefix(dl.input_ids[: dl.n_tokens].tolist(), seq)
+        todo = seq[dl.n_tokens:]
+        if max(todo) >= d.n_vocab:   # an id past the draft's vocabulary (a padded row): it cannot follow any more
+            self.draft_lost = True
+            return [], None
+        dl.eval(todo)
+        drafts, qs = [], [] if warp_args else None
+        for j in range(k):
+            if warp_args is None:
+                tok = d._argmax()
+            else:
+                row = np.ctypeslib.as_array(self.target._lc.llama_get_logits_ith(dl.ctx, -1), shape=(d.n_vocab,))
+                q = np.zeros(self.target.n_vocab)
+                q[:d.n_vocab] = warp(row, *warp_args)
+                tok = sample(q, self.rng)
+                qs.append(q)
+            drafts.append(tok)
+            if j < k - 1:
+                dl.eval([tok])
+        return drafts, qs
+
+    def tokens(self, tokens: list[int], prefix: int, sampling, smp) -> Iterator[int]:
+        """The answer's tokens after the prompt (tokens[:prefix] already in the target's cache); smp is the target's
+        llama.cpp sampler for the plain steps of a sampled answer."""
+        t = self.target
+        llm = t.llm
+        greedy = sampling.temperature <= 0
+        warp_args = None if greedy else (sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
+        self.rng = np.random.default_rng(sampling.seed)
+        ctl = self.length
+        ctl.new_answer()
+        self.draft_lost = False
+
+        def pick(row) -> int:
+            return int(row.argmax()) if greedy else sample(warp(row, *warp_args), self.rng)
+
+        llm.eval(tokens[prefix:])
+        cur = t._argmax() if greedy else smp.sample(llm._ctx, -1)
+        seq = list(tokens) + [cur]
+        yield cur
+        while True:
+            room = t.n_ctx - llm.n_tokens - 2   # the verify pass writes cur + k positions
+            k = max(0, min(ctl.next_k(), room))
+            ctl.start()
+            drafts, qs = self._propose(seq, k, warp_args) if k and not self.draft_lost else ([], None)
+            if not drafts:   # a plain step
+                llm.eval([cur])
+                cur = t._argmax() if greedy else smp.sample(llm._ctx, -1)
+                ctl.done(0, 0, 1)
+                seq.append(cur)
+                yield cur
+                continue
+            rows = self._verify([cur] + drafts)
+            base = llm.n_tokens - len(drafts) - 1
+            out = []
+            for i, d in enumerate(drafts):
+                if greedy:
+                    tok = int(rows[i].argmax())
+                else:
+                    r = accept_sampled(warp(rows[i], *warp_args), qs[i] if qs else None, d, self.rng)
+                    tok = d if r is None else r
+                out.append(tok)
+                if tok != d:
+                    break
+            else:
+                out.append(pick(rows[len(drafts)]))
+            llm.n_tokens = base + len(out)   # cur and the accepted drafts; the last token out is pending
+            ctl.done(len(drafts), len(out) - 1, len(out))
+            seq += out
+            cur = out[-1]
+            yield from out
