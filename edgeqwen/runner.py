@@ -111,6 +111,50 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         raise RunnerError(f"the build's chat template fails ({type(e).__name__}: {e}); use --raw") from None
 
 
+class ChatTemplated:
+    """apply_chat_template for every runner: its chat_template rendered with its eos_token; `where` (the build's
+    file or folder) names it when it has none."""
+    chat_template: str | None = None
+    eos_token: str = ""
+    where: object = "this build"
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise RunnerError(f"{self.where} has no chat template; use --raw")
+        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
+
+
+class FolderRunner(ChatTemplated):
+    """What the runners of folder formats (ONNX, MLX) share: the tokenizer files beside the model, read once the
+    backend's tokenizer is loaded, and a cache that an interrupted step leaves in an unknown state."""
+    folder = None
+
+    @property
+    def where(self):
+        return self.folder
+
+    def _read_folder(self, vocab_size: int) -> None:
+        """The end of every folder runner's __init__, after self.folder and self.tokenizer are set."""
+        import os
+        self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
+        # ordinary text tokens: the BPE vocabulary's ids (added and special tokens come after them)
+        self.regular_vocab = regular_vocab_of(self.folder, vocab_size)
+        tok_cfg = side_json(self.folder / "tokenizer_config.json")
+        self.chat_template = folder_chat_template(self.folder, tok_cfg)
+        eos = tok_cfg.get("eos_token")
+        self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
+        self.proc = psutil.Process(os.getpid())
+
+    @staticmethod
+    def forget_on_error(tokens: Iterator[int], forget: Callable[[], None]) -> Iterator[int]:
+        """tokens, calling forget() if a step fails or is interrupted: its cache must never be reused."""
+        try:
+            yield from tokens
+        except (KeyboardInterrupt, Exception):
+            forget()
+            raise
+
+
 # --- what every backend's stream shares -------------------------------------------------------------
 
 def check_prompt(tokens: list[int], n_ctx: int, sampling: Sampling) -> int:

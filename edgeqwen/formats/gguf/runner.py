@@ -23,7 +23,7 @@ import psutil
 
 from ...errors import RunnerError
 from ...process import physical_cores
-from ...runner import DEFAULT_CTX, Response, Sampling, check_prompt, render_chat, respond, shared_prefix
+from ...runner import DEFAULT_CTX, ChatTemplated, Response, Sampling, check_prompt, respond, shared_prefix
 from .speculate import Speculator
 from ...text import clean
 
@@ -137,7 +137,7 @@ def has_openmp() -> bool:
     return "OPENMP = 1" in llama_cpp.llama_print_system_info().decode("utf-8", "replace")
 
 
-class LlamaRunner:
+class LlamaRunner(ChatTemplated):
     """llama.cpp through llama-cpp-python."""
 
     backend = "llama.cpp"
@@ -244,16 +244,15 @@ class LlamaRunner:
             self._pieces[key] = buf.raw[:max(n, 0)]
         return self._pieces[key]
 
+    @property
+    def where(self) -> Path:
+        return self.path
+
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return self.llm.tokenize(clean(text).encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", "replace")
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        if not self.chat_template:
-            raise RunnerError(f"{self.path} has no chat template; use --raw")
-        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
 
     def _argmax(self) -> int:
         # Greedy straight off the logits: libllama's sampler copies all ~152k candidates per token,

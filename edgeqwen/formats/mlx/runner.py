@@ -16,17 +16,14 @@ rows then say `mlx (cpu)`, and speed on a Mac is never claimed from them. MLX pi
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from ...errors import RunnerError
-from ...runner import (DEFAULT_CTX, Response, Sampling, check_prompt, folder_chat_template, regular_vocab_of,
-                       render_chat, respond, shared_prefix, side_json)
+from ...runner import DEFAULT_CTX, FolderRunner, Response, Sampling, check_prompt, respond, shared_prefix, side_json
 from ...schemas import ModelConfig, check_typed
 from ...text import clean
 from .layout import check_folder
@@ -39,7 +36,7 @@ def device_name() -> str:   # on the MLX thread
     return "gpu" if mx.default_device() == mx.gpu else "cpu"
 
 
-class MlxRunner:
+class MlxRunner(FolderRunner):
     """An MLX build folder (config.json + model.safetensors + tokenizer) through mlx-lm."""
 
     def __init__(self, model: Path, threads: int | None = None, n_ctx: int | None = None,
@@ -67,13 +64,7 @@ class MlxRunner:
         except Exception as e:   # mlx-lm raises ValueError, KeyError, FileNotFoundError... for a bad folder
             raise RunnerError(f"{self.folder}: mlx-lm cannot load this build ({type(e).__name__}: {e})") from None
         self.load_s = time.perf_counter() - t0
-        self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
-        self.regular_vocab = regular_vocab_of(self.folder, int(config.get("vocab_size") or 0))
-        tok_cfg = side_json(self.folder / "tokenizer_config.json")
-        self.chat_template = folder_chat_template(self.folder, tok_cfg)
-        eos = tok_cfg.get("eos_token")
-        self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
-        self.proc = psutil.Process(os.getpid())
+        self._read_folder(int(config.get("vocab_size") or 0))
         self._cache = None
         self._seq: list[int] = []   # tokens fed or generated since the cache was made
 
@@ -83,11 +74,6 @@ class MlxRunner:
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        if not self.chat_template:
-            raise RunnerError(f"{self.folder} has no chat template; use --raw")
-        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
 
     def _reuse(self, tokens: list[int]) -> int:
         """Keep the cache's longest prefix shared with tokens (chat turns); returns its length."""
@@ -121,19 +107,18 @@ class MlxRunner:
         detok = self.tokenizer.detokenizer
 
         def tokens_out():
+            self._seq.extend(tokens[prefix:])
+            steps = on_mlx_thread(lambda: generate_step(mx.array(tokens[prefix:]), self.model, max_tokens=max_new,
+                                                        sampler=sampler, prompt_cache=self._cache))
             try:
-                self._seq.extend(tokens[prefix:])
-                steps = on_mlx_thread(lambda: generate_step(mx.array(tokens[prefix:]), self.model, max_tokens=max_new,
-                                                            sampler=sampler, prompt_cache=self._cache))
-                try:
-                    while (tok := on_mlx_thread(next, steps, _END)) is not _END:
-                        self._seq.append(int(tok[0]))
-                        yield int(tok[0])
-                finally:   # its stream context must end on the thread that entered it, not in the collector
-                    on_mlx_thread(steps.close)
-            except (KeyboardInterrupt, Exception):   # stopped mid-step: the cache's state is unknown
-                self._cache = None
-                raise
+                while (tok := on_mlx_thread(next, steps, _END)) is not _END:
+                    self._seq.append(int(tok[0]))
+                    yield int(tok[0])
+            finally:   # its stream context must end on the thread that entered it, not in the collector
+                on_mlx_thread(steps.close)
+
+        def forget():
+            self._cache = None
 
         def decode(t):
             if t is None:
@@ -142,8 +127,8 @@ class MlxRunner:
                 detok.add_token(t)
             return detok.last_segment
 
-        yield from respond(tokens_out(), t0=t0, n_prompt=len(tokens), cached=prefix, max_new=max_new,
-                           is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
+        yield from respond(self.forget_on_error(tokens_out(), forget), t0=t0, n_prompt=len(tokens), cached=prefix,
+                           max_new=max_new, is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
                            decode=decode, proc=self.proc,
                            counters=lambda: {"mlx_peak_memory": int(on_mlx_thread(mx.get_peak_memory))})
 

@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 from ...errors import RunnerError
 from ...process import physical_cores
-from ...runner import (DEFAULT_CTX, Response, Sampling, check_prompt, folder_chat_template, regular_vocab_of,
-                       render_chat, respond, shared_prefix, side_json)
+from ...runner import DEFAULT_CTX, FolderRunner, Response, Sampling, check_prompt, respond, shared_prefix, side_json
 from ...text import clean
 
 
-class OnnxRunner:
+class OnnxRunner(FolderRunner):
     """An ONNX build folder (model.onnx + genai_config.json + tokenizer) through onnxruntime-genai."""
 
     backend = "onnxruntime-genai"
@@ -52,14 +49,7 @@ class OnnxRunner:
         except Exception as e:  # genai raises plain RuntimeError/OSError for every load failure
             raise RunnerError(f"{self.folder}: onnxruntime-genai cannot load this build ({e})") from None
         self.load_s = time.perf_counter() - t0
-        self.eos_ids = {int(t) for t in self.tokenizer.eos_token_ids}
-        # ordinary text tokens: the BPE vocabulary's ids (added and special tokens come after them)
-        self.regular_vocab = regular_vocab_of(self.folder, genai_model.get("vocab_size") or 0)
-        tok_cfg = side_json(self.folder / "tokenizer_config.json")
-        self.chat_template = folder_chat_template(self.folder, tok_cfg)
-        eos = tok_cfg.get("eos_token")
-        self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
-        self.proc = psutil.Process(os.getpid())
+        self._read_folder(genai_model.get("vocab_size") or 0)
         self._gen = None
         self._key = None
         self._tokens: list[int] = []  # what the live generator holds (its last token has no KV yet)
@@ -70,11 +60,6 @@ class OnnxRunner:
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(np.array(tokens, dtype=np.int32))
-
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        if not self.chat_template:
-            raise RunnerError(f"{self.folder} has no chat template; use --raw")
-        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
 
     def _generator(self, tokens: list[int], sampling: Sampling, max_new: int):
         """A generator positioned after the longest prefix it shares with the last call (chat turns reuse KV).
@@ -114,20 +99,18 @@ class OnnxRunner:
         decoder = self.tokenizer.create_stream()
 
         def tokens_out():
-            try:
-                gen.append_tokens(np.array(tokens[prefix:], dtype=np.int32))
-                self._tokens = list(tokens)
-                while True:
-                    gen.generate_next_token()
-                    tok = int(gen.get_next_tokens()[0])
-                    self._tokens.append(tok)
-                    yield tok
-            except (KeyboardInterrupt, Exception):  # stopped mid-step: its state is unknown, never reuse it
-                self._gen = None
-                raise
+            gen.append_tokens(np.array(tokens[prefix:], dtype=np.int32))
+            self._tokens = list(tokens)
+            while True:
+                gen.generate_next_token()
+                tok = int(gen.get_next_tokens()[0])
+                self._tokens.append(tok)
+                yield tok
 
-        yield from respond(tokens_out(), t0=t0, n_prompt=len(tokens), cached=prefix, max_new=max_new,
-                           is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
+        def forget():
+            self._gen = None
+        yield from respond(self.forget_on_error(tokens_out(), forget), t0=t0, n_prompt=len(tokens), cached=prefix,
+                           max_new=max_new, is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
                            decode=lambda t: "" if t is None else decoder.decode(t), proc=self.proc)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
