@@ -98,6 +98,21 @@ def margin_mlx(margin_ckpt) -> dict[str, Path]:
                                   name=f"tiny-margin-{q}", smoke=False), log=None) for q in ("mlx4", "mlx_bf16")}
 
 
+@pytest.fixture(scope="session")
+def mlx_builds(tiny_ckpt, tiny_untied_ckpt):
+    """MLX builds of the tiny model (mlx4, mlx8, mlx_bf16, and mlx4 of the untied one)."""
+    pytest.importorskip("mlx_lm")
+    from edgeqwen.formats.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    recipe = get_recipe("tiny-qwen2")
+    # no smoke child per build: test_synthetic_build_then_run_and_chat takes that path
+    out = {q: build(BuildRequest(recipe=recipe, quant=q, source=tiny_ckpt, smoke=False), log=None)
+           for q in ("mlx4", "mlx8", "mlx_bf16")}
+    out["untied-mlx4"] = build(BuildRequest(recipe=recipe, quant="mlx4", source=tiny_untied_ckpt, smoke=False,
+                                            name="tiny-untied-mlx4"), log=None)
+    return out
+
+
 @pytest.fixture(params=["repacked", "lean"])
 def margin_load(request) -> dict:
     """Both of llama.cpp's kernel paths on whatever CPU runs the test: the normal load (repacked or AMX weights
@@ -130,4 +145,22 @@ def onnx_builds(tiny_ckpt, tiny_untied_ckpt):
     for q in ("int4", "fp32"):
         out[f"untied-{q}"] = build(BuildRequest(recipe=recipe, quant=q, source=tiny_untied_ckpt,
                                                 name=f"tiny-untied-{q}"), log=None)
+    return out
+
+
+@pytest.fixture
+def rows(tiny_builds, tmp_path):
+    """Rows as bench writes them, from the fake runner, on two devices."""
+    from helpers import FP, FakeRunner
+
+    from edgeqwen.measure.bench import BenchConfig, make_row, measure
+    cfg = BenchConfig(prompt_tokens=64, gen_tokens=16, repeats=2)
+    out = []
+    for dev, tg in (("dev-a", 20.0), ("dev-b", 5.0)):
+        fp = dict(FP, device_id=dev, cpu="Test CPU" if dev == "dev-a" else "Other CPU")
+        for q in ("q8_0", "q4_k_m"):
+            result = {"status": "ok", **measure(FakeRunner(tg=tg), cfg),
+                      "max_rss": 310 << 20}
+            out.append(make_row(str(tiny_builds[q]), 2, cfg, fp, result))
+    out.append(make_row(str(tiny_builds["q4_0"]), 2, cfg, FP, {"status": "oom", "error": "killed"}))
     return out

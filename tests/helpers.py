@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeqwen.runner import Response
+
 REPO = Path(__file__).resolve().parent.parent
 # EDGEQWEN_TEST_NO_SHARED=1 runs the suite as a fresh clone without ../shared beside it (what a new user has);
 # .ci/run runs the tests whose fixtures depend on it that way too.
@@ -125,3 +127,41 @@ def invoke(*args, input=None, env=None) -> Invoked:
 
 def needs_real_tokenizer():
     return pytest.mark.skipif(not REAL_TOKENIZER.exists(), reason="../shared/fixtures/qwen2-tokenizer is absent")
+
+
+class FakeRunner:
+    """Implements the runner protocol with fixed speeds, so bench arithmetic can be checked exactly."""
+
+    backend, n_ctx, load_s, chat_template = "fake", 4096, 0.5, "{{ messages[0]['content'] }}"
+    regular_vocab = 151643   # the runner protocol: ids below it are ordinary tokens
+
+    def __init__(self, pp=100.0, tg=10.0):
+        self.pp, self.tg, self.calls = pp, tg, []
+
+    def tokenize(self, text, special=True):
+        return list(range(len(text.split())))
+
+    def apply_chat_template(self, messages):
+        return messages[-1]["content"]
+
+    def stream(self, tokens, sampling):
+        self.calls.append((len(tokens), sampling.max_tokens))
+        ttft = len(tokens) / self.pp
+        for i in range(1, sampling.max_tokens + 1):
+            yield Response("x", i, len(tokens), self.pp, i, self.tg if i > 1 else 0.0, ttft, 123 << 20,
+                           "length" if i == sampling.max_tokens else None)
+
+    def close(self):
+        pass
+
+
+FP = {"cpu": "Test CPU", "arch": "x86_64", "isa": ["avx2"], "device": "generic x86", "physical_cores": 4,
+      "logical_cores": 8, "ram_total": 16 * 2**30, "ram_available": 12 * 2**30, "os": "Linux 6", "versions": {},
+      "bandwidth_gbs": 50.0, "device_id": "dev-a"}
+
+
+def cpu_hog():
+    """A CPU hog: one core of busy loop, as another user's job would be."""
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])

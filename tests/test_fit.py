@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import run_cli
+from helpers import cpu_hog, run_cli
 
 from edgeqwen.measure import memlimit
 
@@ -159,3 +159,28 @@ def test_a_later_fit_of_the_same_build_supersedes_the_earlier():
             row("2026-11-25T10:00:00Z", True, name="z"), row("2026-11-26T11:00:00Z", True, sha="b", name="z")]
     got = latest_fits(rows)
     assert len(got) == 5 and rows[0] not in got and rows[1] in got and rows[-2] not in got and rows[-1] in got
+
+
+def test_fit_refuses_a_baseline_taken_beside_a_cpu_hog(tiny_builds):
+    import os
+
+    from edgeqwen.measure import memlimit
+    if os.geteuid() != 0 or memlimit._version() is None:
+        pytest.skip("needs root and the cgroup memory controller")
+    hog = cpu_hog()
+    try:
+        r = run_cli("fit", tiny_builds["q8_0"], "--threads", "1", "--lean", timeout=600)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert r.returncode == 1 and "the machine is busy" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr
+
+
+def test_fit_refuses_a_baseline_whose_runs_disagree():
+    from edgeqwen.errors import RunnerError
+    from edgeqwen.measure.fit import _check_baseline
+    runs = [{"tg": {"mean": x}} for x in (0.87, 0.88, 1.36)]   # a fit's real baseline, beside another job
+    with pytest.raises(RunnerError, match="disagree"):
+        _check_baseline("b", runs, 0.88)
+    _check_baseline("b", [{"tg": {"mean": x}} for x in (26.8, 27.5, 28.5)], 27.5)   # quiet: 6% apart

@@ -22,17 +22,6 @@ pytest.importorskip("mlx_lm")
 PROMPT = "Name three colours."
 
 
-@pytest.fixture(scope="module")
-def mlx_builds(tiny_ckpt, tiny_untied_ckpt):
-    recipe = get_recipe("tiny-qwen2")
-    # no smoke child per build: test_synthetic_build_then_run_and_chat takes that path
-    out = {q: build(BuildRequest(recipe=recipe, quant=q, source=tiny_ckpt, smoke=False), log=None)
-           for q in ("mlx4", "mlx8", "mlx_bf16")}
-    out["untied-mlx4"] = build(BuildRequest(recipe=recipe, quant="mlx4", source=tiny_untied_ckpt, smoke=False,
-                                            name="tiny-untied-mlx4"), log=None)
-    return out
-
-
 def _mlx_lm_convert(src: Path, out: Path, *args) -> Path:
     """mlx-lm's own convert, as a user runs it (a child process)."""
     p = subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(out),
