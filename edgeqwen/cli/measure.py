@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .params import CTX, OUT_DIR, OUT_FILE, SPEED_FRACTION, THREADS
-from .run import KV_OPTION, draft_of, speculative_options, tune_options
+from .params import (CTX, KV_OPTION, OUT_DIR, OUT_FILE, SPEED_FRACTION, THREADS, draft_of, speculative_options,
+                     tune_options)
 
 
 @click.command("bench")

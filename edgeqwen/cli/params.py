@@ -1,4 +1,5 @@
-"""Argument types with their ranges, shared by every command (checked by click, at the boundary, once)."""
+"""Argument types with their ranges, and the options several commands share (checked by click, at the boundary,
+once)."""
 from __future__ import annotations
 
 import math
@@ -74,3 +75,73 @@ class OutDir(click.Path):
 
 OUT_DIR = OutDir()
 SPEED_FRACTION = Finite(0.1, 1.0)
+
+
+# --- options shared by several commands ---------------------------------------------------------------
+
+def device_options(f):
+    """--lean, --workers, --split and speculative decoding, shared by run, chat and serve (bench has its own)."""
+    f = speculative_options(f)
+    f = KV_OPTION(f)
+    f = tune_options(f)
+    f = click.option("--split", help="Shares of the layers, this machine first, then each worker (e.g. 1,1,1). "
+                     "Default: every layer on the workers, by their free memory.")(f)
+    f = click.option("--workers", help="llama.cpp RPC workers to spread the model over: HOST:PORT,... "
+                     "(see `edgeqwen worker`).")(f)
+    f = click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, "
+                     "maybe slower).")(f)
+    return f
+
+
+KV_OPTION = click.option("--kv", type=click.Choice(["f16", "q8_0"]),
+                         help="KV cache type (GGUF): q8_0 halves its memory at a small quality cost (README). "
+                         "Default: f16, or what `edgeqwen tune` chose.")
+
+
+def tune_options(f):
+    """--flash-attn and --no-tune: run, chat, serve and bench (a setting given explicitly always wins)."""
+    f = click.option("--no-tune", is_flag=True, help="Ignore `edgeqwen tune`'s stored settings for this "
+                     "machine and build: llama.cpp's defaults.")(f)
+    f = click.option("--flash-attn", type=click.Choice(["on", "off"]),
+                     help="Flash attention (GGUF). Default: on, or what `edgeqwen tune` chose.")(f)
+    return f
+
+
+def speculative_options(f):
+    """--draft, --lookup and --draft-max: run, chat, serve and bench."""
+    f = click.option("--draft-max", type=click.IntRange(1, 32), default=8, show_default=True,
+                     help="Most tokens drafted at once (the length adapts to how many are accepted).")(f)
+    f = click.option("--lookup", is_flag=True, help="Draft from n-grams already in the prompt and answer (no "
+                     "second model): faster on code edits, summaries and quoting answers; same output.")(f)
+    f = click.option("--draft", metavar="BUILD", help="Speculative decoding: a smaller GGUF build with the same "
+                     "tokenizer drafts, BUILD verifies several tokens per pass; the output is BUILD's own.")(f)
+    return f
+
+
+def draft_of(draft, lookup) -> str | None:
+    from ..errors import UsageError
+    if draft and lookup:
+        raise UsageError("--draft and --lookup exclude each other: choose one way to draft")
+    if draft is not None and draft.strip().lower() == "lookup":
+        raise UsageError("--draft lookup: use --lookup")
+    return "lookup" if lookup else draft
+
+
+def load_options(threads, ctx, lean, workers, split, draft=None, lookup=False, draft_max=8, kv=None,
+                 flash_attn=None):
+    """The device flags of run, chat, serve and bench as one LoadOptions (checked here, once)."""
+    from ..formats.gguf.rpc import parse_split, parse_workers
+    from ..formats.load import LoadOptions
+    eps = parse_workers(workers)
+    split = parse_split(split, len(eps))
+    return LoadOptions(threads=threads, n_ctx=ctx, lean=lean, workers=tuple(eps) or None,
+                       split=tuple(split) if split else None, draft=draft_of(draft, lookup), draft_max=draft_max,
+                       kv=kv, flash_attn=None if flash_attn is None else flash_attn == "on")
+
+
+def tuned(build, options, no_tune: bool):
+    """options with tune's stored settings for BUILD filled in, unless --no-tune."""
+    if no_tune:
+        return options
+    from ..measure.tuned import with_tuned
+    return with_tuned(build, options)[0]

@@ -1,5 +1,4 @@
-"""`edgeqwen run | chat`: one answer, or a conversation in the terminal; the device options run, chat and serve
-share."""
+"""`edgeqwen run | chat`: one answer, or a conversation in the terminal."""
 from __future__ import annotations
 
 import json
@@ -7,90 +6,7 @@ import sys
 
 import click
 
-from ..formats import DEFAULT, of_manifest
-from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P
-
-
-def device_options(f):
-    """--lean, --workers, --split and speculative decoding, shared by run, chat and serve (bench has its own)."""
-    f = speculative_options(f)
-    f = KV_OPTION(f)
-    f = tune_options(f)
-    f = click.option("--split", help="Shares of the layers, this machine first, then each worker (e.g. 1,1,1). "
-                     "Default: every layer on the workers, by their free memory.")(f)
-    f = click.option("--workers", help="llama.cpp RPC workers to spread the model over: HOST:PORT,... "
-                     "(see `edgeqwen worker`).")(f)
-    f = click.option("--lean", is_flag=True, help="Load without repacked/prepacked weight copies (less RAM, "
-                     "maybe slower).")(f)
-    return f
-
-
-KV_OPTION = click.option("--kv", type=click.Choice(["f16", "q8_0"]),
-                         help="KV cache type (GGUF): q8_0 halves its memory at a small quality cost (README). "
-                         "Default: f16, or what `edgeqwen tune` chose.")
-
-
-def tune_options(f):
-    """--flash-attn and --no-tune: run, chat, serve and bench (a setting given explicitly always wins)."""
-    f = click.option("--no-tune", is_flag=True, help="Ignore `edgeqwen tune`'s stored settings for this "
-                     "machine and build: llama.cpp's defaults.")(f)
-    f = click.option("--flash-attn", type=click.Choice(["on", "off"]),
-                     help="Flash attention (GGUF). Default: on, or what `edgeqwen tune` chose.")(f)
-    return f
-
-
-def tuned(build: str, threads: int | None, load: dict, no_tune: bool) -> tuple[int | None, dict]:
-    """Fill the settings not given with `edgeqwen tune`'s winner for this machine and build file, if stored."""
-    from ..errors import EdgeqwenError
-    from ..home import resolve_build
-    if no_tune or load.get("workers"):
-        return threads, load
-    try:
-        _, manifest = resolve_build(str(build))
-    except EdgeqwenError:   # the load says what is wrong with it
-        return threads, load
-    if not manifest or not (of_manifest(manifest) or DEFAULT).tune:
-        return threads, load
-    from ..measure.tuned import for_now, lookup
-    s = lookup(manifest.get("sha256"))
-    if not s:
-        return threads, load
-    import logging
-    logging.getLogger("edgeqwen").info(f"tuned settings for {manifest.get('name')}: {s}")
-    if not threads:   # the thread count given is the user's; how many, and how they wait, follow the load now
-        s = for_now(s)
-        load = dict(load, spin=s.get("spin", True))
-    load = dict(load, kv=load.get("kv") or s["kv"],
-                flash_attn=s["flash_attn"] if load.get("flash_attn") is None else load["flash_attn"])
-    return threads or s["threads"], load
-
-
-def speculative_options(f):
-    """--draft, --lookup and --draft-max: run, chat, serve and bench."""
-    f = click.option("--draft-max", type=click.IntRange(1, 32), default=8, show_default=True,
-                     help="Most tokens drafted at once (the length adapts to how many are accepted).")(f)
-    f = click.option("--lookup", is_flag=True, help="Draft from n-grams already in the prompt and answer (no "
-                     "second model): faster on code edits, summaries and quoting answers; same output.")(f)
-    f = click.option("--draft", metavar="BUILD", help="Speculative decoding: a smaller GGUF build with the same "
-                     "tokenizer drafts, BUILD verifies several tokens per pass; the output is BUILD's own.")(f)
-    return f
-
-
-def draft_of(draft, lookup) -> str | None:
-    from ..errors import UsageError
-    if draft and lookup:
-        raise UsageError("--draft and --lookup exclude each other: choose one way to draft")
-    if draft is not None and draft.strip().lower() == "lookup":
-        raise UsageError("--draft lookup: use --lookup")
-    return "lookup" if lookup else draft
-
-
-def _devices(lean, workers, split, draft=None, lookup=False, draft_max=8, kv=None, flash_attn=None) -> dict:
-    from ..formats.gguf.rpc import parse_split, parse_workers
-    eps = parse_workers(workers)
-    return {"lean": lean, "workers": eps or None, "split": parse_split(split, len(eps)),
-            "draft": draft_of(draft, lookup), "draft_max": draft_max, "kv": kv,
-            "flash_attn": None if flash_attn is None else flash_attn == "on"}
+from .params import CTX, MAX_TOKENS, TEMPERATURE, THREADS, TOP_P, device_options, load_options, tuned
 
 
 def _sampling(max_tokens, temperature, top_p, seed):
@@ -135,9 +51,8 @@ def run(build, prompt, max_tokens, temperature, top_p, seed, system, raw, as_jso
     prompt, system = clean(prompt), system and clean(system)
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    threads, load = tuned(build, threads, _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn),
-                          no_tune)
-    runner = load_runner(build, threads=threads, n_ctx=ctx, **load)
+    runner = load_runner(build, tuned(build, load_options(threads, ctx, lean, workers, split, draft, lookup, draft_max,
+                                                          kv, flash_attn), no_tune))
     text, last = [], None
     for last in generate_text(runner, prompt, _sampling(max_tokens, temperature, top_p, seed), raw=raw,
                               system=system):
@@ -179,9 +94,8 @@ def chat(build, system, max_tokens, temperature, top_p, seed, threads, ctx, lean
     from .chat import repl
     from ..formats.load import load_runner
     from ..text import clean
-    threads, load = tuned(build, threads, _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn),
-                          no_tune)
-    runner = load_runner(build, threads=threads, n_ctx=ctx, **load)
+    runner = load_runner(build, tuned(build, load_options(threads, ctx, lean, workers, split, draft, lookup, draft_max,
+                                                          kv, flash_attn), no_tune))
     repl(runner, _sampling(max_tokens, temperature, top_p, seed), system=system and clean(system))
     runner.close()
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .params import CTX, THREADS, Finite
-from .run import _devices, device_options, tuned
+from .params import CTX, THREADS, Finite, device_options, load_options, tuned
 
 
 @click.command()
@@ -51,13 +50,11 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
                              "$EDGEQWEN_API_KEY), or --insecure-no-key to serve it to anyone who can reach it")
         click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the "
                    "model", err=True)
-    load = _devices(lean, workers, split, draft, lookup, draft_max, kv, flash_attn)
-    per_build = {}
-    for b in builds:   # each build with its own tuned settings (what is given explicitly applies to all)
-        t, lb = tuned(b, threads, load, no_tune)
-        per_build[b] = {"threads": t, **lb}
-    cfg = ServeConfig(builds=list(builds), threads=threads, ctx=ctx, max_queue=max_queue, api_key=api_key, cors=cors,
-                      load=load, per_build=per_build, request_timeout=request_timeout, read_timeout=read_timeout)
+    load = load_options(threads, ctx, lean, workers, split, draft, lookup, draft_max, kv, flash_attn)
+    # each build with its own tuned settings (what is given explicitly applies to all)
+    per_build = {b: tuned(b, load, no_tune) for b in builds}
+    cfg = ServeConfig(builds=list(builds), max_queue=max_queue, api_key=api_key, cors=cors, load=load,
+                      per_build=per_build, request_timeout=request_timeout, read_timeout=read_timeout)
     sock = listen(where, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     run_server(cfg, sock, on_ready=lambda: click.echo(f"serving {', '.join(builds)} on {url} (OpenAI API at /v1)",

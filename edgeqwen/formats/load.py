@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import RunnerError
@@ -19,21 +20,40 @@ def _which(capability: str, article: bool = True) -> str:
     return f"a {names}" if article else names
 
 
-def load_runner(build: str | Path, threads: int | None = None, n_ctx: int | None = None,
-                logits: bool = False, lean: bool = False, workers: list | None = None,
-                split: list[float] | None = None, isolate: bool = True, draft: str | None = None,
-                draft_max: int = 8, kv: str | None = None, flash_attn: bool | None = None,
-                spin: bool = True) -> Runner:
-    """BUILD (folder, model file or build name) -> a loaded runner of its format's backend.
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a build: made once, from the CLI's flags, a bench config or the server's config, and carried as is
+    to load_runner (tune's stored settings fill what is unset: measure/tuned.py's with_tuned).
 
-    lean=True trades speed for memory: no repacked/prepacked second copy of the weights.
-    logits=True loads it for `logits()` over whole windows (eval) rather than for streaming.
-    workers: llama.cpp RPC workers (rpc.Endpoint) to spread the layers over, in split proportions
-    (this machine first); the model then runs in a child process unless isolate=False (see gguf/isolated.py).
+    lean: trades speed for memory: no repacked/prepacked second copy of the weights.
+    logits: loads it for `logits()` over whole windows (eval) rather than for streaming.
+    workers: llama.cpp RPC workers (rpc.Endpoint) to spread the layers over, in split proportions (this machine
+    first); the model then runs in a child process unless isolate is False (see gguf/isolated.py).
     draft: a smaller GGUF build of the same tokenizer to draft tokens with, or "lookup" (n-grams of the context);
-    the output is the target's either way (speculative.py).
-    spin=False: llama.cpp's threads sleep while they wait for each other instead of spinning (a busy machine).
-    """
+    the output is the target's either way (gguf/speculate.py).
+    kv, flash_attn: the engine's KV cache type and flash attention (None: its default, or tune's).
+    spin: False: llama.cpp's threads sleep while they wait for each other instead of spinning (a busy machine)."""
+    threads: int | None = None
+    n_ctx: int | None = None
+    logits: bool = False
+    lean: bool = False
+    workers: tuple | None = None
+    split: tuple[float, ...] | None = None
+    isolate: bool = True
+    draft: str | None = None
+    draft_max: int = 8
+    kv: str | None = None
+    flash_attn: bool | None = None
+    spin: bool = True
+
+
+def load_runner(build: str | Path, options: LoadOptions | None = None, **fields) -> Runner:
+    """BUILD (folder, model file or build name) -> a loaded runner of its format's backend, as options say (fields
+    given here replace the options' own: load_runner(b, n_ctx=512))."""
+    o = replace(options or LoadOptions(), **fields)
+    threads, n_ctx, logits, lean, isolate = o.threads, o.n_ctx, o.logits, o.lean, o.isolate
+    workers, split, draft, draft_max = list(o.workers or []), list(o.split) if o.split else None, o.draft, o.draft_max
+    kv, flash_attn, spin = o.kv, o.flash_attn, o.spin
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
     kv = kv or "f16"

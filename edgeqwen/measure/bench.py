@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
-from ..formats import DEFAULT, model_path, of_manifest
+from ..formats import DEFAULT, model_path
 from ..home import resolve_build
 
 SCHEMA = 1
@@ -55,15 +55,9 @@ REPEAT_DONE = "# repeat done"   # the child's progress line on stdout; its last 
 def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     """Runs in the child: load the build, then measure it."""
     from ..process import max_rss_bytes
-    from ..formats.gguf.rpc import parse_workers
     from ..formats.load import load_runner
-    s = tuned_settings(build, cfg)
-    kv = cfg.kv or (s or {}).get("kv")
-    fa = cfg.flash_attn if cfg.flash_attn is not None else (s or {}).get("flash_attn")
-    # isolate=False: this child is already the process a lost worker may abort; the parent reports it
-    runner = load_runner(build, threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean,
-                         workers=parse_workers(",".join(cfg.workers)) or None, split=cfg.split, isolate=False,
-                         draft=cfg.draft, draft_max=cfg.draft_max, kv=kv, flash_attn=fa, spin=cfg.spin)
+    options, s = tuned_settings(build, threads, cfg)
+    runner = load_runner(build, options)
     out = measure(runner, cfg, on_repeat=lambda: print(REPEAT_DONE, flush=True))
     # what it ran with: every row says so (a tuned setting, a flag, or the runner's default)
     out["settings"] = {"threads": threads, "flash_attn": getattr(runner, "flash_attn", None),
@@ -76,22 +70,26 @@ def worker(build: str, threads: int, cfg: BenchConfig) -> dict:
     return out
 
 
-def tuned_settings(build: str, cfg: BenchConfig) -> dict | None:
-    """`edgeqwen tune`'s stored settings for this machine and build (GGUF, one machine), unless turned off."""
-    if not cfg.tuned or cfg.workers:
-        return None
-    _, m = resolve_build(build)
-    if not m or not (of_manifest(m) or DEFAULT).tune:   # (an unknown format: no tuned settings)
-        return None
-    from .tuned import lookup
-    return lookup(m.get("sha256"))
+def tuned_settings(build: str, threads: int | None, cfg: BenchConfig):
+    """(how the child loads BUILD: the config's options, `edgeqwen tune`'s stored settings filling what they leave
+    unset unless turned off; those settings or None). A bench measures what it was asked: never the busy-machine
+    switch."""
+    from ..formats.gguf.rpc import parse_workers
+    from ..formats.load import LoadOptions
+    from .tuned import with_tuned
+    # isolate=False: this child is already the process a lost worker may abort; the parent reports it
+    split = tuple(cfg.split) if cfg.split else None
+    options = LoadOptions(threads=threads, n_ctx=cfg.n_ctx, lean=cfg.lean, isolate=False, split=split,
+                          workers=tuple(parse_workers(",".join(cfg.workers))) or None, draft=cfg.draft,
+                          draft_max=cfg.draft_max, kv=cfg.kv, flash_attn=cfg.flash_attn, spin=cfg.spin)
+    return with_tuned(build, options, now=False) if cfg.tuned else (options, None)
 
 
 def default_threads(build: str, cfg: BenchConfig) -> list[int]:
     """--threads not given: the tuned count, else the physical cores."""
     from ..process import physical_cores
-    s = tuned_settings(build, cfg)
-    return [s["threads"]] if s else [physical_cores()]
+    options, _ = tuned_settings(build, None, cfg)
+    return [options.threads or physical_cores()]
 
 
 def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:

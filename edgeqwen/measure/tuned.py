@@ -83,3 +83,34 @@ def store(sha: str, device_id: str, settings: dict, measured: list[dict], beside
     write_json_atomic(f, data)
 
 
+def with_tuned(build: str, options, now: bool = True):
+    """(options with `edgeqwen tune`'s stored settings for this machine and BUILD filling what they leave unset, the
+    stored settings or None). Threads, KV type and flash attention come from the idle winner; when the threads are
+    not given and now is true, the busy-machine settings (threads, spin) if other processes hold a core at this
+    moment. Nothing is stored for a format tune does not measure, a build without a manifest, or a model spread
+    over workers (measured on one machine)."""
+    from dataclasses import replace
+
+    from ..errors import EdgeqwenError
+    from ..formats import DEFAULT, of_manifest
+    from ..home import resolve_build
+    if options.workers:
+        return options, None
+    try:
+        _, manifest = resolve_build(str(build))
+    except EdgeqwenError:   # the load says what is wrong with it
+        return options, None
+    if not manifest or not (of_manifest(manifest) or DEFAULT).tune:   # (an unknown format: nothing tuned)
+        return options, None
+    s = lookup(manifest.get("sha256"))
+    if not s:
+        return options, None
+    use = s
+    if now:   # said where a person loads a model (run, chat, serve); a bench's row records its settings
+        import logging
+        logging.getLogger("edgeqwen").info(f"tuned settings for {manifest.get('name')}: {s}")
+    if not options.threads and now:   # how many threads, and how they wait, follow the machine's load now
+        use = for_now(s)
+        options = replace(options, spin=use.get("spin", True))
+    return replace(options, threads=options.threads or use["threads"], kv=options.kv or use["kv"],
+                   flash_attn=use["flash_attn"] if options.flash_attn is None else options.flash_attn), s

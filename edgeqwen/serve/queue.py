@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from ..errors import EdgeqwenError, RunnerError
 from ..formats import DEFAULT
+from ..formats.load import LoadOptions
 from ..runner import Sampling
 from .metrics import Metrics
 from .schemas import ApiError, MAX_BODY
@@ -30,14 +31,12 @@ READ_TIMEOUT_S = 30.0       # for a request's whole body: a client that stalls m
 @dataclass
 class ServeConfig:
     builds: list[str]
-    threads: int | None = None
-    ctx: int | None = None
     max_queue: int = 16
     api_key: str | None = None
     max_body: int = MAX_BODY
     cors: str | None = None
-    load: dict = field(default_factory=dict)   # load_runner's lean / workers / split
-    per_build: dict = field(default_factory=dict)   # build argument -> its load arguments, tuned settings filled in
+    load: LoadOptions = field(default_factory=LoadOptions)   # how every build loads (threads, context, devices...)
+    per_build: dict[str, LoadOptions] = field(default_factory=dict)   # build argument -> load, tune's settings in
     request_timeout: float = REQUEST_TIMEOUT_S  # wall-clock seconds one request may generate for
     read_timeout: float = READ_TIMEOUT_S        # wall-clock seconds a client has to send its whole body
 
@@ -91,8 +90,7 @@ class Server:
                 from ..formats.load import load_runner
                 _log.info("loading %s", name)
                 build = s.names[name]
-                args = self.cfg.per_build.get(build) or {"threads": self.cfg.threads, **self.cfg.load}
-                s.runner = load_runner(build, n_ctx=self.cfg.ctx, **args)
+                s.runner = load_runner(build, self.cfg.per_build.get(build) or self.cfg.load)
                 s.resident, s.failed = name, None
             finally:
                 s.loading = False
