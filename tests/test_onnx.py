@@ -352,7 +352,8 @@ def test_plan_holds_what_the_graph_s_consumers_hold(onnx_builds):
     import onnx
 
     from edgeqwen.formats.onnx.layout import padding
-    from edgeqwen.measure.plan import ONNX_HELD, plan
+    from edgeqwen.formats.onnx.plan import ONNX_HELD
+    from edgeqwen.measure.plan import plan
     role_of = {("MatMulNBits", 1): "blobs", ("MatMulNBits", 2): "scales", ("MatMulNBits", 3): "zp",
                ("GatherBlockQuantized", 0): "table", ("GatherBlockQuantized", 2): "table", ("Gather", 0): "table",
                ("Reshape", 0): "folded"}

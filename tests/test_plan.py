@@ -20,7 +20,8 @@ def test_plan_follows_llama_cpp_fallbacks_on_the_real_shape():
     """Qwen2-0.5B's 896-wide rows cannot hold K-quant blocks: llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0)."""
     import collections
 
-    from edgeqwen.measure.plan import model_config, tensor_types
+    from edgeqwen.formats.gguf.plan import tensor_types
+    from edgeqwen.measure.plan import model_config
     cfg = model_config("0.5b", {"tie_word_embeddings": False})
     counts = collections.Counter(t.name for *_, t in tensor_types(cfg, "q4_k_m"))
     # what llama.cpp wrote for the real (untied) 0.5B checkpoint
@@ -65,7 +66,8 @@ def test_plan_peak_counts_repacked_copies_only_where_the_originals_stay():
 
 def test_plan_on_an_amx_cpu_counts_the_amx_repacked_copies():
     """llama.cpp's AMX buffer type keeps a repacked copy of every Q8_0/K-quant matrix but token_embd."""
-    from edgeqwen.measure.plan import model_config, nbytes, tensor_types
+    from edgeqwen.formats.gguf.plan import nbytes, tensor_types
+    from edgeqwen.measure.plan import model_config
     cfg = {"tie_word_embeddings": False}
     q8 = [(name, ne, t) for name, _, ne, t in tensor_types(model_config("0.5b", cfg), "q8_0")]
     want = sum(nbytes(ne, t) for name, ne, t in q8 if t.name == "Q8_0" and name != "token_embd")
@@ -79,7 +81,8 @@ def test_plan_on_an_amx_cpu_holds_a_tied_outputs_copy_and_the_amx_layouts_additi
     """A tied model's output is token_embd loaded again into the AMX buffer while the lookup keeps reading the
     original (pagecache.py keeps it): a second copy, whichever way the file is loaded; and the AMX layout adds 4
     bytes per Q8_0 / Q4_K block (ggml-cpu/amx/mmq.cpp get_row_size)."""
-    from edgeqwen.measure.plan import model_config, nbytes, tensor_types
+    from edgeqwen.formats.gguf.plan import nbytes, tensor_types
+    from edgeqwen.measure.plan import model_config
     tied = model_config("0.5b")
     assert tied.tie_word_embeddings
     types = tensor_types(tied, "q8_0")

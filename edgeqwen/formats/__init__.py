@@ -44,8 +44,8 @@ class Format:
     tune: bool = False               # `edgeqwen tune` measures its settings per machine
     group_size: bool = False         # its builds take --group-size
     crash_hint: str | None = None    # "module:function(signal name, model path) -> message" for a crash of its engine
-    # "module:function(size, quant, config, ctx, prompt_tokens) -> Plan" where plan's own (GGUF) memory model is
-    # not this format's
+    # its memory model: "module:function(size, quant, config, ctx, prompt_tokens, amx=, release=, resident=, kv=)
+    # -> formats.plan.Plan" (`edgeqwen plan`, fit's and table's predictions)
     planner: str | None = None
     # import `needs` here to check it; False where the runner must import it itself (MLX makes its streams on the
     # importing thread, so its runner imports it on the MLX thread and says the same line when it is missing)
@@ -75,14 +75,14 @@ FORMATS: dict[str, Format] = {
         needs="llama_cpp", engine="llama.cpp",
         install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), default=True, workers=True,
         lean=True, kv_settings=True, drafts=True, spin=True, tune=True,
-        crash_hint="edgeqwen.formats.gguf.runner:crash_hint"),
+        crash_hint="edgeqwen.formats.gguf.runner:crash_hint", planner="edgeqwen.formats.gguf.plan:plan_gguf"),
     "onnx": Format(
         name="onnx", label="ONNX", quant_word="an ONNX precision", quants=("int4", "int4_rtn", "int8", "fp32"),
         reference_quant="fp32", model_file="model.onnx",
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.formats.onnx.build:build_onnx",
         runner="edgeqwen.formats.onnx.runner:OnnxRunner", needs="onnxruntime_genai", engine="onnxruntime",
         install="pip install 'edgeqwen[onnx]'",
-        suffixes=(".onnx",), marker="genai_config.json", planner="edgeqwen.measure.plan:plan_onnx"),
+        suffixes=(".onnx",), marker="genai_config.json", planner="edgeqwen.formats.onnx.plan:plan_onnx"),
     # Apple Silicon's own runtime (Metal there; mlx[cpu] runs the same folders on Linux, for correctness).
     "mlx": Format(
         name="mlx", label="MLX", quant_word="an MLX quant", quants=("mlx4", "mlx8", "mlx_bf16"),
@@ -90,7 +90,7 @@ FORMATS: dict[str, Format] = {
         hashed_files=("model.safetensors",), builder="edgeqwen.formats.mlx.build:build_mlx",
         runner="edgeqwen.formats.mlx.runner:MlxRunner", needs="mlx_lm", engine="mlx",
         install="pip install 'edgeqwen[mlx]' (mlx and mlx-lm; on Linux mlx[cpu])", suffixes=(".safetensors",),
-        group_size=True, planner="edgeqwen.measure.plan:plan_mlx", import_check=False),
+        group_size=True, planner="edgeqwen.formats.mlx.plan:plan_mlx", import_check=False),
 }
 DEFAULT = next(f for f in FORMATS.values() if f.default)
 
