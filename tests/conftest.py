@@ -113,6 +113,24 @@ def mlx_builds(tiny_ckpt, tiny_untied_ckpt):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_f16(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint through our converter alone (no build folder): an f16 GGUF file."""
+    from edgeqwen.checkpoints import open_checkpoint
+    from edgeqwen.formats.gguf.convert import convert
+    out = tmp_path_factory.mktemp("conv") / "tiny-f16.gguf"
+    convert(open_checkpoint(tiny_ckpt), out, "f16", name="tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_f16_reader(tiny_f16):
+    """gguf-py's own reader of tiny_f16 (an independent parse; it reads the 152k-token vocabulary item by item, some
+    seconds, so once)."""
+    import gguf
+    return gguf.GGUFReader(tiny_f16)
+
+
 @pytest.fixture(params=["repacked", "lean"])
 def margin_load(request) -> dict:
     """Both of llama.cpp's kernel paths on whatever CPU runs the test: the normal load (repacked or AMX weights
