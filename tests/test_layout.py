@@ -188,3 +188,12 @@ def test_no_code_outside_a_formats_own_package_asks_for_it_by_name():
         if hits:
             found[name] = hits
     assert found == {}
+
+
+def test_the_wheel_lists_every_package():
+    """setuptools ships the packages pyproject.toml names: a new folder missing there works in a checkout and is
+    absent from the wheel (tools/wheel-check.sh would find it much later)."""
+    import tomllib
+    listed = set(tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(PKG.parent).parts) for p in PKG.rglob("__init__.py")}
+    assert folders - listed == set()
