@@ -49,6 +49,7 @@ class Sampling:
     min_p: float = 0.0
     seed: int | None = None
     ignore_eos: bool = False
+    grammar: str | None = None   # GBNF the answer must follow (structured output; formats whose row says so)
 
 
 class Runner(Protocol):
@@ -144,6 +145,12 @@ class FolderRunner(ChatTemplated):
         eos = tok_cfg.get("eos_token")
         self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
         self.proc = psutil.Process(os.getpid())
+
+    def refuse_grammar(self, sampling: Sampling) -> None:
+        """Structured output is llama.cpp's grammar sampler: never silently generate free text instead."""
+        if sampling.grammar:
+            raise RunnerError(f"{self.backend} cannot constrain an answer to a grammar (structured output needs a "
+                              "GGUF build)")
 
     @staticmethod
     def forget_on_error(tokens: Iterator[int], forget: Callable[[], None]) -> Iterator[int]:

@@ -368,3 +368,67 @@ def test_chat_page_in_a_real_browser(server, tmp_path):
         assert (tmp_path / "chat.png").stat().st_size > 1000
     finally:
         drv.quit()
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
+                                                  "count": {"type": "integer"},
+                                                  "colours": {"type": "array", "items": {"type": "string",
+                                                                                         "maxLength": 12},
+                                                              "maxItems": 3}},
+                 "required": ["answer", "count", "colours"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_strict_json_schema_is_followed(server, margin_builds, stream):
+    """response_format json_schema: the answer parses and validates (jsonschema), streamed or not, sampled or
+    greedy; whatever the model would say, llama.cpp's grammar sampler allows only what the schema does."""
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+    for temperature in (0, 1.0):
+        kw = dict(model=_name(margin_builds["q4_0"]), temperature=temperature, max_tokens=200, seed=3,
+                  response_format=fmt, messages=[{"role": "user", "content": QUESTION}])
+        if stream:
+            chunks = list(server.client().chat.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            r = server.client().chat.completions.create(**kw)
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+        assert finish == "stop", (finish, text)
+        jsonschema.validate(json.loads(text), ANSWER_SCHEMA)
+
+
+def test_json_object_mode_constrains_the_answer(server, margin_builds):
+    """json_object: the grammar of any JSON object. The margin model, left free, says its word cycle; in JSON mode
+    its answer is an object from the first character. (It then writes its cycle inside a string it never closes:
+    free JSON mode cannot make a model end its answer, only keep it JSON; a schema can, as above.)"""
+    kw = dict(model=_name(margin_builds["q4_0"]), temperature=0, max_tokens=40,
+              messages=[{"role": "user", "content": QUESTION}])
+    free = server.client().chat.completions.create(**kw).choices[0].message.content
+    r = server.client().chat.completions.create(response_format={"type": "json_object"}, **kw)
+    text = r.choices[0].message.content
+    assert not free.lstrip().startswith("{") and text.startswith("{"), (free, text)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("fmt, which, words", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}, "q4_0", "not a valid JSON Schema"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                                                                      "patternProperties": {"^a": {}}}}},
+     "q4_0", "patternProperties"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3}}},
+     "q4_0", "minimum"),
+    ({"type": "json_schema"}, "q4_0", "needs a json_schema"),
+    ({"type": "xml"}, "q4_0", "response_format"),
+    ({"type": "json_object"}, "int8", "needs a GGUF build"),
+])
+def test_structured_output_it_cannot_honour_is_a_400(server, margin_builds, margin_onnx, fmt, which, words):
+    """Never free text in place of what was asked: an invalid schema, a keyword the grammar would drop, or a format
+    without a grammar sampler is one OpenAI-shaped 400."""
+    import openai
+    build = margin_builds["q4_0"] if which == "q4_0" else margin_onnx["int8"]
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client().chat.completions.create(model=_name(build), max_tokens=8, response_format=fmt,
+                                                messages=[{"role": "user", "content": QUESTION}])
+    assert words in e.value.response.json()["error"]["message"], e.value.response.text

@@ -43,6 +43,8 @@ class Format:
     spin: bool = False               # its threads can sleep instead of spinning while they wait (a busy machine)
     tune: bool = False               # `edgeqwen tune` measures its settings per machine
     group_size: bool = False         # its builds take --group-size
+    # structured output: "module:function(kind, schema) -> grammar" for a request's response_format (None: refused)
+    constrained: str | None = None
     crash_hint: str | None = None    # "module:function(signal name, model path) -> message" for a crash of its engine
     # its memory model: "module:function(size, quant, config, ctx, prompt_tokens, amx=, release=, resident=, kv=)
     # -> formats.plan.Plan" (`edgeqwen plan`, fit's and table's predictions)
@@ -75,7 +77,8 @@ FORMATS: dict[str, Format] = {
         needs="llama_cpp", engine="llama.cpp",
         install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), default=True, workers=True,
         lean=True, kv_settings=True, drafts=True, spin=True, tune=True,
-        crash_hint="edgeqwen.formats.gguf.runner:crash_hint", planner="edgeqwen.formats.gguf.plan:plan_gguf"),
+        crash_hint="edgeqwen.formats.gguf.runner:crash_hint", planner="edgeqwen.formats.gguf.plan:plan_gguf",
+        constrained="edgeqwen.formats.gguf.grammar:grammar"),
     "onnx": Format(
         name="onnx", label="ONNX", quant_word="an ONNX precision", quants=("int4", "int4_rtn", "int8", "fp32"),
         reference_quant="fp32", model_file="model.onnx",

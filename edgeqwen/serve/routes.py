@@ -66,18 +66,42 @@ def _failed(server: Server, endpoint: str, e: Exception) -> JSONResponse:
     return error_response(e)
 
 
-def _job(req, kind: str) -> Job:
+def _grammar(server: Server, req) -> str | None:
+    """The grammar a request's response_format asks for, from its model's format row; a format that cannot
+    constrain an answer is a 400, never free text."""
+    from ..errors import UsageError
+    from ..formats import FORMATS
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    meta = server.slot.meta.get(req.model)
+    if meta is None:
+        return None   # admit answers 404 for a model not served here
+    fmt = FORMATS.get(meta.get("format"))
+    if fmt is None or not fmt.constrained:
+        which = " or ".join(f.label for f in FORMATS.values() if f.constrained)
+        raise ApiError(400, f"response_format {rf.type}: {req.model} is a {fmt.label if fmt else 'foreign'} build; "
+                            f"structured output needs a {which} build", code="unsupported_value")
+    if rf.type == "json_schema" and rf.json_schema is None:
+        raise ApiError(400, "response_format: type json_schema needs a json_schema object", code="invalid_value")
+    try:
+        return fmt.load("constrained")(rf.type, rf.json_schema.schema_ if rf.json_schema else None)
+    except UsageError as e:
+        raise ApiError(400, f"response_format: {e}", code="invalid_value") from None
+
+
+def _job(req, kind: str, grammar: str | None = None) -> Job:
     """The model thread's work for a parsed request."""
     if req.n != 1:
         raise ApiError(400, "n > 1 is not supported: a context serves one sequence", code="invalid_value")
     stops = [clean(x) for x in ([req.stop] if isinstance(req.stop, str) else list(req.stop or []))]
     if isinstance(req, ChatRequest):
         chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        return Job(req.model, chat, None, sampling(req, 1 << 30), stops)
+        return Job(req.model, chat, None, sampling(req, 1 << 30, grammar), stops)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise ApiError(400, "prompt: give one string", code="invalid_value")
-    return Job(req.model, None, clean(prompts[0]), sampling(req, 1 << 30), stops)
+    return Job(req.model, None, clean(prompts[0]), sampling(req, 1 << 30, grammar), stops)
 
 
 async def _generate(request: Request, kind: str):
@@ -87,7 +111,7 @@ async def _generate(request: Request, kind: str):
         _authorize(request)
         data = await read_json(request, server.cfg.max_body, server.cfg.read_timeout)
         req = parse(ChatRequest if kind == "chat/completions" else CompletionRequest, data)
-        job = _job(req, kind)
+        job = _job(req, kind, _grammar(server, req))
         await admit(server, req.model)
         q = start(server, job)
         n_prompt = await prompt_size(q)

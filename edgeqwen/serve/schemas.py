@@ -20,6 +20,20 @@ MAX_BODY = 1 << 20
 
 # --- request schemas (pydantic: types and ranges checked once, at the boundary) -------------------
 
+class _JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field("schema", max_length=64)
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None   # always enforced here: a grammar allows nothing else
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON that follows a schema."""
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: _JsonSchema | None = None
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)   # OpenAI clients send fields we ignore
     model: str
@@ -33,6 +47,7 @@ class _Req(BaseModel):
     stream_options: dict | None = None
     n: int = Field(1, ge=1)
     ignore_eos: bool = False   # llama-server's extension: generate max_tokens whatever the model says
+    response_format: ResponseFormat | None = None
 
 
 class _Part(BaseModel):
@@ -69,10 +84,11 @@ def error_response(e: ApiError) -> JSONResponse:
                         headers=e.headers)
 
 
-def sampling(req: _Req, n_default: int) -> Sampling:
+def sampling(req: _Req, n_default: int, grammar: str | None = None) -> Sampling:
     return Sampling(max_tokens=req.max_completion_tokens or req.max_tokens or n_default,
                     temperature=0.7 if req.temperature is None else req.temperature,
-                    top_p=0.8 if req.top_p is None else req.top_p, seed=req.seed, ignore_eos=req.ignore_eos)
+                    top_p=0.8 if req.top_p is None else req.top_p, seed=req.seed, ignore_eos=req.ignore_eos,
+                    grammar=grammar)
 
 
 class Gone(Exception):

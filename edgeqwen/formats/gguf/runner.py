@@ -263,6 +263,9 @@ class LlamaRunner(ChatTemplated):
     def _sampler(self, s: Sampling):
         from llama_cpp import _internals as internals
         smp = internals.LlamaSampler()
+        if s.grammar:   # first in the chain: the other samplers see only what the grammar allows
+            from llama_cpp.llama_grammar import LlamaGrammar
+            smp.add_grammar(self.llm._model, LlamaGrammar.from_string(s.grammar, verbose=False))
         if s.temperature <= 0:
             smp.add_greedy()
         else:
@@ -280,12 +283,12 @@ class LlamaRunner(ChatTemplated):
         # Reuse the KV cache for the prefix this prompt shares with the last one (chat turns).
         prefix = shared_prefix(llm.input_ids[: llm.n_tokens], tokens)
         llm.n_tokens = prefix
-        greedy = sampling.temperature <= 0
+        greedy = sampling.temperature <= 0 and not sampling.grammar   # a grammar needs the sampler chain
         smp = self._sampler(sampling)
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         lc.llama_perf_context_reset(llm.ctx)
-        self._drafting = self.speculator is not None
+        self._drafting = self.speculator is not None and not sampling.grammar
 
         def tokens_out():
             llm.eval(tokens[prefix:])

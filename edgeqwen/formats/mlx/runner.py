@@ -95,6 +95,7 @@ class MlxRunner(FolderRunner):
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
         mx = self._mx
+        self.refuse_grammar(sampling)
         max_new = check_prompt(tokens, self.n_ctx, sampling)
         t0 = time.perf_counter()
         if sampling.seed is not None:

@@ -93,6 +93,7 @@ class OnnxRunner(FolderRunner):
         return self._gen, 0
 
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
+        self.refuse_grammar(sampling)
         max_new = check_prompt(tokens, self.n_ctx, sampling)
         t0 = time.perf_counter()
         gen, prefix = self._generator(tokens, sampling, max_new)
