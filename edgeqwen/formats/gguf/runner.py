@@ -260,11 +260,29 @@ class LlamaRunner(ChatTemplated):
         ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
         return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
 
+    def _unsafe_for_grammar(self) -> list[int]:
+        """Tokens whose text is not whole UTF-8 or holds a NUL byte (found once per runner; special tokens, whose
+        text is empty here, stay: the grammar ends an answer with one)."""
+        if self._unsafe is None:
+            def bad(piece: bytes) -> bool:
+                try:
+                    return b"\x00" in piece or (bool(piece) and not piece.decode("utf-8"))
+                except UnicodeDecodeError:
+                    return True
+            self._unsafe = [i for i in range(self.n_vocab) if bad(self._piece_bytes(i, False))]
+        return self._unsafe
+
+    _unsafe: list[int] | None = None
+
     def _sampler(self, s: Sampling):
         from llama_cpp import _internals as internals
         smp = internals.LlamaSampler()
         if s.grammar:   # first in the chain: the other samplers see only what the grammar allows
             from llama_cpp.llama_grammar import LlamaGrammar
+            # llama.cpp's grammar can pass a token whose bytes are not whole UTF-8 (a NUL inside, continuation
+            # bytes without a lead: merged byte-level tokens) and then throw when it accepts it, which ends the
+            # process. Such tokens are never candidates of a constrained answer: it is spelled in whole characters.
+            smp.add_logit_bias(self.n_vocab, {t: float("-inf") for t in self._unsafe_for_grammar()})
             smp.add_grammar(self.llm._model, LlamaGrammar.from_string(s.grammar, verbose=False))
         if s.temperature <= 0:
             smp.add_greedy()
