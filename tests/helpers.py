@@ -101,14 +101,7 @@ def run_cli(*args, input=None, env=None, timeout=300, cwd=None) -> subprocess.Co
                           capture_output=True, text=True, env=e, timeout=timeout, cwd=cwd)
 
 
-class Invoked:
-    """What `invoke` gives back, shaped like a finished child process."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def invoke(*args, input=None, env=None) -> Invoked:
+def invoke(*args, input=None, env=None) -> subprocess.CompletedProcess:
     """The command in this process through click's CliRunner: the same group, error policy and exit codes as
     `run_cli`, without starting Python. For checks of arguments and light commands; a native abort here would take
     the test process with it, so loading and generating stay in `run_cli`. An exception that escaped the group
@@ -122,7 +115,7 @@ def invoke(*args, input=None, env=None) -> Invoked:
     err = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         err += "".join(traceback.format_exception(r.exception))
-    return Invoked(r.exit_code, r.stdout, err)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, err)
 
 
 def needs_real_tokenizer():

@@ -51,58 +51,55 @@ def load_runner(build: str | Path, options: LoadOptions | None = None, **fields)
     """BUILD (folder, model file or build name) -> a loaded runner of its format's backend, as options say (fields
     given here replace the options' own: load_runner(b, n_ctx=512))."""
     o = replace(options or LoadOptions(), **fields)
-    threads, n_ctx, logits, lean, isolate = o.threads, o.n_ctx, o.logits, o.lean, o.isolate
-    workers, split, draft, draft_max = list(o.workers or []), list(o.split) if o.split else None, o.draft, o.draft_max
-    kv, flash_attn, spin = o.kv, o.flash_attn, o.spin
     path, manifest = resolve_build(str(build))
     fmt = detect(path, manifest)
-    kv = kv or "f16"
-    if (kv != "f16" or flash_attn is not None) and not fmt.kv_settings:
+    kv = o.kv or "f16"
+    if (kv != "f16" or o.flash_attn is not None) and not fmt.kv_settings:
         raise RunnerError(f"--kv and flash attention settings are llama.cpp's: they need {_which('kv_settings')} "
                           f"build; {path.name} is {fmt.name}")
-    if draft is not None:
+    if o.draft is not None:
         if not fmt.drafts:
             raise RunnerError(f"--draft and --lookup need {_which('drafts')} target; {path.name} is {fmt.name}")
-        if workers:
+        if o.workers:
             raise RunnerError("--draft and --lookup do not combine with --workers (the verify pass would cross the "
                               "network for every draft)")
-    if lean and not fmt.lean:
+    if o.lean and not fmt.lean:
         # onnxruntime can skip prepacking (session.disable_prepacking, a flat string key of genai's
         # session_options), but MatMulNBits then dequantizes its weights on every call: the real 0.5B int4
         # decoded at 0.54 tok/s instead of 25.8, at 1.28 GiB peak RSS instead of 0.78 (README)
         raise RunnerError(f"--lean needs {_which('lean')} build: an ONNX build without prepacked weights is ~50x "
                           f"slower and larger ({path.name} is {fmt.name})")
-    if workers:
+    if o.workers:
         if not fmt.workers:
             raise RunnerError(f"--workers needs a build whose backend can use them ({_which('workers', False)}); "
                               f"{path.name} is {fmt.name}")
-        if isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
+        if o.isolate:   # the handshake once, here; the child (and bench's, checked by its parent) does not repeat it
             from .gguf.isolated import IsolatedRunner
             from .gguf.rpc import check_workers
-            check_workers(workers)
-            return IsolatedRunner(str(build), threads=threads, n_ctx=n_ctx, logits=logits, lean=lean,
-                                  workers=workers, split=split)
+            check_workers(list(o.workers))
+            return IsolatedRunner(str(build), threads=o.threads, n_ctx=o.n_ctx, logits=o.logits, lean=o.lean,
+                                  workers=list(o.workers), split=list(o.split) if o.split else None)
     extra = {}
-    if not spin and fmt.spin:   # before runner_class() imports llama_cpp: libgomp reads it as it loads
+    if not o.spin and fmt.spin:   # before runner_class() imports llama_cpp: libgomp reads it as it loads
         from .gguf.runner import wait_policy
         wait_policy(False)
         extra["spin"] = False
     cls = fmt.runner_class()
     check_build(path, manifest)
     model = model_path(path, manifest)
-    if lean:
+    if o.lean:
         extra["lean"] = True
-    if workers:
-        extra.update(workers=workers, split=split)
+    if o.workers:
+        extra.update(workers=list(o.workers), split=list(o.split) if o.split else None)
     if kv != "f16":
         extra["kv"] = kv
-    if flash_attn is not None:
-        extra["flash_attn"] = flash_attn
-    runner = cls(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, **extra)
-    if draft is not None:
+    if o.flash_attn is not None:
+        extra["flash_attn"] = o.flash_attn
+    runner = cls(model, threads=o.threads, n_ctx=o.n_ctx, manifest=manifest, logits=o.logits, **extra)
+    if o.draft is not None:
         try:
-            runner.attach_draft(draft if draft == "lookup" else _load_draft(draft, cls, threads, runner.n_ctx),
-                                draft_max)
+            runner.attach_draft(o.draft if o.draft == "lookup" else _load_draft(o.draft, cls, o.threads, runner.n_ctx),
+                                o.draft_max)
         except BaseException:
             runner.close()
             raise

@@ -15,7 +15,7 @@ ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly"}
 # the `format` values it has rules for
-FORMATS = {"date", "time", "date-time", "uuid"}
+STRING_FORMATS = {"date", "time", "date-time", "uuid"}
 MAX_SCHEMA_BYTES = 64 << 10
 
 
@@ -35,8 +35,8 @@ def _check_keywords(node, where: str = "schema") -> None:
         if k not in ENFORCED and k not in ANNOTATIONS:
             raise UsageError(f"{where}: the keyword {k!r} is not supported in a constrained answer (supported: "
                              f"{', '.join(sorted(ENFORCED))})")
-        if k == "format" and v not in FORMATS:
-            raise UsageError(f"{where}: format {v!r} is not supported (supported: {', '.join(sorted(FORMATS))})")
+        if k == "format" and v not in STRING_FORMATS:
+            raise UsageError(f"{where}: format {v!r} is not supported (supported: {', '.join(sorted(STRING_FORMATS))})")
         if k in ("items", "additionalProperties", "anyOf", "oneOf", "allOf", "prefixItems"):
             _check_keywords(v, f"{where}.{k}")
 

@@ -266,9 +266,10 @@ class LlamaRunner(ChatTemplated):
         if self._unsafe is None:
             def bad(piece: bytes) -> bool:
                 try:
-                    return b"\x00" in piece or (bool(piece) and not piece.decode("utf-8"))
+                    piece.decode("utf-8")
                 except UnicodeDecodeError:
                     return True
+                return b"\x00" in piece
             self._unsafe = [i for i in range(self.n_vocab) if bad(self._piece_bytes(i, False))]
         return self._unsafe
 
