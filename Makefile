@@ -53,13 +53,13 @@ demo: setup
 
 # Measures this machine (conversion, then the results matrix) and regenerates bench/RESULTS.md.
 bench: setup
-	$(BIN)/python bench/convert_bench.py
+	$(BIN)/python -m bench.convert_bench
 	bench/run_matrix.sh
 
 # Runner speed against llama-bench (built from the same sources) and a plain genai loop -> bench/PARITY.md.
 PARITY_BUILDS ?= qwen2-0.5b-real-q4_0 qwen2-0.5b-real-q8_0 qwen2-0.5b-real-q4_k_m qwen2-1.5b-q4_k_m-synthetic qwen2-0.5b-real-int4
 parity: setup
-	$(BIN)/python bench/parity.py $(PARITY_BUILDS)
+	$(BIN)/python -m bench.parity $(PARITY_BUILDS)
 
 # Speculative decoding against the target alone and llama-speculative-simple -> bench/SPECULATIVE.md. The real
 # 1.5B target and 0.5B drafts come from ../shared/models/make_real.py; the worst case pairs synthetic weights.
@@ -73,7 +73,7 @@ speculative: setup
 	  $(BIN)/edgeqwen build 0.5b $$q --source "$$real" --name qwen2-0.5b-real-$$q; done
 	$(BIN)/edgeqwen build 7b q4_k_m --synthetic --tokenizer ../shared/fixtures/qwen2-tokenizer
 	$(BIN)/edgeqwen build 0.5b q4_0 --synthetic --tokenizer ../shared/fixtures/qwen2-tokenizer
-	$(BIN)/python bench/speculative.py $(foreach t,$(SPEC_TARGETS),--target $(t)) \
+	$(BIN)/python -m bench.speculative $(foreach t,$(SPEC_TARGETS),--target $(t)) \
 	  $(foreach d,$(SPEC_DRAFTS),--draft $(d)) $(foreach w,$(SPEC_WORST),--worst $(w))
 
 # `edgeqwen tune`'s winner against llama.cpp's defaults at tg128@d4096 and decode beside a busy process -> bench/TUNE.md.
@@ -83,11 +83,11 @@ tune-bench: setup
 	  $(BIN)/edgeqwen build 0.5b q4_k_m --source "$$real" --name qwen2-0.5b-real-q4_k_m
 	real=$$($(BIN)/python ../shared/models/make_real.py 1.5b | tail -n1) && \
 	  $(BIN)/edgeqwen build 1.5b q8_0 --source "$$real" --name qwen2-1.5b-real-q8_0
-	$(BIN)/python bench/tune.py $(foreach b,$(TUNE_BUILDS),--build $(b) --kv-eval $(b))
+	$(BIN)/python -m bench.tune $(foreach b,$(TUNE_BUILDS),--build $(b) --kv-eval $(b))
 
 # Only regenerate bench/RESULTS.md and bench/results.png from the committed rows.
 results: setup
-	$(BIN)/python bench/make_results.py
+	$(BIN)/python -m bench.make_results
 
 lint: setup
 	$(BIN)/ruff check edgeqwen tests bench

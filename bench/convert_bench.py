@@ -4,8 +4,8 @@ Each conversion runs in a fresh child process; its peak RSS is the kernel's own 
 (ru_maxrss of that child) and a 20 ms psutil sampler. With --reference PYTHON, llama.cpp's
 convert_hf_to_gguf.py (from the llama-cpp-python sdist) is measured on the same checkpoints.
 
-    python bench/convert_bench.py                       # 0.5b 1.5b 7b
-    python bench/convert_bench.py 0.5b --reference /path/to/venv/bin/python --ref-script convert_hf_to_gguf.py
+    python -m bench.convert_bench                       # 0.5b 1.5b 7b
+    python -m bench.convert_bench 0.5b --reference /path/to/venv/bin/python --ref-script convert_hf_to_gguf.py
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from bench.common import write_text
 from edgeqwen.formats.build import synthetic_checkpoint
 from edgeqwen.process import human_bytes
 from edgeqwen.recipes import get_recipe
@@ -58,6 +57,7 @@ def main():
     ap.add_argument("--workdir", help="where the GGUFs go (removed after each run)")
     ap.add_argument("--tokenizer", type=Path, help="tokenizer folder for the synthetic checkpoints "
                     "(llama.cpp's converter only accepts tokenizers it recognises)")
+    ap.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = ap.parse_args()
     rows = []
     for size in args.sizes:
@@ -82,11 +82,13 @@ def main():
                     f.unlink()
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nHF -> GGUF {args.outtype} on {os.cpu_count()} CPUs, {human_bytes(psutil.virtual_memory().total)} RAM")
-    print("| size | converter | checkpoint | wall s | peak RSS (sampled) | max RSS (kernel) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    text = "\n".join([f"HF -> GGUF {args.outtype} on {os.cpu_count()} CPUs, "
+                      f"{human_bytes(psutil.virtual_memory().total)} RAM", "",
+                      "| size | converter | checkpoint | wall s | peak RSS (sampled) | max RSS (kernel) |",
+                      "|---|---|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
+    print("\n" + text, end="")
+    if args.out:
+        write_text(args.out, text)
 
 
 if __name__ == "__main__":

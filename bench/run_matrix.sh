@@ -37,4 +37,4 @@ for size in ${SIZES:-0.5b 1.5b 7b}; do
   # a failed build is a row of its own (exit 1): the matrix goes on
   $EQ bench "${names[@]}" --threads "$THREADS" --repeats "$repeats" --out "$out" || true
 done
-$PY bench/make_results.py
+$PY -m bench.make_results

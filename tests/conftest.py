@@ -1,8 +1,12 @@
 """Shared fixtures: a tiny random Qwen2 built once per session through the synthetic path."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,8 @@ import pytest
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-from helpers import TINY_RECIPE, tiny_config, tokenizer_dir
+from bench.harness import Served, Worker
+from helpers import SHARED, TINY_RECIPE, build_name, tiny_config, tokenizer_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -182,3 +187,75 @@ def rows(tiny_builds, tmp_path):
             out.append(make_row(str(tiny_builds[q]), 2, cfg, fp, result))
     out.append(make_row(str(tiny_builds["q4_0"]), 2, cfg, FP, {"status": "oom", "error": "killed"}))
     return out
+
+
+# Fixtures of one test module each, kept here so every fixture is found in one place.
+
+@pytest.fixture(scope="module")
+def real_05b() -> Path:
+    script = SHARED / "models" / "make_real.py"
+    if not script.exists():
+        pytest.skip("../shared/models/make_real.py is absent")
+    p = subprocess.run([sys.executable, str(script), "0.5b"], capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        pytest.skip(f"make_real.py failed: {p.stderr[-300:]}")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def workers():
+    ws = [Worker(), Worker()]
+    yield ws
+    for w in ws:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_builds):
+    from edgeqwen.formats.load import load_runner
+    r = load_runner(tiny_builds["q8_0"], threads=2, n_ctx=512)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def server(margin_builds, margin_onnx):
+    """The margin model (tests/margin.py), so answers compared with `run`'s hold on every CPU's kernels."""
+    s = Served([margin_builds["q4_0"], margin_onnx["int8"]])
+    yield s
+    assert s.stop() == 0   # SIGTERM: a clean exit
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_builds):
+    s = Served([tiny_builds["q4_0"]], "--ctx", "32768")
+    s.model = build_name(tiny_builds["q4_0"])
+    yield s
+    assert s.stop() == 0
+    log = s.proc.stderr.read()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_draft(tmp_path_factory, tiny_ckpt):
+    """The tiny checkpoint with two vocabulary entries swapped in its tokenizer: a draft that must be refused."""
+    from edgeqwen.formats.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    src = tmp_path_factory.mktemp("othertok") / "tiny-qwen2"
+    shutil.copytree(tiny_ckpt, src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    return build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="q4_0", source=src, name="tiny-othertok-q4_0"),
+                 log=None)
+
+
+@pytest.fixture(scope="module")
+def stranger_draft(tiny_untied_ckpt):
+    """Same tokenizer, other weights: a draft the target rarely agrees with."""
+    from edgeqwen.formats.build import BuildRequest, build
+    from edgeqwen.recipes import get_recipe
+    return build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="q4_0", source=tiny_untied_ckpt,
+                              name="tiny-untied-q4_0"), log=None)

@@ -3,6 +3,7 @@ ways to run the command: `run_cli` in a child process (exit codes, signals, cras
 `invoke` in this process through click's CliRunner (argument checks and light commands, without starting Python)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +159,8 @@ def cpu_hog():
     import subprocess
     import sys
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def build_name(folder) -> str:
+    """The model name a build is served and listed under (its manifest's)."""
+    return json.loads((Path(folder) / "manifest.json").read_text())["name"]

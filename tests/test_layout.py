@@ -197,3 +197,27 @@ def test_the_wheel_lists_every_package():
     listed = set(tomllib.loads((PKG.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {".".join(p.parent.relative_to(PKG.parent).parts) for p in PKG.rglob("__init__.py")}
     assert folders - listed == set()
+
+
+BENCH = PKG.parent / "bench"
+
+
+def test_the_benchmarks_are_one_package_that_shares_its_helpers():
+    """`python -m bench.NAME` from the root: no script edits sys.path or reaches into tests/, and every
+    measurement imports bench.common (where results live, `edgeqwen` in a child, whole-file writes)."""
+    scripts = [p for p in BENCH.glob("*.py") if p.stem not in ("__init__", "common", "harness")]
+    assert (BENCH / "__init__.py").exists() and len(scripts) >= 8
+    for p in scripts:
+        tree = ast.parse(p.read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "bench.common" in names, f"{p.name} does not use bench.common"
+        assert not any(m and (m.startswith("test") or m in ("common", "conftest", "helpers")) for m in names), p.name
+        calls = [ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)]
+        assert not any(c.startswith("sys.path.") for c in calls), f"{p.name} edits sys.path"
+
+
+def test_every_benchmark_module_imports():
+    import importlib
+    for p in sorted(BENCH.glob("*.py")):
+        importlib.import_module("bench" if p.stem == "__init__" else f"bench.{p.stem}")

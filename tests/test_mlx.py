@@ -174,7 +174,7 @@ def test_bench_eval_and_table_take_mlx_builds(mlx_builds, tmp_path):
 
 
 def test_serve_answers_as_run_does(margin_mlx):
-    from test_serve import Served
+    from bench.harness import Served
     s = Served([margin_mlx["mlx4"]])
     try:
         name = json.loads((margin_mlx["mlx4"] / "manifest.json").read_text())["name"]

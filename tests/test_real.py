@@ -2,23 +2,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import SHARED, run_cli
+from helpers import run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def real_05b() -> Path:
-    script = SHARED / "models" / "make_real.py"
-    if not script.exists():
-        pytest.skip("../shared/models/make_real.py is absent")
-    p = subprocess.run([sys.executable, str(script), "0.5b"], capture_output=True, text=True, timeout=1800)
-    if p.returncode != 0:
-        pytest.skip(f"make_real.py failed: {p.stderr[-300:]}")
-    return Path(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("quant", ["q4", "q8", "f16", "int4", "int8"])

@@ -12,54 +12,10 @@ import time
 
 import pytest
 
+from bench.harness import Served, free_port
 from helpers import invoke, run_cli
 
 pytest.importorskip("llama_cpp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Worker:
-    """`edgeqwen worker` in its own process, ready once it answers the RPC handshake."""
-
-    def __init__(self, *extra: str, preexec_fn=None):
-        self.port = free_port()
-        self.ep = f"127.0.0.1:{self.port}"
-        threads = [] if "--threads" in extra else ["--threads", "1"]
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "worker", "--port", str(self.port),
-                                      *threads, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, preexec_fn=preexec_fn)
-        from edgeqwen.formats.gguf.rpc import hello, parse_endpoint
-        deadline = time.time() + 30
-        while True:
-            try:
-                hello(parse_endpoint(self.ep), timeout=1)
-                return
-            except Exception:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"worker did not start: {self.proc.stderr.read()}") from None
-                time.sleep(0.2)
-
-    def kill(self, sig=signal.SIGKILL):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def workers():
-    ws = [Worker(), Worker()]
-    yield ws
-    for w in ws:
-        w.stop()
 
 
 def greedy(build, n=24, **kw):
@@ -257,11 +213,11 @@ def test_bench_row_records_workers(tiny_builds, workers, tmp_path):
 def test_serve_with_workers_answers_through_the_openai_client(margin_builds, workers):
     """The server's model slot loads through the same path: greedy text equals a local run's."""
     pytest.importorskip("openai")
-    from test_serve import Served, _name
+    from helpers import build_name
     eps = ",".join(w.ep for w in workers)
     s = Served([margin_builds["q8_0"]], "--workers", eps, "--split", "1,1,1", "--lean")
     try:
-        r = s.client().completions.create(model=_name(margin_builds["q8_0"]), prompt="Hello", max_tokens=8,
+        r = s.client().completions.create(model=build_name(margin_builds["q8_0"]), prompt="Hello", max_tokens=8,
                                           temperature=0)
         text = r.choices[0].text
     finally:
@@ -306,8 +262,8 @@ def test_worker_host_checks_are_the_servers(tiny_builds):
 def test_serve_reloads_a_model_process_that_died_and_health_says_why(tiny_builds, workers):
     pytest.importorskip("openai")
     import httpx
-    from test_serve import Served, _name
-    model = _name(tiny_builds["q8_0"])
+    from helpers import build_name
+    model = build_name(tiny_builds["q8_0"])
     s = Served([tiny_builds["q8_0"]], "--workers", ",".join(w.ep for w in workers), "--split", "1,1,1", "--lean",
                "--ctx", "4096")
     try:

@@ -9,13 +9,6 @@ from edgeqwen.formats.load import load_runner
 from edgeqwen.runner import Sampling
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_builds):
-    r = load_runner(tiny_builds["q8_0"], threads=2, n_ctx=512)
-    yield r
-    r.close()
-
-
 def test_stream_carries_measurements(runner):
     tokens = runner.tokenize(runner.apply_chat_template([{"role": "user", "content": "Hello there"}]))
     rs = list(runner.stream(tokens, Sampling(max_tokens=12, temperature=0, ignore_eos=True)))

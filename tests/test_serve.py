@@ -1,8 +1,6 @@
 """`edgeqwen serve`: a real server process on 127.0.0.1, driven by the real openai client and httpx."""
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -10,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import invoke, run_cli
+from bench.harness import Served, free_port
+from helpers import build_name, invoke, run_cli
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -20,74 +18,11 @@ httpx = pytest.importorskip("httpx")
 QUESTION = "Name three colours."
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    def __init__(self, builds, *args, env=None, url_host="127.0.0.1"):
-        self.port = _free_port()
-        self.url = f"http://{url_host}:{self.port}"
-        e = dict(os.environ)
-        e.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", *map(str, builds),
-                                      "--port", str(self.port), "--threads", "2", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become healthy")
-
-    def client(self, key="none"):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def rss(self) -> int:
-        return psutil.Process(self.proc.pid).memory_info().rss
-
-    def metric(self, name: str) -> float:
-        for line in httpx.get(self.url + "/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-        return self.proc.returncode
-
-
-@pytest.fixture(scope="module")
-def server(margin_builds, margin_onnx):
-    """The margin model (tests/margin.py), so answers compared with `run`'s hold on every CPU's kernels."""
-    s = Served([margin_builds["q4_0"], margin_onnx["int8"]])
-    yield s
-    assert s.stop() == 0   # SIGTERM: a clean exit
-
-
-def _name(folder) -> str:
-    return json.loads((folder / "manifest.json").read_text())["name"]
-
-
 @pytest.mark.parametrize("which,flags", [("gguf", []), ("gguf", ["--lean"]), ("onnx", [])])
 def test_greedy_chat_matches_edgeqwen_run(server, margin_builds, margin_onnx, which, flags):
     """The server (a normal load) against `run` on both of llama.cpp's kernel paths."""
     folder = margin_builds["q4_0"] if which == "gguf" else margin_onnx["int8"]
-    r = server.client().chat.completions.create(model=_name(folder), temperature=0, max_tokens=24,
+    r = server.client().chat.completions.create(model=build_name(folder), temperature=0, max_tokens=24,
                                                 messages=[{"role": "user", "content": QUESTION}])
     ref = json.loads(run_cli("run", folder, QUESTION, "-t", "0", "-n", "24", "--json", *flags).stdout)
     assert r.choices[0].message.content == ref["text"]
@@ -97,7 +32,7 @@ def test_greedy_chat_matches_edgeqwen_run(server, margin_builds, margin_onnx, wh
 
 
 def test_streaming_equals_non_streaming_and_reports_usage(server, margin_builds):
-    model = _name(margin_builds["q4_0"])
+    model = build_name(margin_builds["q4_0"])
     c = server.client()
     whole = c.chat.completions.create(model=model, temperature=0, max_tokens=20,
                                       messages=[{"role": "user", "content": QUESTION}])
@@ -112,19 +47,19 @@ def test_streaming_equals_non_streaming_and_reports_usage(server, margin_builds)
 
 def test_completions_is_run_raw_and_models_lists_both(server, margin_builds, margin_onnx):
     c = server.client()
-    model = _name(margin_builds["q4_0"])
+    model = build_name(margin_builds["q4_0"])
     r = c.completions.create(model=model, prompt="The sky is", max_tokens=12, temperature=0)
     ref = json.loads(run_cli("run", margin_builds["q4_0"], "The sky is", "--raw", "-t", "0", "-n", "12",
                              "--json").stdout)
     assert r.choices[0].text == ref["text"] and r.usage.completion_tokens == ref["generation_tokens"]
     listed = {m.id: m for m in c.models.list().data}
-    assert set(listed) == {model, _name(margin_onnx["int8"])}
+    assert set(listed) == {model, build_name(margin_onnx["int8"])}
     assert listed[model].model_extra["format"] == "gguf" and listed[model].model_extra["file_size"] > 0
 
 
 def test_stop_strings_and_max_completion_tokens(server, margin_builds):
     c = server.client()
-    model = _name(margin_builds["q4_0"])
+    model = build_name(margin_builds["q4_0"])
     full = c.completions.create(model=model, prompt="Once upon a time", max_tokens=30, temperature=0,
                                 extra_body={"ignore_eos": True}).choices[0].text
     stop = full[5:8]
@@ -142,7 +77,7 @@ def test_run_json_and_the_api_carry_the_models_exact_text(server, margin_builds,
 
     from edgeqwen.runner import display_text
     prompt = "Whatever comes first, then " + STEER_TEXT   # steers the margin model into its control cycle
-    r = server.client().completions.create(model=_name(margin_builds["q4_0"]), prompt=prompt, max_tokens=8,
+    r = server.client().completions.create(model=build_name(margin_builds["q4_0"]), prompt=prompt, max_tokens=8,
                                            temperature=0)
     args = ("run", margin_builds["q4_0"], prompt, "--raw", "-t", "0", "-n", "8")
     ref = json.loads(run_cli(*args, "--json").stdout)
@@ -166,7 +101,7 @@ def test_run_json_and_the_api_carry_the_models_exact_text(server, margin_builds,
 ])
 def test_errors_have_openais_shape(server, margin_builds, body, status, words):
     if isinstance(body, dict):
-        body = json.dumps(body).replace('"M"', json.dumps(_name(margin_builds["q4_0"]))).encode()
+        body = json.dumps(body).replace('"M"', json.dumps(build_name(margin_builds["q4_0"]))).encode()
     r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=60,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
@@ -176,7 +111,7 @@ def test_errors_have_openais_shape(server, margin_builds, body, status, words):
 
 
 def test_a_client_that_disconnects_stops_its_generation(server, margin_builds):
-    model = _name(margin_builds["q4_0"])
+    model = build_name(margin_builds["q4_0"])
     before = server.metric("edgeqwen_generated_tokens_total")
     body = {"model": model, "prompt": "Tell me everything.", "max_tokens": 100000, "temperature": 0, "stream": True,
             "ignore_eos": True}
@@ -195,7 +130,7 @@ def test_a_client_that_disconnects_stops_its_generation(server, margin_builds):
 def test_api_key_and_queue_full(tiny_builds):
     s = Served([tiny_builds["q4_0"]], "--max-queue", "1", "--ctx", "32768", env={"EDGEQWEN_API_KEY": "s3cret"})
     try:
-        model = _name(tiny_builds["q4_0"])
+        model = build_name(tiny_builds["q4_0"])
         with pytest.raises(openai.AuthenticationError):
             s.client("wrong").models.list()
         r = httpx.get(s.url + "/v1/models")
@@ -221,7 +156,7 @@ def test_api_key_and_queue_full(tiny_builds):
 
 
 def test_load_16_clients_none_lost_or_mixed(server, margin_builds, margin_cycles):
-    model = _name(margin_builds["q4_0"])
+    model = build_name(margin_builds["q4_0"])
     c = server.client()
     # each prompt ends on another word of the model's cycle and has another length: 16 different answers
     words = margin_cycles["cycle_text"].split()
@@ -269,7 +204,7 @@ def test_health_is_503_while_loading(tiny_builds):
     with TestClient(create_app(srv)) as tc:
         r = tc.get("/health")
         assert r.status_code == 503 and r.headers["retry-after"]
-        srv.pool.submit(srv._ensure, _name(tiny_builds["q4_0"])).result()
+        srv.pool.submit(srv._ensure, build_name(tiny_builds["q4_0"])).result()
         assert tc.get("/health").status_code == 200
         assert tc.get("/nowhere").json()["error"]["code"] == "not_found"
     srv.close()
@@ -277,10 +212,10 @@ def test_health_is_503_while_loading(tiny_builds):
 
 def test_non_loopback_host_needs_a_key_or_says_it_is_insecure(tiny_builds):
     """serve --help says a non-loopback host needs --api-key: without one it is refused, before any load."""
-    r = invoke("serve", tiny_builds["q4_0"], "--host", "0.0.0.0", "--port", str(_free_port()))
+    r = invoke("serve", tiny_builds["q4_0"], "--host", "0.0.0.0", "--port", str(free_port()))
     assert r.returncode == 2 and "--api-key" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     p = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", str(tiny_builds["q4_0"]), "--host",
-                          "0.0.0.0", "--port", str(_free_port()), "--insecure-no-key"], stderr=subprocess.PIPE,
+                          "0.0.0.0", "--port", str(free_port()), "--insecure-no-key"], stderr=subprocess.PIPE,
                          text=True)
     try:
         line = p.stderr.readline()
@@ -296,7 +231,7 @@ def test_non_loopback_host_needs_a_key_or_says_it_is_insecure(tiny_builds):
     ("192.0.2.1", "not an address of this machine"),   # TEST-NET-1: never this machine's
 ])
 def test_hosts_that_cannot_be_served_are_one_line(tiny_builds, host, words):
-    r = invoke("serve", tiny_builds["q4_0"], "--host", host, "--port", str(_free_port()), "--api-key", "k")
+    r = invoke("serve", tiny_builds["q4_0"], "--host", host, "--port", str(free_port()), "--api-key", "k")
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -331,7 +266,7 @@ def test_an_unloadable_build_is_one_line_not_a_server_answering_500(tiny_builds,
         bad.write_bytes(bytes(data))
     else:
         bad.write_bytes(content)
-    r = invoke("serve", tiny_builds["q4_0"], bad, "--port", str(_free_port()))
+    r = invoke("serve", tiny_builds["q4_0"], bad, "--port", str(free_port()))
     assert r.returncode != 0 and "Error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert str(bad.name) in r.stderr
 
@@ -385,7 +320,7 @@ def test_a_strict_json_schema_is_followed(server, margin_builds, stream):
     jsonschema = pytest.importorskip("jsonschema")
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
     for temperature in (0, 1.0):
-        kw = dict(model=_name(margin_builds["q4_0"]), temperature=temperature, max_tokens=200, seed=3,
+        kw = dict(model=build_name(margin_builds["q4_0"]), temperature=temperature, max_tokens=200, seed=3,
                   response_format=fmt, messages=[{"role": "user", "content": QUESTION}])
         if stream:
             chunks = list(server.client().chat.completions.create(stream=True, **kw))
@@ -402,7 +337,7 @@ def test_json_object_mode_constrains_the_answer(server, margin_builds):
     """json_object: the grammar of any JSON object. The margin model, left free, says its word cycle; in JSON mode
     its answer is an object from the first character. (It then writes its cycle inside a string it never closes:
     free JSON mode cannot make a model end its answer, only keep it JSON; a schema can, as above.)"""
-    kw = dict(model=_name(margin_builds["q4_0"]), temperature=0, max_tokens=40,
+    kw = dict(model=build_name(margin_builds["q4_0"]), temperature=0, max_tokens=40,
               messages=[{"role": "user", "content": QUESTION}])
     free = server.client().chat.completions.create(**kw).choices[0].message.content
     r = server.client().chat.completions.create(response_format={"type": "json_object"}, **kw)
@@ -429,6 +364,6 @@ def test_structured_output_it_cannot_honour_is_a_400(server, margin_builds, marg
     import openai
     build = margin_builds["q4_0"] if which == "q4_0" else margin_onnx["int8"]
     with pytest.raises(openai.BadRequestError) as e:
-        server.client().chat.completions.create(model=_name(build), max_tokens=8, response_format=fmt,
+        server.client().chat.completions.create(model=build_name(build), max_tokens=8, response_format=fmt,
                                                 messages=[{"role": "user", "content": QUESTION}])
     assert words in e.value.response.json()["error"]["message"], e.value.response.text

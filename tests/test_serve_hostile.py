@@ -7,22 +7,13 @@ import threading
 import time
 
 import pytest
-from test_serve import Served, _name
+from bench.harness import Served
+from helpers import build_name
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("openai")
 
 LONG = {"prompt": "Tell me everything.", "max_tokens": 100000, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def hostile(tiny_builds):
-    s = Served([tiny_builds["q4_0"]], "--ctx", "32768")
-    s.model = _name(tiny_builds["q4_0"])
-    yield s
-    assert s.stop() == 0
-    log = s.proc.stderr.read()
-    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
 
 
 def _short(s) -> float:
@@ -85,7 +76,7 @@ def test_hostile_bodies_get_a_4xx_or_an_answer(hostile, body, status):
 def test_max_tokens_is_capped_by_the_context_and_the_request_timeout_ends_an_answer(tiny_builds):
     s = Served([tiny_builds["q4_0"]], "--ctx", "256", "--request-timeout", "1")
     try:
-        model = _name(tiny_builds["q4_0"])
+        model = build_name(tiny_builds["q4_0"])
         r = httpx.post(s.url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 10**9,
                                                         "temperature": 0, "ignore_eos": True}, timeout=60).json()
         assert r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"] <= 256
@@ -105,7 +96,7 @@ def test_max_tokens_is_capped_by_the_context_and_the_request_timeout_ends_an_ans
 @pytest.mark.parametrize("stream", [False, True])
 def test_sigterm_while_busy_answers_what_runs_refuses_what_waits_and_exits_0(tiny_builds, stream):
     s = Served([tiny_builds["q4_0"]], "--ctx", "32768")
-    model, got = _name(tiny_builds["q4_0"]), {}
+    model, got = build_name(tiny_builds["q4_0"]), {}
 
     def ask(key):
         try:
@@ -138,7 +129,7 @@ def test_fuzzed_bodies_get_a_4xx_or_an_answer_never_a_500(tiny_builds):
     from hypothesis import strategies as st
     examples = max(20, int(os.environ.get("EDGEQWEN_FUZZ_EXAMPLES", "300")) // 10)   # each is an HTTP request
     s = Served([tiny_builds["q4_0"]], "--ctx", "256", "--request-timeout", "2")
-    model = _name(tiny_builds["q4_0"])
+    model = build_name(tiny_builds["q4_0"])
     leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.text(max_size=20),
                      st.sampled_from(["\ud800", "\x00", model, "user", "system", "text"]))
     value = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -172,7 +163,7 @@ def test_hostile_a_stalled_body_is_cut_off_after_the_read_timeout(tiny_builds, h
     """A client that sends part of its body and stops: 408 after --read-timeout (serve --help says so), the
     connection closed, and the server answers others meanwhile and after."""
     s = Served([tiny_builds["q4_0"]], "--read-timeout", "1.5")
-    s.model = _name(tiny_builds["q4_0"])
+    s.model = build_name(tiny_builds["q4_0"])
     try:
         part = b'{"model": "x", "prompt": "'
         if how == "chunked":

@@ -1,7 +1,6 @@
 """Speculative decoding (--draft, --lookup): the output is the target's own, greedy token for token and sampled
 in distribution; the draft's KV cache and the target's roll back after rejections; bad drafts are one line."""
 import json
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -36,31 +35,6 @@ def assert_targets_own(build, prompt, got, want, tol=1e-3):
     margin = float(row[top[1]] - row[top[0]])
     assert {got[i], want[i]} == {int(t) for t in top} and margin < tol, \
         f"token {i}: speculative {got[i]}, target {want[i]}, the target's top two {top.tolist()} {margin:.2e} apart"
-
-
-@pytest.fixture(scope="module")
-def other_tokenizer_draft(tmp_path_factory, tiny_ckpt):
-    """The tiny checkpoint with two vocabulary entries swapped in its tokenizer: a draft that must be refused."""
-    from edgeqwen.formats.build import BuildRequest, build
-    from edgeqwen.recipes import get_recipe
-    src = tmp_path_factory.mktemp("othertok") / "tiny-qwen2"
-    shutil.copytree(tiny_ckpt, src)
-    tok = json.loads((src / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[100:102]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (src / "tokenizer.json").write_text(json.dumps(tok))
-    return build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="q4_0", source=src, name="tiny-othertok-q4_0"),
-                 log=None)
-
-
-@pytest.fixture(scope="module")
-def stranger_draft(tiny_untied_ckpt):
-    """Same tokenizer, other weights: a draft the target rarely agrees with."""
-    from edgeqwen.formats.build import BuildRequest, build
-    from edgeqwen.recipes import get_recipe
-    return build(BuildRequest(recipe=get_recipe("tiny-qwen2"), quant="q4_0", source=tiny_untied_ckpt,
-                              name="tiny-untied-q4_0"), log=None)
 
 
 @pytest.mark.parametrize("how", ["same-weights", "stranger", "lookup"])
