@@ -77,8 +77,7 @@ def load_runner(build: str | Path, options: LoadOptions | None = None, **fields)
             from .gguf.isolated import IsolatedRunner
             from .gguf.rpc import check_workers
             check_workers(list(o.workers))
-            return IsolatedRunner(str(build), threads=o.threads, n_ctx=o.n_ctx, logits=o.logits, lean=o.lean,
-                                  workers=list(o.workers), split=list(o.split) if o.split else None)
+            return IsolatedRunner(str(build), replace(o, isolate=False), load_runner)
     extra = {}
     if not o.spin and fmt.spin:   # before runner_class() imports llama_cpp: libgomp reads it as it loads
         from .gguf.runner import wait_policy

@@ -106,7 +106,7 @@ def measure(runner, cfg: BenchConfig, on_repeat=None) -> dict:
     greedy = Sampling(max_tokens=cfg.gen_tokens, temperature=0, ignore_eos=True)
     chat_tokens = runner.tokenize(runner.apply_chat_template(CHAT_PROMPT)) if runner.chat_template else None
     # Warm up at the measured prompt length, as llama-bench does: the first prefill of a size touches
-    # its compute buffers for the first time (3-4%, once 14%, slower at 1.5B here), which is not its speed.
+    # its compute buffers for the first time (measured 3-14% slower), which is not its speed.
     list(runner.stream([rng.randrange(vocab) for _ in range(cfg.prompt_tokens)],
                        Sampling(max_tokens=8, temperature=0, ignore_eos=True)))
     pp, tg, pp_c, tg_c, ttft, tg0 = [], [], [], [], [], []

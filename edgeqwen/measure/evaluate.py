@@ -54,8 +54,8 @@ class ChunkStats:
     kl_values: list | None = None
 
     def add(self, logits: np.ndarray, ref_logits: np.ndarray | None, targets: np.ndarray) -> None:
-        # 32 rows at a time: a whole window's float64 [rows, 150k] temporaries are 0.3 GB each; slices stay in
-        # cache (1.0 s against 1.6 s for a 255-row window here)
+        # 32 rows at a time: a whole window's float64 [rows, 150k] temporaries are 0.3 GB each; slices stay
+        # in cache (measured 1.6x faster for a 255-row window)
         for i in range(0, len(targets), ROWS):
             self._add(logits[i:i + ROWS], None if ref_logits is None else ref_logits[i:i + ROWS], targets[i:i + ROWS])
 

@@ -32,7 +32,7 @@ BASELINE_RUNS = 3
 # the most three unlimited runs may disagree, (fastest - slowest) / median: quiet runs here moved by 10-30%
 BASELINE_SPREAD = 0.40
 NEAR_MISS = 0.85   # share of the bar
-FAULT_S = 0.01     # the most one major fault costs here: an 8 MiB read-ahead window from this VM's disk
+FAULT_S = 0.01     # an upper bound on one major fault: an 8 MiB read-ahead window from a cloud disk
 
 
 def _noise_can_explain(row: dict, limit: int, bar: float, tokens: int) -> bool:

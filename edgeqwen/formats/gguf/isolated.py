@@ -19,32 +19,22 @@ from .rpc import (FIRST_TOKEN_TIMEOUT_S, LOAD_TIMEOUT_S, TOKEN_TIMEOUT_S, Worker
                   parse_endpoint)
 
 
-def _open_here(build: str, *, threads=None, n_ctx=None, logits=False, lean=False, workers=(), split=None):
-    """In the child: the GGUF runner itself, as load_runner would open it without isolation."""
-    from ...home import resolve_build
-    from ...manage import check_build
-    from .runner import LlamaRunner
-    path, manifest = resolve_build(build)
-    check_build(path, manifest)
-    from .. import model_path
-    model = model_path(path, manifest)
-    return LlamaRunner(model, threads=threads, n_ctx=n_ctx, manifest=manifest, logits=logits, lean=lean,
-                       workers=workers, split=split)
-
-
 class IsolatedRunner:
     """The runner protocol, with the model in a child process: a worker that dies makes llama.cpp abort the
-    child, not us, and a worker that stalls is noticed by a deadline. Used whenever --workers is given."""
+    child, not us, and a worker that stalls is noticed by a deadline. Used whenever --workers is given.
 
-    def __init__(self, build: str, *, threads=None, n_ctx=None, logits=False, lean=False, workers=(), split=None):
+    open_here(build, options) opens the model in the child: load_runner with isolation off, passed in by its caller
+    so that this module does not import formats/load.py back."""
+
+    def __init__(self, build: str, options, open_here):
         import multiprocessing as mp
-        self.workers = [str(w) for w in workers]
+        self.workers = [str(w) for w in options.workers]
         fd, self._errlog = tempfile.mkstemp(prefix="edgeqwen-model-", suffix=".log")
         os.close(fd)
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        kw = dict(threads=threads, n_ctx=n_ctx, logits=logits, lean=lean, workers=list(workers), split=split)
-        self._proc = ctx.Process(target=_child_main, args=(child, str(build), kw, self._errlog), daemon=True)
+        self._proc = ctx.Process(target=_child_main, args=(child, str(build), options, open_here, self._errlog),
+                                 daemon=True)
         self._proc.start()
         child.close()
         try:
@@ -158,14 +148,14 @@ _ATTRS = ("backend", "n_ctx", "n_vocab", "regular_vocab", "load_s", "chat_templa
           "path", "gpu_layers")
 
 
-def _child_main(conn, build: str, kw: dict, errlog: str) -> None:
+def _child_main(conn, build: str, options, open_here, errlog: str) -> None:
     """The model process: llama.cpp's stderr (an abort's message) goes to errlog for the parent to quote."""
     fd = os.open(errlog, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent decides what Ctrl-C means
     from ...errors import EdgeqwenError
     try:
-        runner = _open_here(build, **kw)
+        runner = open_here(build, options)
     except EdgeqwenError as e:
         conn.send(("error", str(e)))
         return

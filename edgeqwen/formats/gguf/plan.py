@@ -19,9 +19,9 @@ BASE_TYPE = {
 # K-quants need rows that are a multiple of 256; llama.cpp falls back to these otherwise.
 FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.IQ4_XS: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1,
             T.Q6_K: T.Q8_0, T.IQ3_XXS: T.IQ4_NL, T.IQ3_S: T.IQ4_NL}
-# Types llama.cpp's CPU backend copies into an interleaved layout at load time. The mmapped original stays
-# resident too, so these weights counted twice in peak RSS (bench rows: q4_0 vs q8_0) until the runner gave
-# each original back as soon as it was copied (pagecache.py, Linux); `release` says which case to predict.
+# Types llama.cpp's CPU backend copies into an interleaved layout at load time. Where the original is not given
+# back once copied (pagecache.py does so on Linux) both copies are resident and these weights count twice in
+# peak RSS; `release` says which case to predict.
 # token_embd is only gathered from, never repacked.
 REPACKED = {T.Q4_0, T.Q4_K, T.IQ4_NL}
 # On CPUs with AMX-INT8 (Sapphire Rapids and newer) the AMX buffer type repacks these as well, every

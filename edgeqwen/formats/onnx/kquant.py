@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-CHUNK_BLOCKS = 2048    # 256 KiB of float32 weights per array: the step's arrays stay in L2 (fastest on one core here)
+CHUNK_BLOCKS = 2048    # 256 KiB of float32 weights per array: the step's arrays stay in L2
 STEPS = 20
 
 
