@@ -32,10 +32,12 @@ class Response:
     finish_reason: str | None = None   # "stop" | "length" | "interrupted"
     counters: dict = field(default_factory=dict)
     cached_tokens: int = 0             # prompt tokens whose KV was reused from the last call
+    logprob: float | None = None       # the token's log-probability, when Sampling.logprobs asks for it
+    top_logprobs: list[tuple[int, float]] | None = None   # the most likely tokens at this step, most likely first
 
     def stats(self) -> dict:
         d = asdict(self)
-        for k in ("text", "token"):
+        for k in ("text", "token", "logprob", "top_logprobs"):
             d.pop(k)
         return d
 
@@ -50,6 +52,20 @@ class Sampling:
     seed: int | None = None
     ignore_eos: bool = False
     grammar: str | None = None   # GBNF the answer must follow (structured output; formats whose row says so)
+    logprobs: int | None = None  # each token's log-probability and this many alternatives (None: neither)
+
+
+def logprobs_of(row: np.ndarray, tok: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """tok's log-probability under the model's own distribution at this step (the log-softmax of its logits,
+    before temperature, top-p or a grammar: what eval scores), and the top most likely tokens, most likely first."""
+    x = np.asarray(row, dtype=np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    best = []
+    if top > 0:
+        idx = np.argpartition(-x, min(top, x.size - 1))[:top]
+        best = [(int(i), float(x[i] - lse)) for i in idx[np.argsort(-x[idx], kind="stable")]]
+    return float(x[tok] - lse), best
 
 
 class Runner(Protocol):
@@ -60,6 +76,7 @@ class Runner(Protocol):
     regular_vocab: int   # ids below it are ordinary text tokens (bench draws random prompts from them)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]: ...
+    def token_bytes(self, tok: int) -> bytes: ...   # the token's exact bytes (a piece of a character, maybe)
     def apply_chat_template(self, messages: list[dict]) -> str: ...
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]: ...
     def logits(self, tokens: list[int]) -> np.ndarray: ...   # [len(tokens), vocab], from an empty context
@@ -112,6 +129,14 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
         raise RunnerError(f"the build's chat template fails ({type(e).__name__}: {e}); use --raw") from None
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: character -> the byte it spells (printable bytes stand for
+    themselves, the others are shifted to 256 and up in order)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
 class ChatTemplated:
     """apply_chat_template for every runner: its chat_template rendered with its eos_token; `where` (the build's
     file or folder) names it when it has none."""
@@ -145,6 +170,26 @@ class FolderRunner(ChatTemplated):
         eos = tok_cfg.get("eos_token")
         self.eos_token = eos.get("content") if isinstance(eos, dict) else (eos or "")
         self.proc = psutil.Process(os.getpid())
+
+    _bytes: dict[int, bytes] | None = None
+
+    def token_bytes(self, tok: int) -> bytes:
+        """The token's exact bytes, from tokenizer.json (read on first use): a byte-level BPE vocabulary spells each
+        byte with one printable character (GPT-2's alphabet), which neither backend's tokenizer gives back for a
+        token that is part of a character; added tokens are their text."""
+        if self._bytes is None:
+            tok_json = side_json(self.folder / "tokenizer.json")
+            vocab = tok_json.get("model", {}).get("vocab") or {}
+            alphabet = _byte_alphabet()
+            out = {}
+            for piece, i in vocab.items() if isinstance(vocab, dict) else ():
+                if isinstance(piece, str) and isinstance(i, int):
+                    out[i] = bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode()
+            for a in tok_json.get("added_tokens") or []:
+                if isinstance(a, dict) and isinstance(a.get("id"), int) and isinstance(a.get("content"), str):
+                    out[a["id"]] = a["content"].encode()
+            self._bytes = out
+        return self._bytes.get(tok, b"")
 
     def refuse_grammar(self, sampling: Sampling) -> None:
         """Structured output is llama.cpp's grammar sampler: never silently generate free text instead."""
@@ -185,19 +230,22 @@ def shared_prefix(old: list[int], new: list[int]) -> int:
 
 def respond(tokens_out: Iterator[int], *, t0: float, n_prompt: int, cached: int, max_new: int,
             is_eog: Callable[[int], bool], decode: Callable[[int | None], str], proc: psutil.Process,
-            counters: Callable[[], dict] = dict) -> Iterator[Response]:
+            counters: Callable[[], dict] = dict, row: Callable[[], np.ndarray] | None = None,
+            top: int = 0) -> Iterator[Response]:
     """Time the tokens a backend produces, stop at EOS or max_new, and yield Responses with the measurements.
 
     tokens_out evaluates the prompt before its first token; decode(None) flushes held-back bytes;
-    counters() gives the backend's own figures once the stream finishes.
+    counters() gives the backend's own figures once the stream finishes. row(), when given, is the logits the
+    token just produced was chosen from (read before tokens_out resumes): each Response then carries its
+    log-probability and the top alternatives.
     """
     peak = proc.memory_info().rss
     n_gen, ttft, t_first, now = 0, 0.0, 0.0, t0
 
-    def response(text, tok, finish):
+    def response(text, tok, finish, scored=(None, None)):
         dec = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
         return Response(text, tok, n_prompt, (n_prompt - cached) / ttft if ttft else 0.0, n_gen, dec, ttft, peak,
-                        finish, counters() if finish else {}, cached)
+                        finish, counters() if finish else {}, cached, *scored)
 
     try:
         for tok in tokens_out:
@@ -211,8 +259,9 @@ def respond(tokens_out: Iterator[int], *, t0: float, n_prompt: int, cached: int,
             finish = "stop" if eog else "length" if n_gen >= max_new else None
             if finish:
                 peak = max(peak, proc.memory_info().rss)
+            scored = logprobs_of(row(), tok, top) if row is not None else (None, None)
             text = ("" if eog else decode(tok)) + (decode(None) if finish else "")
-            yield response(text, tok, finish)
+            yield response(text, tok, finish, scored)
             if finish:
                 return
     except KeyboardInterrupt:

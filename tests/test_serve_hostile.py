@@ -130,14 +130,17 @@ def test_fuzzed_bodies_get_a_4xx_or_an_answer_never_a_500(tiny_builds):
     examples = max(20, int(os.environ.get("EDGEQWEN_FUZZ_EXAMPLES", "300")) // 10)   # each is an HTTP request
     s = Served([tiny_builds["q4_0"]], "--ctx", "256", "--request-timeout", "2")
     model = build_name(tiny_builds["q4_0"])
-    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.floats(), st.text(max_size=20),
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**64, 2**64), st.integers(-2, 25), st.floats(),
+                     st.text(max_size=20),
                      st.sampled_from(["\ud800", "\x00", model, "user", "system", "text"]))
     value = st.recursive(leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                        st.dictionaries(st.sampled_from(
                                                            ["role", "content", "type", "text", "x"]), inner,
                                                            max_size=3)), max_leaves=8)
     fields = st.dictionaries(st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "top_p",
-                                              "seed", "stop", "stream", "n", "ignore_eos", "stream_options"]),
+                                              "seed", "stop", "stream", "n", "ignore_eos", "stream_options",
+                                              "logprobs", "top_logprobs", "response_format", "tools",
+                                              "tool_choice"]),
                              value, max_size=6)
     good = {"model": model, "max_tokens": 4}
 

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from starlette.requests import Request
 
@@ -127,6 +128,13 @@ class Server:
 
 # --- generation -------------------------------------------------------------------------------------
 
+class Scored(NamedTuple):
+    """One generated token's log-probability and the most likely alternatives, as exact bytes (the API spells them)."""
+    token: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
+
+
 @dataclass(eq=False)   # a job is itself: kept in a set of running jobs
 class Job:
     name: str
@@ -166,6 +174,16 @@ def _run_job(server: Server, job: Job, emit) -> None:
                             f"{len(tokens) - runner.n_ctx + 1} tokens too many", code="context_length_exceeded")
     emit("prompt", len(tokens))
     pending, last = "", None
+    scored: list[tuple[int, Scored]] = []   # tokens not yet reported: where each one's text starts in pending
+
+    def text(upto: int) -> None:
+        """Send pending[:upto], after the scores of the tokens whose text starts there (logprobs asked)."""
+        nonlocal scored
+        if job.sampling.logprobs is not None:
+            emit("scores", [t for at, t in scored if at < upto])
+            scored = [(at - upto, t) for at, t in scored if at >= upto]
+        emit("text", pending[:upto])
+
     stream = runner.stream(tokens, job.sampling)
     try:
         for last in stream:
@@ -177,15 +195,19 @@ def _run_job(server: Server, job: Job, emit) -> None:
                           server.cfg.request_timeout, last.generation_tokens)
                 last.finish_reason = "length"
                 break
+            # an end of generation ("stop" from the runner) is not part of the answer; a piece of a character is
+            if last.logprob is not None and last.token is not None and last.finish_reason != "stop":
+                scored.append((len(pending), Scored(runner.token_bytes(last.token), last.logprob,
+                                                    [(runner.token_bytes(t), lp) for t, lp in last.top_logprobs])))
             pending += last.text
             hit = min((i for i in (pending.find(s) for s in job.stops) if i >= 0), default=-1)
             if hit >= 0:
-                emit("text", pending[:hit])
+                text(hit)
                 last.finish_reason = "stop"
                 break
             keep = _held_back(pending, job.stops) if job.stops and not last.finish_reason else 0
             if len(pending) > keep:
-                emit("text", pending[:len(pending) - keep])
+                text(len(pending) - keep)
                 pending = pending[len(pending) - keep:]
     except RunnerError as e:   # the model process died mid-answer (IsolatedRunner): load it afresh next time
         server._drop(str(e))

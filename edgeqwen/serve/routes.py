@@ -129,10 +129,12 @@ async def _generate(request: Request, kind: str):
         return _sse(server, endpoint, answer, rid, created, req.model, kind, include_usage, job, n_prompt)
     watcher = asyncio.create_task(until_gone(request, job))
     try:
-        text, last = [], None
+        text, last, scored = [], None, []
         async for ev, payload in answer:
             if ev == "text":
                 text.append(payload)
+            elif ev == "scores":
+                scored += payload
             else:
                 last = payload
     except (ApiError, EdgeqwenError) as e:
@@ -150,6 +152,8 @@ async def _generate(request: Request, kind: str):
     finish = "length" if last.finish_reason == "length" else "stop"
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
               if kind.startswith("chat") else {"index": 0, "text": content, "finish_reason": finish})
+    if job.sampling.logprobs is not None:
+        choice["logprobs"] = logprobs_json(scored, kind.startswith("chat"))
     return JSONResponse({"id": rid, "object": "chat.completion" if kind.startswith("chat") else "text_completion",
                          "created": created, "model": req.model, "choices": [choice], "usage": usage,
                          "timings": timings(last)})
@@ -206,15 +210,39 @@ async def crashed(request: Request, exc):
     return error_response(ApiError(500, "internal error", "server_error"))
 
 
+def _token(b: bytes) -> str:
+    return b.decode("utf-8", "replace")   # a piece of a character: its exact bytes are in "bytes"
+
+
+def logprobs_json(scored: list, chat: bool, offset: int = 0) -> dict:
+    """OpenAI's logprobs object for these tokens: chat's content list, or the legacy completions' columns
+    (text_offset counts characters from offset, each token's as its bytes decode)."""
+    if chat:
+        return {"content": [{"token": _token(s.token), "logprob": s.logprob, "bytes": list(s.token),
+                             "top_logprobs": [{"token": _token(b), "logprob": lp, "bytes": list(b)} for b, lp in s.top]}
+                            for s in scored], "refusal": None}
+    offsets = []
+    for s in scored:
+        offsets.append(offset)
+        offset += len(_token(s.token))
+    return {"tokens": [_token(s.token) for s in scored], "token_logprobs": [s.logprob for s in scored],
+            "top_logprobs": [{_token(b): lp for b, lp in s.top} for s in scored], "text_offset": offsets}
+
+
 def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job, n_prompt):
     from sse_starlette.sse import EventSourceResponse
     chat = kind.startswith("chat")
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta=None, finish=None, usage=None, timings=None):
+    want = job.sampling.logprobs is not None
+    done = [0]   # characters sent so far (the legacy text_offset)
+
+    def chunk(delta=None, finish=None, usage=None, timings=None, scored=None):
         choices = [] if usage is not None else [
             {"index": 0, "delta": delta or {}, "finish_reason": finish} if chat
             else {"index": 0, "text": (delta or {}).get("content", ""), "finish_reason": finish}]
+        if want and scored is not None and choices:
+            choices[0]["logprobs"] = logprobs_json(scored, chat, done[0])
         d = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
         if usage is not None:
             d["usage"] = usage
@@ -222,14 +250,18 @@ def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job
         return {"data": json.dumps(d)}
 
     async def gen():
-        status, last = "200", None
+        status, last, scored = "200", None, []
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
             async for ev, payload in events:
                 if ev == "text":
                     if payload:
-                        yield chunk({"content": payload})
+                        yield chunk({"content": payload}, scored=scored)
+                        done[0] += len(payload)
+                        scored = []
+                elif ev == "scores":
+                    scored += payload
                 else:
                     last = payload
             finish = "length" if last.finish_reason == "length" else "stop"

@@ -6,7 +6,7 @@ import json
 import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -66,10 +66,21 @@ class _Message(BaseModel):
 
 class ChatRequest(_Req):
     messages: list[_Message] = Field(min_length=1)
+    logprobs: StrictBool | None = None   # "yes" is not a boolean
+    top_logprobs: int | None = Field(None, ge=0, le=20)   # OpenAI's range
+
+    def wanted_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Req):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)   # the legacy API's: this many alternatives per token
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ApiError(Exception):
@@ -84,11 +95,11 @@ def error_response(e: ApiError) -> JSONResponse:
                         headers=e.headers)
 
 
-def sampling(req: _Req, n_default: int, grammar: str | None = None) -> Sampling:
+def sampling(req: ChatRequest | CompletionRequest, n_default: int, grammar: str | None = None) -> Sampling:
     return Sampling(max_tokens=req.max_completion_tokens or req.max_tokens or n_default,
                     temperature=0.7 if req.temperature is None else req.temperature,
                     top_p=0.8 if req.top_p is None else req.top_p, seed=req.seed, ignore_eos=req.ignore_eos,
-                    grammar=grammar)
+                    grammar=grammar, logprobs=req.wanted_logprobs())
 
 
 class Gone(Exception):

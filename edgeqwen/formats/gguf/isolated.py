@@ -87,6 +87,9 @@ class IsolatedRunner:
     def detokenize(self, tokens: list[int]) -> str:
         return self._call("detokenize", tokens)
 
+    def token_bytes(self, tok: int) -> bytes:
+        return self._call("token_bytes", tok)
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self._call("apply_chat_template", messages)
 

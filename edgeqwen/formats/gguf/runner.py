@@ -232,6 +232,9 @@ class LlamaRunner(ChatTemplated):
             n -= 1
         return n
 
+    def token_bytes(self, tok: int) -> bytes:
+        return self._piece_bytes(tok, special=True)
+
     def _piece(self, tok: int) -> str:
         return self._piece_bytes(tok, special=True).decode("utf-8", "replace")
 
@@ -254,11 +257,14 @@ class LlamaRunner(ChatTemplated):
     def detokenize(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", "replace")
 
+    def _last_logits(self) -> np.ndarray:
+        """The logits of the last evaluated position (a view: valid until the next eval)."""
+        return np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+
     def _argmax(self) -> int:
         # Greedy straight off the logits: libllama's sampler copies all ~152k candidates per token,
         # which costs several percent of decode speed on small models.
-        ptr = self._lc.llama_get_logits_ith(self.llm.ctx, -1)
-        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+        return int(self._last_logits().argmax())
 
     def _unsafe_for_grammar(self) -> list[int]:
         """Tokens whose text is not whole UTF-8 or holds a NUL byte (found once per runner; special tokens, whose
@@ -307,7 +313,8 @@ class LlamaRunner(ChatTemplated):
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         lc.llama_perf_context_reset(llm.ctx)
-        self._drafting = self.speculator is not None and not sampling.grammar
+        # a draft's tokens are verified in batches: the logits of each are not where a plain step leaves them
+        self._drafting = self.speculator is not None and not sampling.grammar and sampling.logprobs is None
 
         def tokens_out():
             llm.eval(tokens[prefix:])
@@ -323,7 +330,8 @@ class LlamaRunner(ChatTemplated):
                 out, t0=time.perf_counter(), n_prompt=len(tokens), cached=prefix, max_new=max_new,
                 is_eog=lambda t: not sampling.ignore_eos and lc.llama_vocab_is_eog(vocab, t),
                 decode=lambda t: decoder.decode(b"", final=True) if t is None else decoder.decode(self._piece_bytes(t)),
-                proc=self.proc, counters=self._counters)
+                proc=self.proc, counters=self._counters, top=sampling.logprobs or 0,
+                row=None if sampling.logprobs is None else self._last_logits)
         finally:
             smp.close()
 

@@ -107,12 +107,20 @@ class MlxRunner(FolderRunner):
         prefix = on_mlx_thread(self._reuse, tokens)
         detok = self.tokenizer.detokenizer
 
+        scored = {}
+
+        def step(steps):
+            out = next(steps, _END)
+            if out is not _END and sampling.logprobs is not None:   # mlx-lm's log-softmax of this step's logits
+                scored["row"] = np.array(out[1].astype(mx.float32)).reshape(-1)
+            return out
+
         def tokens_out():
             self._seq.extend(tokens[prefix:])
             steps = on_mlx_thread(lambda: generate_step(mx.array(tokens[prefix:]), self.model, max_tokens=max_new,
                                                         sampler=sampler, prompt_cache=self._cache))
             try:
-                while (tok := on_mlx_thread(next, steps, _END)) is not _END:
+                while (tok := on_mlx_thread(step, steps)) is not _END:
                     self._seq.append(int(tok[0]))
                     yield int(tok[0])
             finally:   # its stream context must end on the thread that entered it, not in the collector
@@ -130,7 +138,8 @@ class MlxRunner(FolderRunner):
 
         yield from respond(self.forget_on_error(tokens_out(), forget), t0=t0, n_prompt=len(tokens), cached=prefix,
                            max_new=max_new, is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
-                           decode=decode, proc=self.proc,
+                           decode=decode, proc=self.proc, top=sampling.logprobs or 0,
+                           row=None if sampling.logprobs is None else lambda: scored["row"],
                            counters=lambda: {"mlx_peak_memory": int(on_mlx_thread(mx.get_peak_memory))})
 
     def logits(self, tokens: list[int]) -> np.ndarray:

@@ -99,10 +99,15 @@ class OnnxRunner(FolderRunner):
         gen, prefix = self._generator(tokens, sampling, max_new)
         decoder = self.tokenizer.create_stream()
 
+        scored = {}
+
         def tokens_out():
             gen.append_tokens(np.array(tokens[prefix:], dtype=np.int32))
             self._tokens = list(tokens)
             while True:
+                if sampling.logprobs is not None:   # the logits the next token is chosen from (genai then runs
+                    row = np.asarray(gen.get_logits(), dtype=np.float32)   # the model on that token at once)
+                    scored["row"] = row.reshape(-1, row.shape[-1])[-1]
                 gen.generate_next_token()
                 tok = int(gen.get_next_tokens()[0])
                 self._tokens.append(tok)
@@ -112,7 +117,9 @@ class OnnxRunner(FolderRunner):
             self._gen = None
         yield from respond(self.forget_on_error(tokens_out(), forget), t0=t0, n_prompt=len(tokens), cached=prefix,
                            max_new=max_new, is_eog=lambda t: not sampling.ignore_eos and t in self.eos_ids,
-                           decode=lambda t: "" if t is None else decoder.decode(t), proc=self.proc)
+                           decode=lambda t: "" if t is None else decoder.decode(t), proc=self.proc,
+                           top=sampling.logprobs or 0,
+                           row=None if sampling.logprobs is None else lambda: scored["row"])
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Next-token logits at every position of tokens, from scratch (for eval)."""
