@@ -77,7 +77,7 @@ class Runner(Protocol):
 
     def tokenize(self, text: str, special: bool = True) -> list[int]: ...
     def token_bytes(self, tok: int) -> bytes: ...   # the token's exact bytes (a piece of a character, maybe)
-    def apply_chat_template(self, messages: list[dict]) -> str: ...
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str: ...
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]: ...
     def logits(self, tokens: list[int]) -> np.ndarray: ...   # [len(tokens), vocab], from an empty context
     def close(self) -> None: ...
@@ -144,10 +144,12 @@ class ChatTemplated:
     eos_token: str = ""
     where: object = "this build"
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """tools (OpenAI function definitions) go to a template that has a tools section (serve/tools.py decides)."""
         if not self.chat_template:
             raise RunnerError(f"{self.where} has no chat template; use --raw")
-        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="")
+        extra = {"tools": tools} if tools else {}
+        return render_chat(self.chat_template, messages, eos_token=self.eos_token, bos_token="", **extra)
 
 
 class FolderRunner(ChatTemplated):

@@ -142,6 +142,8 @@ class Job:
     prompt: str | None
     sampling: Sampling
     stops: list[str]
+    tools: list[dict] | None = None        # shown to the model (serve/tools.py)
+    call_names: list[str] | None = None    # the answer's <tool_call> blocks naming these become tool_calls
     cancel: threading.Event = field(default_factory=threading.Event)
     deadline: float = float("inf")   # time.monotonic() after which it stops ("length")
 
@@ -162,7 +164,8 @@ def _run_job(server: Server, job: Job, emit) -> None:
     runner = server._ensure(job.name)
     try:
         if job.chat is not None:
-            tokens = runner.tokenize(runner.apply_chat_template(job.chat), special=True)
+            from .tools import render
+            tokens = runner.tokenize(render(runner, job.chat, job.tools), special=True)
         else:
             tokens = runner.tokenize(job.prompt, special=True)
     except EdgeqwenError as e:

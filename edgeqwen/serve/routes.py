@@ -66,22 +66,33 @@ def _failed(server: Server, endpoint: str, e: Exception) -> JSONResponse:
     return error_response(e)
 
 
-def _grammar(server: Server, req) -> str | None:
-    """The grammar a request's response_format asks for, from its model's format row; a format that cannot
-    constrain an answer is a 400, never free text."""
+def _grammar(server: Server, req, forced: dict | None = None) -> str | None:
+    """The grammar a request's response_format (or a named or required tool call: forced, the call's schema) asks
+    for, from its model's format row; a format that cannot constrain an answer is a 400, never free text."""
     from ..errors import UsageError
     from ..formats import FORMATS
     rf = req.response_format
-    if rf is None or rf.type == "text":
+    if (rf is None or rf.type == "text") and forced is None:
         return None
+    if forced is not None and rf is not None and rf.type != "text":
+        raise ApiError(400, "response_format and a required or named tool_choice cannot both shape one answer",
+                       code="invalid_value")
+    choice = getattr(req, "tool_choice", None)
+    what = (f"response_format {rf.type}" if forced is None
+            else f"tool_choice {choice if isinstance(choice, str) else 'function'}")
     meta = server.slot.meta.get(req.model)
     if meta is None:
         return None   # admit answers 404 for a model not served here
     fmt = FORMATS.get(meta.get("format"))
     if fmt is None or not fmt.constrained:
         which = " or ".join(f.label for f in FORMATS.values() if f.constrained)
-        raise ApiError(400, f"response_format {rf.type}: {req.model} is a {fmt.label if fmt else 'foreign'} build; "
-                            f"structured output needs a {which} build", code="unsupported_value")
+        raise ApiError(400, f"{what}: {req.model} is a {fmt.label if fmt else 'foreign'} build; "
+                            f"constraining an answer needs a {which} build", code="unsupported_value")
+    if forced is not None:
+        try:
+            return fmt.load("constrained")("tool_call", forced)
+        except UsageError as e:
+            raise ApiError(400, f"tools: {e}", code="invalid_value") from None
     if rf.type == "json_schema" and rf.json_schema is None:
         raise ApiError(400, "response_format: type json_schema needs a json_schema object", code="invalid_value")
     try:
@@ -90,14 +101,39 @@ def _grammar(server: Server, req) -> str | None:
         raise ApiError(400, f"response_format: {e}", code="invalid_value") from None
 
 
-def _job(req, kind: str, grammar: str | None = None) -> Job:
+def _message(m) -> dict:
+    """A request's message as the model thread renders it (a call's arguments parsed: templates write them)."""
+    out = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                args = json.loads(c.function.arguments)
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                raise ApiError(400, f"messages: the arguments of a call to {c.function.name} are not a JSON object",
+                               code="invalid_value")
+            calls.append({"name": c.function.name, "arguments": args, "id": c.id})
+        out["tool_calls"] = calls
+    if m.role == "tool":
+        out["tool_call_id"] = m.tool_call_id or ""
+    return out
+
+
+def _job(server: Server, req, kind: str) -> Job:
     """The model thread's work for a parsed request."""
     if req.n != 1:
         raise ApiError(400, "n > 1 is not supported: a context serves one sequence", code="invalid_value")
     stops = [clean(x) for x in ([req.stop] if isinstance(req.stop, str) else list(req.stop or []))]
     if isinstance(req, ChatRequest):
-        chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        return Job(req.model, chat, None, sampling(req, 1 << 30, grammar), stops)
+        from .tools import call_schema, checked_tools
+        tools, forced = checked_tools(req)
+        grammar = _grammar(server, req, call_schema(tools, forced) if forced else None)
+        chat = [_message(m) for m in req.messages]
+        return Job(req.model, chat, None, sampling(req, 1 << 30, grammar), stops, tools=tools,
+                   call_names=[t["function"]["name"] for t in tools] if tools else None)
+    grammar = _grammar(server, req)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise ApiError(400, "prompt: give one string", code="invalid_value")
@@ -111,7 +147,7 @@ async def _generate(request: Request, kind: str):
         _authorize(request)
         data = await read_json(request, server.cfg.max_body, server.cfg.read_timeout)
         req = parse(ChatRequest if kind == "chat/completions" else CompletionRequest, data)
-        job = _job(req, kind, _grammar(server, req))
+        job = _job(server, req, kind)
         await admit(server, req.model)
         q = start(server, job)
         n_prompt = await prompt_size(q)
@@ -150,7 +186,17 @@ async def _generate(request: Request, kind: str):
              "total_tokens": n_prompt + last.generation_tokens}
     content = "".join(text)
     finish = "length" if last.finish_reason == "length" else "stop"
-    choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+    message = {"role": "assistant", "content": content}
+    if job.call_names:
+        from .tools import Calls
+        split = Calls(job.call_names)
+        parts = split.feed(content) + split.finish()
+        calls = [x for k, x in parts if k == "call"]
+        if calls:
+            message = {"role": "assistant", "content": "".join(x for k, x in parts if k == "content") or None,
+                       "tool_calls": calls}
+            finish = "tool_calls"
+    choice = ({"index": 0, "message": message, "finish_reason": finish}
               if kind.startswith("chat") else {"index": 0, "text": content, "finish_reason": finish})
     if job.sampling.logprobs is not None:
         choice["logprobs"] = logprobs_json(scored, kind.startswith("chat"))
@@ -250,21 +296,39 @@ def _sse(server, endpoint, events, rid, created, model, kind, include_usage, job
         return {"data": json.dumps(d)}
 
     async def gen():
-        status, last, scored = "200", None, []
+        status, last, scored, n_calls = "200", None, [], 0
+        split = None
+        if job.call_names:
+            from .tools import Calls
+            split = Calls(job.call_names)
+
+        def parts(text):   # content deltas, and each call whole (OpenAI's index says which call a delta extends)
+            nonlocal n_calls
+            for k, x in (split.feed(text) if text is not None else split.finish()) if split else [("content", text)]:
+                if k == "call":
+                    yield {"tool_calls": [{"index": n_calls, **x}]}
+                    n_calls += 1
+                elif x:
+                    yield {"content": x}
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
             async for ev, payload in events:
                 if ev == "text":
                     if payload:
-                        yield chunk({"content": payload}, scored=scored)
+                        for delta in parts(payload):
+                            yield chunk(delta, scored=scored)
+                            scored = []
                         done[0] += len(payload)
-                        scored = []
                 elif ev == "scores":
                     scored += payload
                 else:
                     last = payload
-            finish = "length" if last.finish_reason == "length" else "stop"
+            if split:
+                for delta in parts(None):
+                    yield chunk(delta, scored=scored)
+                    scored = []
+            finish = "tool_calls" if n_calls else "length" if last.finish_reason == "length" else "stop"
             yield chunk({}, finish)
             if include_usage:
                 yield chunk(usage={"prompt_tokens": n_prompt, "completion_tokens": last.generation_tokens,

@@ -55,17 +55,64 @@ class _Part(BaseModel):
     text: str
 
 
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")   # OpenAI's rule for a function's name
+    arguments: str = Field(max_length=MAX_BODY)
+
+
+class _ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field("", max_length=256)
+    type: Literal["function"] = "function"
+    function: _Function
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[_Part]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[_Part] | None = None
+    tool_calls: list[_ToolCall] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = Field(None, max_length=256)   # a tool's result answers this call
 
     def text(self) -> str:
+        if self.content is None:
+            if self.role == "assistant" and self.tool_calls:
+                return ""
+            raise ApiError(400, f"messages: a {self.role} message needs content", code="invalid_value")
         return clean(self.content if isinstance(self.content, str) else "".join(p.text for p in self.content))
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class _ToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: _Named
 
 
 class ChatRequest(_Req):
     messages: list[_Message] = Field(min_length=1)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | _ToolChoice | None = None
+    parallel_tool_calls: bool | None = None   # several calls in one answer are always allowed
     logprobs: StrictBool | None = None   # "yes" is not a boolean
     top_logprobs: int | None = Field(None, ge=0, le=20)   # OpenAI's range
 

@@ -4,6 +4,7 @@ know, so a schema is checked first: valid JSON Schema (jsonschema), and only key
 from __future__ import annotations
 
 import json
+import re
 
 from ...errors import UsageError
 
@@ -42,11 +43,15 @@ def _check_keywords(node, where: str = "schema") -> None:
 
 
 def grammar(kind: str, schema: dict | None = None) -> str:
-    """The GBNF grammar of a response format: "json_object" (any JSON object) or "json_schema" (that schema);
-    a schema that is not valid JSON Schema or asks for what the grammar cannot enforce is a UsageError."""
+    """The GBNF grammar of a response format: "json_object" (any JSON object) or "json_schema" (that schema), or
+    of "tool_call": one `<tool_call>` block (serve/tools.py's convention) whose JSON follows schema; a schema that is
+    not valid JSON Schema or asks for what the grammar cannot enforce is a UsageError."""
     from llama_cpp import llama_grammar
     if kind == "json_object":
         return llama_grammar.JSON_GBNF
+    if kind == "tool_call":   # the converter's root becomes the block's body
+        body = re.sub(r"^root ::=", "tool-call-body ::=", grammar("json_schema", schema), count=1, flags=re.M)
+        return 'root ::= "<tool_call>\\n" tool-call-body "\\n</tool_call>"\n' + body
     if not isinstance(schema, dict):
         raise UsageError("json_schema.schema: give a JSON Schema object")
     text = json.dumps(schema)

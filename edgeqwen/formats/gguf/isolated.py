@@ -90,8 +90,8 @@ class IsolatedRunner:
     def token_bytes(self, tok: int) -> bytes:
         return self._call("token_bytes", tok)
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        return self._call("apply_chat_template", messages)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self._call("apply_chat_template", messages, tools)
 
     def logits(self, tokens: list[int]):
         return self._call("logits", tokens, timeout=_deadline(FIRST_TOKEN_TIMEOUT_S))
