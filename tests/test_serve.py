@@ -300,9 +300,43 @@ def test_chat_page_in_a_real_browser(server, tmp_path):
         stats = drv.find_element(By.CSS_SELECTOR, ".assistant .stats").text
         assert QUESTION in drv.find_element(By.CSS_SELECTOR, ".user").text
         assert reply.strip() and "tok/s" in stats and "TTFT" in stats and stats.startswith("32 tokens")
+        assert drv.find_elements(By.CSS_SELECTOR, ".assistant .text p"), "the answer is rendered as markdown"
         assert (tmp_path / "chat.png").stat().st_size > 1000
+        _markdown_renders_and_stays_inert(drv, By)
     finally:
         drv.quit()
+
+
+MARKDOWN = "# Title\n\n- one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```python\nprint('<b>hi</b>')\n```\n"
+INJECTION = ('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+             '<a href="javascript:window.pwned=3" id="js">click</a> [md](javascript:window.pwned=4) '
+             '<iframe srcdoc="<script>parent.pwned=5</script>"></iframe><svg onload="window.pwned=6"></svg>'
+             '<details open ontoggle="window.pwned=7">x</details>\n\n```\n<script>window.pwned=8</script>\n```')
+
+
+def _markdown_renders_and_stays_inert(drv, By):
+    """The page's own render() (what each streamed delta goes through) on an answer a model could write: markdown
+    becomes headings, lists, tables and a code block with a copy button; HTML and script in it never run (the
+    sanitizer strips them, and the page's Content-Security-Policy forbids inline scripts besides)."""
+    import time
+    def answer(text):
+        return drv.execute_script("const d = bubble('assistant', ''); render(d.querySelector('.text'), arguments[0]);"
+                                  "return d.querySelector('.text');", text)
+    md = answer(MARKDOWN)
+    assert md.find_element(By.TAG_NAME, "h1").text == "Title"
+    assert [li.text for li in md.find_elements(By.TAG_NAME, "li")] == ["one", "two"]
+    assert [td.text for td in md.find_elements(By.TAG_NAME, "td")] == ["1", "2"]
+    code = md.find_element(By.CSS_SELECTOR, ".code pre code")
+    assert code.text == "print('<b>hi</b>')" and not code.find_elements(By.TAG_NAME, "b")
+    assert md.find_element(By.CSS_SELECTOR, ".code button.copy").text == "Copy"
+    bad = answer(INJECTION)
+    time.sleep(1)   # an onerror, onload or ontoggle would have fired by now
+    assert drv.execute_script("return window.pwned") is None
+    html = bad.get_attribute("innerHTML")
+    for gone in ("<script", "onerror", "onload", "ontoggle", "<iframe", "<img", "javascript:"):
+        assert gone not in html, (gone, html)
+    assert "&lt;script&gt;window.pwned=8" in html   # inside a code block it is text, shown as written
+    assert drv.execute_script("return document.querySelectorAll('script:not([src])').length") == 0
 
 
 ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]},
@@ -367,3 +401,18 @@ def test_structured_output_it_cannot_honour_is_a_400(server, margin_builds, marg
         server.client().chat.completions.create(model=build_name(build), max_tokens=8, response_format=fmt,
                                                 messages=[{"role": "user", "content": QUESTION}])
     assert words in e.value.response.json()["error"]["message"], e.value.response.text
+
+
+def test_the_page_and_its_scripts_come_from_the_package_with_a_strict_policy(server):
+    import httpx
+    page = httpx.get(server.url + "/")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+    for src in ("/static/chat.js", "/static/vendor/marked.umd.js", "/static/vendor/purify.min.js"):
+        assert f'src="{src}"' in page.text
+        r = httpx.get(server.url + src)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript") and len(r.text) > 1000
+    for bad in ("/static/chat.html", "/static/../edgeqwen/data/claims.toml", "/static/vendor/VERSIONS.md",
+                "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/"):
+        r = httpx.get(server.url + bad)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", bad

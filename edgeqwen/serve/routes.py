@@ -27,8 +27,9 @@ _log = logging.getLogger("edgeqwen")
 
 def create_app(server: Server) -> Starlette:
     """The app serving server's models (CORS only if the server's config names an origin)."""
-    routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics),
-              Route("/v1/models", models), Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    routes = [Route("/", page), Route("/static/{name:path}", static), Route("/health", health),
+              Route("/metrics", metrics), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     middleware = []
     if server.cfg.cors:
@@ -238,9 +239,27 @@ async def metrics(request: Request):
     return Response(generate_latest(_server(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+# The page's own files, by name (nothing from the request becomes a path).
+STATIC = {"chat.js": ("chat.js",), "vendor/marked.umd.js": ("vendor", "marked.umd.js"),
+          "vendor/purify.min.js": ("vendor", "purify.min.js")}
+# scripts only from this server (none inline, so an injected one cannot run), no images or frames from anywhere
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 async def page(request: Request):
     from ..resources import data
-    return HTMLResponse(data("chat.html").read_text(encoding="utf-8"))
+    return HTMLResponse(data("chat.html").read_text(encoding="utf-8"),
+                        headers={"Content-Security-Policy": PAGE_POLICY, "X-Content-Type-Options": "nosniff"})
+
+
+async def static(request: Request):
+    from ..resources import data
+    parts = STATIC.get(request.path_params["name"])
+    if parts is None:
+        return error_response(ApiError(404, f"no route {request.url.path}", code="not_found"))
+    return Response(data(*parts).read_text(encoding="utf-8"), media_type="text/javascript",
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 async def not_found(request: Request, exc):
