@@ -128,7 +128,9 @@ def test_a_client_that_disconnects_stops_its_generation(server, margin_builds):
 
 
 def test_api_key_and_queue_full(tiny_builds):
-    s = Served([tiny_builds["q4_0"]], "--max-queue", "1", "--ctx", "32768", env={"EDGEQWEN_API_KEY": "s3cret"})
+    # one conversation at a time (--parallel 1): the second request waits, the third finds the queue full
+    s = Served([tiny_builds["q4_0"]], "--max-queue", "1", "--ctx", "32768", "--parallel", "1",
+               env={"EDGEQWEN_API_KEY": "s3cret"})
     try:
         model = build_name(tiny_builds["q4_0"])
         with pytest.raises(openai.AuthenticationError):

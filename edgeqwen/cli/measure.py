@@ -148,7 +148,9 @@ def table(files, fmt, plot, claims, devices):
 @click.option("--draft", metavar="SIZE[:QUANT]", help="Also the memory of a draft model for speculative decoding "
               "(e.g. 0.5b:q4_0; run --draft loads it beside the target).")
 @KV_OPTION
-def plan_cmd(size, quant, ctx, device, pool, devices, draft, kv):
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Conversations served at once (serve --parallel): a context of --ctx for each.")
+def plan_cmd(size, quant, ctx, device, pool, devices, draft, kv, parallel):
     """Predict file size, peak RAM and decode speed of SIZE as QUANT, and whether it fits a device.
 
     SIZE is a recipe size (0.5b, 1.5b, 7b) or 72b / 57b-a14b, by arithmetic. Without --device
@@ -179,7 +181,7 @@ def plan_cmd(size, quant, ctx, device, pool, devices, draft, kv):
         raise UsageError(f"unknown device {device!r}; choose one of: {', '.join(devs)}")
     amx = bool(devs.get(device, {}).get("amx")) if device else \
         "amx_int8" in fingerprint(bandwidth=False, provenance=False)["isa"]
-    p = plan(size, quant, ctx=ctx, amx=amx, kv=kv)
+    p = plan(size, quant, ctx=ctx, amx=amx, kv=kv, parallel=parallel)
     click.echo(describe(p, device, devs.get(device)))
     if draft:
         from ..measure.plan import describe_draft

@@ -7,6 +7,27 @@ import click
 from .params import CTX, THREADS, Finite, device_options, load_options, tuned
 
 
+def _with_slots(build: str, options, parallel: int | None):
+    """The build's load options with its --parallel: asked of formats that batch (and loads that can), checked
+    against available memory by plan, or chosen by it."""
+    from dataclasses import replace
+
+    from ..errors import UsageError
+    from ..formats import detect
+    from ..home import resolve_build
+    from ..measure.plan import parallel_slots
+    path, manifest = resolve_build(build)
+    if not detect(path, manifest).batched:
+        if parallel and parallel > 1:
+            click.echo(f"Note: {path.name} answers one request at a time (--parallel is for GGUF builds)", err=True)
+        return options
+    if options.draft is not None or options.workers:
+        if parallel and parallel > 1:
+            raise UsageError("--parallel does not combine with --draft, --lookup or --workers")
+        return options
+    return replace(options, parallel=parallel_slots(build, options.n_ctx, parallel, options.kv or "f16"))
+
+
 @click.command()
 @click.argument("builds", nargs=-1, required=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -24,13 +45,17 @@ from .params import CTX, THREADS, Finite, device_options, load_options, tuned
 @click.option("--ctx", type=CTX, help="Context length (default: 4096, capped by the model).")
 @click.option("--threads", type=THREADS, help="Default: physical cores.")
 @click.option("--cors", help="Allow this browser origin (CORS is off by default).")
+@click.option("--parallel", type=click.IntRange(1, 64), help="Conversations of a GGUF build decoded at once, each "
+              "with --ctx (continuous batching) [default: up to 4, as many as plan says fit in available memory]. "
+              "ONNX and MLX builds, and GGUF ones with --draft, --lookup or --workers, answer one at a time.")
 @device_options
 def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeout, read_timeout, ctx, threads, cors,
-          lean, workers, split, draft, lookup, draft_max, kv, flash_attn, no_tune):
+          parallel, lean, workers, split, draft, lookup, draft_max, kv, flash_attn, no_tune):
     """Serve BUILDS over an OpenAI-compatible HTTP API, with a chat page at /.
 
     Every build is loaded once before the server listens; one is resident at a time and
-    swapped on demand; requests queue in FIFO order. A request whose client disconnects
+    swapped on demand; requests queue in FIFO order, and up to --parallel of them run at once
+    on a GGUF build (one batched llama.cpp pass per token). A request whose client disconnects
     stops generating; max_tokens is capped at what the context leaves after the prompt.
     Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
@@ -38,6 +63,7 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
       edgeqwen serve qwen2-1.5b-q4_k_m --port 8080
       # then: OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="none")
       edgeqwen serve qwen2-1.5b-q8_0 --draft qwen2-0.5b-q4_0    # every build served drafts with it
+      edgeqwen serve qwen2-0.5b-q4_k_m --parallel 8 --ctx 2048     # eight users at once
     """
     from ..errors import UsageError
     from ..hosts import check_host, listen
@@ -53,6 +79,7 @@ def serve(builds, host, port, api_key, insecure_no_key, max_queue, request_timeo
     load = load_options(threads, ctx, lean, workers, split, draft, lookup, draft_max, kv, flash_attn)
     # each build with its own tuned settings (what is given explicitly applies to all)
     per_build = {b: tuned(b, load, no_tune) for b in builds}
+    per_build = {b: _with_slots(b, o, parallel) for b, o in per_build.items()}
     cfg = ServeConfig(builds=list(builds), max_queue=max_queue, api_key=api_key, cors=cors, load=load,
                       per_build=per_build, request_timeout=request_timeout, read_timeout=read_timeout)
     sock = listen(where, port)

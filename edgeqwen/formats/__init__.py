@@ -43,6 +43,9 @@ class Format:
     spin: bool = False               # its threads can sleep instead of spinning while they wait (a busy machine)
     tune: bool = False               # `edgeqwen tune` measures its settings per machine
     group_size: bool = False         # its builds take --group-size
+    # several conversations decoded together (serve --parallel): "module:Class(runner, n_seq, n_ctx)" wrapping a
+    # loaded runner (None: one request at a time)
+    batched: str | None = None
     # structured output: "module:function(kind, schema) -> grammar" for a request's response_format (None: refused)
     constrained: str | None = None
     crash_hint: str | None = None    # "module:function(signal name, model path) -> message" for a crash of its engine
@@ -78,7 +81,7 @@ FORMATS: dict[str, Format] = {
         install="pip install 'edgeqwen[gguf]' (or make setup)", suffixes=(".gguf",), default=True, workers=True,
         lean=True, kv_settings=True, drafts=True, spin=True, tune=True,
         crash_hint="edgeqwen.formats.gguf.runner:crash_hint", planner="edgeqwen.formats.gguf.plan:plan_gguf",
-        constrained="edgeqwen.formats.gguf.grammar:grammar"),
+        constrained="edgeqwen.formats.gguf.grammar:grammar", batched="edgeqwen.formats.gguf.batch:BatchedRunner"),
     "onnx": Format(
         name="onnx", label="ONNX", quant_word="an ONNX precision", quants=("int4", "int4_rtn", "int8", "fp32"),
         reference_quant="fp32", model_file="model.onnx",

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import RunnerError
 from ..home import resolve_build
 from ..manage import check_build
-from ..runner import Runner, Sampling, generate_text
+from ..runner import DEFAULT_CTX, Runner, Sampling, generate_text
 from . import FORMATS, detect, model_path
 
 
@@ -32,7 +32,9 @@ class LoadOptions:
     draft: a smaller GGUF build of the same tokenizer to draft tokens with, or "lookup" (n-grams of the context);
     the output is the target's either way (gguf/speculate.py).
     kv, flash_attn: the engine's KV cache type and flash attention (None: its default, or tune's).
-    spin: False: llama.cpp's threads sleep while they wait for each other instead of spinning (a busy machine)."""
+    spin: False: llama.cpp's threads sleep while they wait for each other instead of spinning (a busy machine).
+    parallel: conversations decoded together in one context, each with n_ctx (serve --parallel; formats whose row
+    has `batched`)."""
     threads: int | None = None
     n_ctx: int | None = None
     logits: bool = False
@@ -45,6 +47,7 @@ class LoadOptions:
     kv: str | None = None
     flash_attn: bool | None = None
     spin: bool = True
+    parallel: int = 1
 
 
 def load_runner(build: str | Path, options: LoadOptions | None = None, **fields) -> Runner:
@@ -63,6 +66,9 @@ def load_runner(build: str | Path, options: LoadOptions | None = None, **fields)
         if o.workers:
             raise RunnerError("--draft and --lookup do not combine with --workers (the verify pass would cross the "
                               "network for every draft)")
+    if o.parallel > 1 and (not fmt.batched or o.draft is not None or o.workers or o.logits):
+        raise RunnerError(f"--parallel needs {_which('batched')} build without --draft, --lookup or --workers; "
+                          f"{path.name} is {fmt.name}" + (" with them" if fmt.batched else ""))
     if o.lean and not fmt.lean:
         # onnxruntime can skip prepacking (session.disable_prepacking, a flat string key of genai's
         # session_options), but MatMulNBits then dequantizes its weights on every call: the real 0.5B int4
@@ -94,6 +100,16 @@ def load_runner(build: str | Path, options: LoadOptions | None = None, **fields)
         extra["kv"] = kv
     if o.flash_attn is not None:
         extra["flash_attn"] = o.flash_attn
+    if o.parallel > 1:   # its own context stays small: the conversations live in the batched one
+        runner = cls(model, threads=o.threads, n_ctx=256, manifest=manifest, **extra)
+        try:
+            train = runner.llm._model.n_ctx_train()
+            if o.n_ctx and o.n_ctx > train:
+                raise RunnerError(f"--ctx {o.n_ctx} is more than this model's context length ({train})")
+            return fmt.load("batched")(runner, o.parallel, o.n_ctx or min(DEFAULT_CTX, train))
+        except BaseException:
+            runner.close()
+            raise
     runner = cls(model, threads=o.threads, n_ctx=o.n_ctx, manifest=manifest, logits=o.logits, **extra)
     if o.draft is not None:
         try:

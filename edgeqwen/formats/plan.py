@@ -31,6 +31,7 @@ class Plan:
     held_bytes: int | None = None   # ONNX: what onnxruntime holds of the weights (ONNX_HELD); None for GGUF
     extra_bytes: int = 0      # GGUF on AMX: a tied output's second copy and the AMX layout's additions
     backend: str = "llama.cpp"   # or "onnxruntime-genai", "mlx-lm": the engine, as calibrate groups published rows
+    parallel: int = 1         # conversations served at once (serve --parallel): kv_bytes holds a context for each
 
     @property
     def peak_ram(self) -> int:

@@ -7,7 +7,7 @@ rendering, and pools of devices (llama.cpp RPC).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UsageError
@@ -40,14 +40,15 @@ def model_config(size: str, override: dict | None = None) -> ModelConfig:
 
 
 def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, config: dict | None = None,
-         amx: bool = False, release: bool = True, resident: bool = False, kv: str = "f16") -> Plan:
+         amx: bool = False, release: bool = True, resident: bool = False, kv: str = "f16", parallel: int = 1) -> Plan:
     """Predict a build of `size` (a recipe size or one of EXTRA_MODELS) as `quant`.
 
     config overrides the recipe's shape (a build's manifest records its checkpoint's own); amx: the CPU
     has AMX-INT8, so llama.cpp keeps a repacked copy of more weight types; release=False: the runner keeps
     the repacked originals resident (before pagecache.py, or where it cannot release them); resident: a
     normal load that reads the file into memory (the runner on Linux) rather than mapping it, as a lean one does.
-    kv: the GGUF KV cache type (f16, or q8_0: 34 bytes per 32 values).
+    kv: the GGUF KV cache type (f16, or q8_0: 34 bytes per 32 values). parallel: conversations served at once
+    (serve --parallel), each with a context of ctx: the KV cache is that many times larger.
     """
     from ..formats import FORMATS, format_of_quant
     from ..recipes import get_recipe
@@ -60,8 +61,45 @@ def plan(size: str, quant: str, ctx: int = 4096, prompt_tokens: int = 512, confi
     fmt = FORMATS[format_of_quant(quant)]
     if kv != "f16" and not fmt.kv_settings:
         raise UsageError(f"--kv {kv} is a llama.cpp KV cache type; {quant} is not a GGUF build")
-    return fmt.load("planner")(size, quant, cfg, ctx, prompt_tokens, amx=amx, release=release, resident=resident,
-                               kv=kv)
+    if parallel > 1 and not fmt.batched:
+        raise UsageError(f"--parallel is for builds that decode several conversations at once; {quant} is not one")
+    p = fmt.load("planner")(size, quant, cfg, ctx, prompt_tokens, amx=amx, release=release, resident=resident, kv=kv)
+    return replace(p, kv_bytes=p.kv_bytes * parallel, parallel=parallel) if parallel > 1 else p
+
+
+MAX_DEFAULT_SLOTS = 4   # llama-server's automatic slot count (-np -1), and what Ollama's OLLAMA_NUM_PARALLEL picks
+
+
+def parallel_slots(build: str, ctx: int | None, wanted: int | None, kv: str = "f16",
+                   available: int | None = None) -> int:
+    """How many conversations `serve` decodes at once for a build whose format batches them: wanted, if plan's
+    memory for that many contexts fits in 90% of the memory available now, else a UsageError; not given: the most
+    up to MAX_DEFAULT_SLOTS that fit (1 when plan does not know the build's size)."""
+    import psutil
+
+    from ..home import resolve_build
+    path, manifest = resolve_build(build)
+    size = ((manifest or {}).get("recipe") or {}).get("size")
+    avail = psutil.virtual_memory().available if available is None else available
+    budget = 0.9 * avail
+
+    def need(n: int) -> int | None:
+        if not size:
+            return None
+        try:
+            return plan(size, manifest["quant"], ctx=ctx or 4096, config=manifest.get("config"), kv=kv,
+                        parallel=n, resident=True).peak_ram
+        except UsageError:
+            return None
+    if wanted is not None:
+        b = need(wanted)
+        if b is not None and b > budget:
+            raise UsageError(f"--parallel {wanted}: {path.name} needs ~{fmt_gib(b)} for {wanted} contexts of "
+                             f"{ctx or 4096} tokens (plan), and {fmt_gib(avail)} is available; lower --parallel or "
+                             "--ctx")
+        return wanted
+    fits = [n for n in range(1, MAX_DEFAULT_SLOTS + 1) if (need(n) or budget + 1) <= budget]
+    return max(fits) if fits else 1
 
 
 # --- device profiles ---------------------------------------------------------------------------
@@ -125,7 +163,8 @@ def describe(p: Plan, device_name: str | None, device: dict | None) -> str:
                     if p.gathered_bytes else ")"),
                  f"  read per token   {fmt_gib(p.bytes_per_token)}"]
         return "\n".join(lines + _device_lines(p, device_name, device))
-    lines = [f"{p.size} {p.quant} at context {p.ctx}: ~{p.params / 1e9:.2f}B parameters",
+    at = f"{p.parallel} contexts of {p.ctx} (serve --parallel {p.parallel})" if p.parallel > 1 else f"context {p.ctx}"
+    lines = [f"{p.size} {p.quant} at {at}: ~{p.params / 1e9:.2f}B parameters",
              f"  file size        {fmt_gib(p.file_bytes)}",
              f"  peak RAM         {fmt_gib(p.peak_ram)} = weights {fmt_gib(p.weights_bytes)} + KV {fmt_gib(p.kv_bytes)}"
              f" + compute {fmt_gib(p.compute_bytes)} + runtime {fmt_gib(p.runtime_bytes)}"

@@ -20,6 +20,8 @@ class Metrics:
         self.ttft = Histogram("edgeqwen_ttft_seconds", "Time to first token", registry=r,
                               buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
         self.queue = Gauge("edgeqwen_queue_depth", "Requests waiting for the model", registry=r)
+        self.running = Gauge("edgeqwen_requests_running", "Requests being answered (up to --parallel at once)",
+                             registry=r)
         proc = psutil.Process(os.getpid())
         Gauge("edgeqwen_process_rss_bytes", "Resident memory of the server", registry=r).set_function(
             lambda: proc.memory_info().rss)

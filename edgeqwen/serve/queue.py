@@ -44,15 +44,28 @@ class ServeConfig:
 
 @dataclass
 class _Slot:
-    """The resident model, touched only on the worker thread."""
+    """The resident model (runner, resident: touched on the model threads) and who may use it (the rest: on the
+    event loop). Requests are admitted in FIFO order by ticket: up to the model's width (its --parallel) at once
+    while they ask for the same model; one for another model waits until the running ones are done."""
     names: dict[str, str]                # served id -> build argument
     meta: dict[str, dict]
     runner: object = None
     resident: str | None = None
     loading: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: int = 0
     failed: str | None = None            # why the last model process died (until the next load)
+    turn: asyncio.Condition = field(default_factory=asyncio.Condition)
+    active: int = 0                      # admitted, not yet finished
+    active_name: str | None = None
+    next_ticket: int = 0
+    serving: int = 0                     # the ticket at the head of the queue
+    abandoned: set = field(default_factory=set)   # tickets whose request left while waiting
+
+
+class _Tasks(set):
+    def add(self, task) -> None:
+        super().add(task)
+        task.add_done_callback(self.discard)
 
 
 def _build_meta(arg: str) -> tuple[str, dict]:
@@ -75,12 +88,24 @@ class Server:
             names[n], meta[n] = b, d
         self.slot = _Slot(names, meta)
         self.metrics = Metrics()
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeqwen-model")
+        self.widths = {n: self.options(b).parallel for n, b in names.items()}
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(self.widths.values()),
+                                                          thread_name_prefix="edgeqwen-model")
+        self._loading = threading.Lock()   # several model threads may ask for the same model at once
         self.jobs: set[Job] = set()   # running or about to run: cancelled together at shutdown
+        self.pending: set = _Tasks()  # the tasks that free a finished job's place (held until they ran)
         self.closing = False
+        self.loop: asyncio.AbstractEventLoop | None = None   # the server's, once a request arrived
+
+    def options(self, build: str) -> LoadOptions:
+        return self.cfg.per_build.get(build) or self.cfg.load
 
     # worker-thread side
     def _ensure(self, name: str):
+        with self._loading:
+            return self._ensure_locked(name)
+
+    def _ensure_locked(self, name: str):
         s = self.slot
         if s.resident != name:
             s.loading = True
@@ -91,7 +116,7 @@ class Server:
                 from ..formats.load import load_runner
                 _log.info("loading %s", name)
                 build = s.names[name]
-                s.runner = load_runner(build, self.cfg.per_build.get(build) or self.cfg.load)
+                s.runner = load_runner(build, self.options(build))
                 s.resident, s.failed = name, None
             finally:
                 s.loading = False
@@ -117,6 +142,8 @@ class Server:
         self.closing = True
         for job in list(self.jobs):
             job.cancel.set()
+        if self.loop is not None:   # waiters see `closing` and are refused
+            self.loop.call_soon_threadsafe(lambda: self.pending.add(asyncio.ensure_future(_wake(self))))
 
     def close(self) -> None:
         def shut():
@@ -221,26 +248,65 @@ def _run_job(server: Server, job: Job, emit) -> None:
     emit("done", last)
 
 
-async def admit(server: Server, name: str):
-    """Wait for the model slot in FIFO order; a full queue is a 503."""
+def _may_start(server: Server, name: str, ticket: int) -> bool:
     s = server.slot
+    room = s.active == 0 or (s.active_name == name and s.active < server.widths[name])
+    return server.closing or (ticket == s.serving and room)
+
+
+async def admit(server: Server, name: str):
+    """Wait for the model in FIFO order (several at once up to its width); a full queue is a 503."""
+    s = server.slot
+    server.loop = asyncio.get_running_loop()
     if server.closing:
         raise ApiError(503, "the server is shutting down", "server_busy")
     if name not in s.names:
         raise ApiError(404, f"model {name!r} is not served here; served: {', '.join(s.names)}", code="model_not_found")
-    if s.lock.locked() and s.waiting >= server.cfg.max_queue:
+    ticket = s.next_ticket
+    if not _may_start(server, name, ticket) and s.waiting >= server.cfg.max_queue:
         raise ApiError(503, f"the queue is full ({server.cfg.max_queue} waiting)", "server_busy",
                        headers={"Retry-After": "2"})
+    s.next_ticket += 1
     s.waiting += 1
     server.metrics.queue.set(s.waiting)
     try:
-        await s.lock.acquire()
+        async with s.turn:
+            await s.turn.wait_for(lambda: _may_start(server, name, ticket))
+            if not server.closing:
+                s.active += 1
+                server.metrics.running.set(s.active)
+                s.active_name = name
+                s.serving += 1
+                _skip_abandoned(s)
+                s.turn.notify_all()   # the next in line may fit beside this one
+    except BaseException:   # the request left while waiting: its place must not block the queue
+        s.abandoned.add(ticket)
+        _skip_abandoned(s)
+        raise
     finally:
         s.waiting -= 1
         server.metrics.queue.set(s.waiting)
     if server.closing:
-        s.lock.release()
         raise ApiError(503, "the server is shutting down", "server_busy")
+
+
+def _skip_abandoned(s: _Slot) -> None:
+    while s.serving in s.abandoned:
+        s.abandoned.remove(s.serving)
+        s.serving += 1
+
+
+async def _wake(server: Server) -> None:
+    async with server.slot.turn:
+        server.slot.turn.notify_all()
+
+
+async def _finished(server: Server) -> None:
+    s = server.slot
+    async with s.turn:
+        s.active -= 1
+        server.metrics.running.set(s.active)
+        s.turn.notify_all()
 
 
 def start(server: Server, job: Job) -> asyncio.Queue:
@@ -263,7 +329,7 @@ def start(server: Server, job: Job) -> asyncio.Queue:
 
     def done(_):
         server.jobs.discard(job)
-        server.slot.lock.release()
+        server.pending.add(asyncio.ensure_future(_finished(server)))
     fut.add_done_callback(done)
     return q
 
