@@ -218,12 +218,15 @@ def runner(tiny_builds):
     r.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(margin_builds, margin_onnx):
-    """The margin model (tests/margin.py), so answers compared with `run`'s hold on every CPU's kernels."""
+    """The margin model (tests/margin.py), so answers compared with `run`'s hold on every CPU's kernels; one server
+    for the session (the API's tests in several modules), with serve's default --parallel."""
     s = Served([margin_builds["q4_0"], margin_onnx["int8"]])
     yield s
     assert s.stop() == 0   # SIGTERM: a clean exit
+    log = s.proc.stderr.read()
+    assert "Traceback" not in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")

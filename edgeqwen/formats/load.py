@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import RunnerError
 from ..home import resolve_build
 from ..manage import check_build
-from ..runner import DEFAULT_CTX, Runner, Sampling, generate_text
+from ..runner import Runner, Sampling, generate_text
 from . import FORMATS, detect, model_path
 
 
@@ -100,16 +100,9 @@ def load_runner(build: str | Path, options: LoadOptions | None = None, **fields)
         extra["kv"] = kv
     if o.flash_attn is not None:
         extra["flash_attn"] = o.flash_attn
-    if o.parallel > 1:   # its own context stays small: the conversations live in the batched one
-        runner = cls(model, threads=o.threads, n_ctx=256, manifest=manifest, **extra)
-        try:
-            train = runner.llm._model.n_ctx_train()
-            if o.n_ctx and o.n_ctx > train:
-                raise RunnerError(f"--ctx {o.n_ctx} is more than this model's context length ({train})")
-            return fmt.load("batched")(runner, o.parallel, o.n_ctx or min(DEFAULT_CTX, train))
-        except BaseException:
-            runner.close()
-            raise
+    if o.parallel > 1:   # loaded on the batched runner's own thread; its own context stays small
+        return fmt.load("batched")(lambda: cls(model, threads=o.threads, n_ctx=256, manifest=manifest, **extra),
+                                   o.parallel, o.n_ctx)
     runner = cls(model, threads=o.threads, n_ctx=o.n_ctx, manifest=manifest, logits=o.logits, **extra)
     if o.draft is not None:
         try:

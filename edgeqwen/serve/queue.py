@@ -89,8 +89,12 @@ class Server:
         self.slot = _Slot(names, meta)
         self.metrics = Metrics()
         self.widths = {n: self.options(b).parallel for n, b in names.items()}
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(self.widths.values()),
-                                                          thread_name_prefix="edgeqwen-model")
+        # Loads and one-at-a-time answers on one thread: llama.cpp's OpenMP threads slow down (libgomp throttles
+        # their spinning) once a second thread has run a model in the process. Answers of a batched model wait on
+        # threads of their own: its runner decodes on its own thread.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeqwen-model")
+        self.streams = concurrent.futures.ThreadPoolExecutor(max_workers=max(self.widths.values()),
+                                                             thread_name_prefix="edgeqwen-stream")
         self._loading = threading.Lock()   # several model threads may ask for the same model at once
         self.jobs: set[Job] = set()   # running or about to run: cancelled together at shutdown
         self.pending: set = _Tasks()  # the tasks that free a finished job's place (held until they ran)
@@ -151,6 +155,7 @@ class Server:
                 self.slot.runner.close()
         self.pool.submit(shut).result()
         self.pool.shutdown()
+        self.streams.shutdown()
 
 
 # --- generation -------------------------------------------------------------------------------------
@@ -325,7 +330,7 @@ def start(server: Server, job: Job) -> asyncio.Queue:
             _run_job(server, job, emit)
         except BaseException as e:  # noqa: B036  handed to the request's task, which turns it into a response
             emit("error", e)
-    fut = loop.run_in_executor(server.pool, work)
+    fut = loop.run_in_executor(server.pool if server.widths[job.name] == 1 else server.streams, work)
 
     def done(_):
         server.jobs.discard(job)

@@ -15,13 +15,13 @@ import codecs
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ...errors import RunnerError
-from ...runner import ChatTemplated, Response, Sampling, check_prompt, respond, shared_prefix
+from ...runner import DEFAULT_CTX, ChatTemplated, Response, Sampling, check_prompt, respond, shared_prefix
 
 _END = object()
 
@@ -39,38 +39,75 @@ class _Request:
     trimmed: bool = False            # its sequence was cut back to the reused prefix (first step)
     out: queue.Queue = field(default_factory=queue.Queue)
     gone: threading.Event = field(default_factory=threading.Event)   # its consumer stopped reading
+    ready: threading.Event = field(default_factory=threading.Event)  # its consumer waits for the next token
 
 
 class BatchedRunner(ChatTemplated):
-    """The runner protocol over n_seq sequences of base's model; base (a LlamaRunner) tokenizes and names pieces,
-    its own small context unused. stream() may be called from n_seq threads at once."""
+    """The runner protocol over n_seq sequences of one model; its base (a LlamaRunner, from open_base()) tokenizes
+    and names pieces, its own small context unused. stream() may be called from n_seq threads at once.
 
-    def __init__(self, base, n_seq: int, n_ctx: int):
-        from llama_cpp import _internals as internals
-        self.base, self.n_seq, self.n_ctx = base, n_seq, n_ctx
-        self._lc = base._lc
-        for a in ("backend", "n_vocab", "regular_vocab", "chat_template", "eos_token", "load_s", "threads", "lean",
-                  "path", "kv", "flash_attn", "spin", "mapped", "released", "hugepages", "gpu_layers", "workers",
-                  "proc"):
-            setattr(self, a, getattr(base, a))
-        params = type(base.llm.context_params).from_buffer_copy(base.llm.context_params)
-        params.n_ctx = n_seq * n_ctx
-        params.n_seq_max = n_seq
-        params.kv_unified = False     # one stream per sequence: n_ctx cells each, attention over its own
-        params.n_batch = params.n_ubatch = max(512, n_seq)
-        try:
-            self.ctx = internals.LlamaContext(model=base.llm._model, params=params, verbose=False)
-        except ValueError:
-            raise RunnerError(f"llama.cpp could not make a context of {n_seq} x {n_ctx} tokens (--parallel "
-                              f"{n_seq}, --ctx {n_ctx}): not enough memory") from None
-        self.n_batch = params.n_batch
-        self.batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+    The model is loaded, and every step decoded, on this runner's own thread, and nothing else in the process
+    should run llama.cpp: once a second thread has run its OpenMP work, libgomp counts more threads than cores and
+    throttles their spinning, and a single conversation decoded at 0.67x (real 0.5B q4_k_m, 2-vCPU Xeon with AMX:
+    22 against 33 tok/s) until the load moved here (serve's queue keeps its one-at-a-time models on one thread
+    for the same reason)."""
+
+    def __init__(self, open_base: Callable[[], object], n_seq: int, n_ctx: int | None):
+        self.n_seq = n_seq
         self.cached: list[list[int]] = [[] for _ in range(n_seq)]
         self.active: list[_Request | None] = [None] * n_seq
         self.cv = threading.Condition()
         self.closing = False
-        self.thread = threading.Thread(target=self._loop, name="edgeqwen-batch", daemon=True)
+        made: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._own, args=(open_base, n_ctx, made), name="edgeqwen-batch",
+                                       daemon=True)
         self.thread.start()
+        error = made.get()
+        if error is not None:
+            self.thread.join()
+            raise error
+
+    def _own(self, open_base, n_ctx, made: queue.Queue) -> None:
+        """The runner's thread: load, make the context, then decode until closed."""
+        from llama_cpp import _internals as internals
+        try:
+            base = self.base = open_base()
+        except BaseException as e:   # noqa: B036  handed to the constructor's caller
+            made.put(e)
+            return
+        try:
+            train = base.llm._model.n_ctx_train()
+            if n_ctx and n_ctx > train:
+                raise RunnerError(f"--ctx {n_ctx} is more than this model's context length ({train})")
+            self.n_ctx = n_ctx = n_ctx or min(DEFAULT_CTX, train)
+            self._lc = base._lc
+            for a in ("backend", "n_vocab", "regular_vocab", "chat_template", "eos_token", "load_s", "threads",
+                      "lean", "path", "kv", "flash_attn", "spin", "mapped", "released", "hugepages", "gpu_layers",
+                      "workers", "proc"):
+                setattr(self, a, getattr(base, a))
+            params = type(base.llm.context_params).from_buffer_copy(base.llm.context_params)
+            params.n_ctx = self.n_seq * n_ctx
+            params.n_seq_max = self.n_seq
+            params.kv_unified = False     # one stream per sequence: n_ctx cells each, attention over its own
+            params.n_batch = params.n_ubatch = max(512, self.n_seq)
+            self.n_batch = params.n_batch
+            try:
+                self.ctx = internals.LlamaContext(model=base.llm._model, params=params, verbose=False)
+            except ValueError:
+                raise RunnerError(f"llama.cpp could not make a context of {self.n_seq} x {n_ctx} tokens "
+                                  f"(--parallel {self.n_seq}, --ctx {n_ctx}): not enough memory") from None
+            self.batch = internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
+        except BaseException as e:   # noqa: B036
+            base.close()
+            made.put(e)
+            return
+        made.put(None)
+        try:
+            self._loop()
+        finally:
+            self.batch.close()
+            self.ctx.close()
+            base.close()
 
     # --- the protocol, for the threads that serve requests ---------------------------------------------------
 
@@ -108,7 +145,9 @@ class BatchedRunner(ChatTemplated):
 
         def tokens_out():
             while True:
+                req.ready.set()
                 item = req.out.get()
+                req.ready.clear()
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
@@ -134,10 +173,7 @@ class BatchedRunner(ChatTemplated):
         with self.cv:
             self.closing = True
             self.cv.notify_all()
-        self.thread.join()
-        self.batch.close()
-        self.ctx.close()
-        self.base.close()
+        self.thread.join()   # the context and the model are freed on their own thread, as it ends
 
     # --- the thread that owns the context ---------------------------------------------------------------------
 
@@ -177,6 +213,26 @@ class BatchedRunner(ChatTemplated):
             r.evaluated.extend(toks)
         return n, outputs
 
+    CONSUMER_WAIT_S = 0.25
+
+    def _await_consumers(self, reqs: list[_Request]) -> None:
+        """Before the next step, let each decoding request's consumer take its last token (detokenize it, hand it
+        to the server), as the one-at-a-time path does between steps, so that Python work does not take a core
+        from llama.cpp's threads mid-step. A consumer slower than CONSUMER_WAIT_S does not hold the others back
+        longer."""
+        deadline = time.monotonic() + self.CONSUMER_WAIT_S
+        for r in reqs:
+            if r.last is None:
+                continue
+            while not (r.ready.is_set() and r.out.empty()) and not r.gone.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                if r.ready.is_set():   # waiting for the token just put: it wakes at once
+                    time.sleep(0.0002)
+                else:
+                    r.ready.wait(min(left, 0.01))
+
     def _loop(self) -> None:
         lc, b = self._lc, self.batch.batch
         mem = lc.llama_get_memory(self.ctx.ctx)
@@ -199,6 +255,7 @@ class BatchedRunner(ChatTemplated):
                 if not r.trimmed:
                     lc.llama_memory_seq_rm(mem, r.seq, len(r.evaluated), -1)
                     r.trimmed = True
+            self._await_consumers(reqs)
             n, outputs = self._fill(reqs)
             b.n_tokens = n
             rc = lc.llama_decode(self.ctx.ctx, b)
