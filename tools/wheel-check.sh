@@ -14,7 +14,8 @@ whl=$(ls "$work/dist"/edgeqwen-*.whl)
 listing=$(unzip -l "$whl")
 echo "wheel: $(basename "$whl") ($(tail -n1 <<<"$listing" | awk '{print $2}') files)"
 for f in data/recipes/qwen2-0.5b.toml data/devices.toml data/claims.toml data/eval-en.txt data/published.toml \
-         data/apple_chips.toml formats/mlx/runner.py; do
+         data/apple_chips.toml data/chat.html data/chat.js data/vendor/marked.umd.js data/vendor/purify.min.js \
+         data/vendor/VERSIONS.md formats/mlx/runner.py formats/gguf/batch.py serve/tools.py; do
   grep -q "edgeqwen/$f" <<<"$listing" || { echo "edgeqwen/$f is missing from the wheel"; exit 1; }
 done
 PYTHON="$bin/python" "$repo/tools/install-llama-cpp.sh" >/dev/null
