@@ -197,7 +197,7 @@ class FolderRunner(ChatTemplated):
         """Structured output is llama.cpp's grammar sampler: never silently generate free text instead."""
         if sampling.grammar:
             raise RunnerError(f"{self.backend} cannot constrain an answer to a grammar (structured output needs a "
-                              "GGUF build)")
+                              "build whose format can)")
 
     @staticmethod
     def forget_on_error(tokens: Iterator[int], forget: Callable[[], None]) -> Iterator[int]:

@@ -183,6 +183,12 @@ def test_serve_answers_as_run_does(margin_mlx):
         ref = json.loads(run_cli("run", margin_mlx["mlx4"], PROMPT, "-t", "0", "-n", "4", "--json").stdout)
         assert r.choices[0].message.content == ref["text"]
         assert r.usage.completion_tokens == ref["generation_tokens"]
+        import openai   # what an MLX build cannot constrain is a 400 naming the formats that can, never free text
+        for kw in ({"response_format": {"type": "json_object"}},
+                   {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}):
+            with pytest.raises(openai.BadRequestError, match="needs a GGUF or ONNX build"):
+                s.client().chat.completions.create(model=name, max_tokens=4,
+                                                   messages=[{"role": "user", "content": PROMPT}], **kw)
     finally:
         assert s.stop() == 0
 

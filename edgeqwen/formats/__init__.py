@@ -88,7 +88,8 @@ FORMATS: dict[str, Format] = {
         hashed_files=("model.onnx", "model.onnx.data"), builder="edgeqwen.formats.onnx.build:build_onnx",
         runner="edgeqwen.formats.onnx.runner:OnnxRunner", needs="onnxruntime_genai", engine="onnxruntime",
         install="pip install 'edgeqwen[onnx]'",
-        suffixes=(".onnx",), marker="genai_config.json", planner="edgeqwen.formats.onnx.plan:plan_onnx"),
+        suffixes=(".onnx",), marker="genai_config.json", planner="edgeqwen.formats.onnx.plan:plan_onnx",
+        constrained="edgeqwen.formats.onnx.guidance:guidance"),
     # Apple Silicon's own runtime (Metal there; mlx[cpu] runs the same folders on Linux, for correctness).
     "mlx": Format(
         name="mlx", label="MLX", quant_word="an MLX quant", quants=("mlx4", "mlx8", "mlx_bf16"),

@@ -70,7 +70,8 @@ class OnnxRunner(FolderRunner):
         og = self._og
         greedy = sampling.temperature <= 0
         key = None
-        if not sampling.ignore_eos and (greedy or sampling.seed is None):  # min_length depends on the prompt
+        # min_length depends on the prompt; a guided generator's grammar state is its answer's alone
+        if not sampling.ignore_eos and (greedy or sampling.seed is None) and not sampling.grammar:
             key = (greedy, sampling.temperature, sampling.top_p, sampling.top_k)
         prefix = 0
         if self._gen is not None and key is not None and key == self._key:
@@ -87,13 +88,19 @@ class OnnxRunner(FolderRunner):
         if sampling.ignore_eos:  # genai ends the sequence at EOS by itself; forbid it instead
             opts["min_length"] = len(tokens) + max_new
         params.set_search_options(**opts)
+        if sampling.grammar:   # onnx/guidance.py's (type, data)
+            import json
+            g = json.loads(sampling.grammar)
+            try:
+                params.set_guidance(g["type"], g["data"])
+            except Exception as e:   # noqa: BLE001  llguidance's refusal of a schema is the request's
+                raise RunnerError(f"onnxruntime-genai cannot constrain an answer to this schema ({e})") from None
         self._gen = None  # free the old KV buffer before the new one is allocated
         self._gen = og.Generator(self.model, params)
         self._key = key
         return self._gen, 0
 
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Response]:
-        self.refuse_grammar(sampling)
         max_new = check_prompt(tokens, self.n_ctx, sampling)
         t0 = time.perf_counter()
         gen, prefix = self._generator(tokens, sampling, max_new)
