@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from bench.harness import Served, free_port
-from helpers import build_name, invoke, run_cli
+from helpers import REAL_TOKENIZER, build_name, invoke, run_cli
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -355,6 +355,9 @@ def test_a_strict_json_schema_is_followed(server, margin_builds, margin_onnx, wh
     greedy; whatever the model would say, the engine's grammar (llama.cpp's sampler, onnxruntime-genai's guidance)
     allows only what the schema does."""
     jsonschema = pytest.importorskip("jsonschema")
+    if which == "onnx" and not REAL_TOKENIZER.exists():
+        pytest.skip("llguidance lets genai sample a token it then refuses with the generated tokenizer (a fresh "
+                    "clone's); the real Qwen2 tokenizer (../shared) is what ONNX's guidance is tested with")
     schema = ANSWER_SCHEMA
     if which == "onnx":   # llguidance bounds no integer (llama.cpp's grammar: 16 digits); this model writes digits
         schema = json.loads(json.dumps(ANSWER_SCHEMA))

@@ -115,7 +115,11 @@ class OnnxRunner(FolderRunner):
                 if sampling.logprobs is not None:   # the logits the next token is chosen from (genai then runs
                     row = np.asarray(gen.get_logits(), dtype=np.float32)   # the model on that token at once)
                     scored["row"] = row.reshape(-1, row.shape[-1])[-1]
-                gen.generate_next_token()
+                try:
+                    gen.generate_next_token()
+                except RuntimeError as e:   # genai's own failure mid-answer (its guidance refusing a token it sampled)
+                    why = str(e).splitlines()[0][:300]
+                    raise RunnerError(f"onnxruntime-genai stopped this answer: {why}") from None
                 tok = int(gen.get_next_tokens()[0])
                 self._tokens.append(tok)
                 yield tok
