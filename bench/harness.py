@@ -16,11 +16,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, seconds: float, what: str) -> None:
+    """Until url/health answers 200; a process that exits first, or a deadline, is a RuntimeError."""
+    import httpx
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not become healthy")
+
+
 class Served:
     """`edgeqwen serve BUILDS... ARGS` on 127.0.0.1, healthy within a minute or an error with its stderr."""
 
     def __init__(self, builds, *args, env=None, url_host="127.0.0.1", threads: int = 2):
-        import httpx
         self.port = free_port()
         self.url = f"http://{url_host}:{self.port}"
         e = dict(os.environ)
@@ -28,18 +43,11 @@ class Served:
         self.proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "serve", *map(str, builds),
                                       "--port", str(self.port), "--threads", str(threads), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become healthy")
+        try:
+            wait_healthy(self.proc, self.url, 60, "server")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def client(self, key="none"):
         import openai

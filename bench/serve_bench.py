@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench.common import HERE, RESULTS, llama_tool, write_json, write_text
-from bench.harness import Served, free_port
+from bench.harness import Served, free_port, wait_healthy
 
 CLIENTS = (1, 2, 4, 8)
 REQUESTS = 16
@@ -106,24 +106,17 @@ class LlamaServer:
     """llama-server on the same file: -np SLOTS -c SLOTS*CTX (each slot CTX), 2 threads, on 127.0.0.1."""
 
     def __init__(self, model_file: Path):
-        import httpx
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([llama_tool("llama-server"), "-m", str(model_file), "--host", "127.0.0.1",
                                       "--port", str(self.port), "-t", "2", "-tb", "2", "-np", str(SLOTS),
                                       "-c", str(SLOTS * CTX), "--no-webui"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("llama-server did not become healthy")
+        try:
+            wait_healthy(self.proc, self.url, 120, "llama-server")
+        except RuntimeError:
+            self.proc.kill()
+            raise
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
