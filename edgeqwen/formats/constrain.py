@@ -42,8 +42,9 @@ def _check_keywords(node, where: str = "schema") -> None:
             _check_keywords(v, f"{where}.{k}")
 
 
-def check_schema(schema, where: str = "json_schema.schema") -> str:
-    """schema as JSON text, if it is a JSON Schema object the engines can enforce; else a UsageError naming why."""
+def valid_schema(schema, where: str = "json_schema.schema") -> str:
+    """schema as JSON text, if it is a JSON Schema object of at most MAX_SCHEMA_BYTES; else a UsageError naming
+    why (what a tool's parameters must be even when no grammar enforces them)."""
     if not isinstance(schema, dict):
         raise UsageError(f"{where}: give a JSON Schema object")
     text = json.dumps(schema)
@@ -56,5 +57,11 @@ def check_schema(schema, where: str = "json_schema.schema") -> str:
         raise UsageError(f"{where} is not a valid JSON Schema: {e.message}") from None
     except RecursionError:
         raise UsageError(f"{where} is nested too deeply") from None
+    return text
+
+
+def check_schema(schema, where: str = "json_schema.schema") -> str:
+    """valid_schema, and only keywords the engines enforce (a schema an answer is constrained to)."""
+    text = valid_schema(schema, where)
     _check_keywords(schema)
     return text

@@ -33,20 +33,17 @@ def checked_tools(req: ChatRequest) -> tuple[list[dict] | None, list[str] | None
         if choice not in (None, "none"):
             raise ApiError(400, "tool_choice needs tools", code="invalid_value")
         return None, None
-    import jsonschema
+    from ..errors import UsageError
+    from ..formats.constrain import valid_schema
     names = [t.function.name for t in req.tools]
     if len(set(names)) != len(names):
         raise ApiError(400, "tools: two functions have the same name", code="invalid_value")
     for t in req.tools:
         if t.function.parameters is not None:
             try:
-                jsonschema.validators.validator_for(t.function.parameters).check_schema(t.function.parameters)
-            except jsonschema.SchemaError as e:
-                raise ApiError(400, f"tools: {t.function.name}'s parameters are not a valid JSON Schema: {e.message}",
-                               code="invalid_value") from None
-            except RecursionError:
-                raise ApiError(400, f"tools: {t.function.name}'s parameters are nested too deeply",
-                               code="invalid_value") from None
+                valid_schema(t.function.parameters, f"tools: {t.function.name}'s parameters")
+            except UsageError as e:
+                raise ApiError(400, str(e), code="invalid_value") from None
     if choice == "none":
         return None, None
     tools = [t.model_dump(exclude_none=True) for t in req.tools]
